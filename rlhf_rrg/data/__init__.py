@@ -1,0 +1,1 @@
+"""Data: synthetic chest X-rays, real dataset loaders, report cleaning, collation."""

@@ -1,0 +1,1 @@
+"""Training losses for the pretrain, align and SFT stages."""

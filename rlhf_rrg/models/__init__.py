@@ -1,0 +1,1 @@
+"""Models: Mamba/ViT vision encoders, projector, the LLaVA-style report generator."""

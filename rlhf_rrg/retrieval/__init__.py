@@ -1,0 +1,1 @@
+"""Retrieval of similar training studies (memory bank) for context-conditioned generation."""

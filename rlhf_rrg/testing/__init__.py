@@ -1,0 +1,1 @@
+"""Tiny models and fixtures shared by tests, the demo and benchmarks."""
