@@ -1,0 +1,62 @@
+"""AdamW with decoupled weight decay (none on norms/biases/embeddings of position) and a warmup schedule."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+
+@dataclass
+class OptimConfig:
+    lr: float = field(default=1e-4, metadata={"help": "peak learning rate"})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay on matrices only"})
+    betas: tuple[float, float] = field(default=(0.9, 0.95), metadata={"help": "AdamW betas"})
+    eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps"})
+    schedule: Literal["cosine", "linear", "constant"] = field(default="cosine", metadata={"help": "decay after warmup"})
+    min_lr_ratio: float = field(default=0.0, metadata={"help": "final lr as a fraction of lr"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max grad norm; 0 disables clipping"})
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+def _no_decay(name: str, param: nn.Parameter) -> bool:
+    # Biases, norm gains, tokens and position tables are not "weights" in the regularisation sense.
+    return param.ndim < 2 or any(k in name for k in ("pos_embed", "cls_token", "logit_scale", "A_log", "A_b_log"))
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters of ``model``, split into decay / no-decay groups."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if _no_decay(name, param) else decay).append(param)
+    if not decay and not no_decay:
+        raise ValueError("the model has no trainable parameters (check the freeze settings)")
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+
+def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
+    """Multiplier of ``cfg.lr`` at ``step`` (0-based): linear warmup, then the configured decay."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, cfg))
