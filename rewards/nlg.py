@@ -1,0 +1,269 @@
+"""Language metrics: corpus BLEU-1..4 / ROUGE-L / CIDEr-D / METEOR as reported in papers, and per-sample rewards.
+
+Corpus scores come from pycocoevalcap on reports tokenised like R2Gen's evaluation (lowercase, one sentence
+per ``". "``, sentence punctuation removed, sentences joined by ``" . "``), so numbers are comparable with the
+R2Gen / R2GenGPT / CXPMRG tables. ``Bleu2RadCliQ`` instead follows RadCliQ's own BLEU-2 recipe.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import shutil
+from collections import Counter
+from collections.abc import Iterable, Sequence
+
+from rewards.base import RewardOutput, TextCache, score_nonempty, trl_call
+
+logger = logging.getLogger(__name__)
+
+# R2Gen's ``sent_cleaner`` class is written ``[.,?;*!%^&_+():-\[\]{}]``; the ``:-\[`` in it is a character
+# range, so it also strips ``;<=>?@`` (and capitals, already lowercased) but keeps hyphens. Spelled out here.
+_R2GEN_STRIP = re.compile(r"[.,?;*!%^&_+():;<=>?@\[\]{}]")
+_R2GEN_DELETE = str.maketrans("", "", "\"/\\'")
+
+
+def r2gen_tokenize(report: str) -> str:
+    """Tokenises a report the way R2Gen's ``clean_report_mimic_cxr`` does before scoring.
+
+    Args:
+        report: Raw report text.
+
+    Returns:
+        Lowercase space-separated tokens, sentences separated by ``" . "`` and ending in ``" ."``;
+        ``""`` when the report has no words.
+    """
+    text = report.replace("\n", " ")
+    text = re.sub(r"_{2,}", "_", text)
+    text = re.sub(r"\.{2,}", ".", text)
+    text = re.sub(r" {2,}", " ", text)
+    # R2Gen drops list numbering before splitting sentences, with these exact replacements in this order.
+    text = text.replace("1. ", "")
+    for k in range(2, 6):
+        text = text.replace(f". {k}. ", ". ")
+    for k in range(2, 6):
+        text = text.replace(f" {k}. ", ". ")
+    sentences = []
+    for sentence in text.strip().lower().split(". "):
+        cleaned = _R2GEN_STRIP.sub("", sentence.translate(_R2GEN_DELETE).strip())
+        cleaned = " ".join(cleaned.split())
+        if cleaned:
+            sentences.append(cleaned)
+    return " . ".join(sentences) + " ." if sentences else ""
+
+
+def _coco_inputs(hyps: Sequence[str], refs: Sequence[str]) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
+    if len(hyps) != len(refs):
+        raise ValueError(f"got {len(hyps)} hypotheses but {len(refs)} references")
+    if not hyps:
+        raise ValueError("cannot score an empty set of reports")
+    gts = {i: [r2gen_tokenize(r)] for i, r in enumerate(refs)}
+    res = {i: [r2gen_tokenize(h)] for i, h in enumerate(hyps)}
+    return gts, res
+
+
+def java_available() -> bool:
+    """Whether pycocoevalcap's METEOR (a Java jar) can run here."""
+    return shutil.which("java") is not None
+
+
+def corpus_nlg_scores(
+    hyps: Sequence[str], refs: Sequence[str], metrics: Iterable[str] = ("bleu", "rouge_l", "cider", "meteor")
+) -> dict[str, float]:
+    """Corpus-level language metrics, one reference per hypothesis.
+
+    Args:
+        hyps: Generated reports, length ``n``.
+        refs: Ground-truth reports, length ``n``.
+        metrics: Any of ``bleu`` (gives ``bleu_1`` .. ``bleu_4``), ``rouge_l``, ``cider`` (CIDEr-D, document
+            frequencies from ``refs``) and ``meteor`` (skipped with a logged message when Java is missing).
+
+    Returns:
+        Metric name -> corpus score.
+    """
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    metrics = list(metrics)
+    unknown = set(metrics) - {"bleu", "rouge_l", "cider", "meteor"}
+    if unknown:
+        raise ValueError(f"unknown NLG metrics {sorted(unknown)}; valid: bleu, rouge_l, cider, meteor")
+    gts, res = _coco_inputs(hyps, refs)
+    out: dict[str, float] = {}
+    if "bleu" in metrics:
+        bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+        out.update({f"bleu_{n + 1}": float(b) for n, b in enumerate(bleu)})
+    if "rouge_l" in metrics:
+        out["rouge_l"] = float(Rouge().compute_score(gts, res)[0])
+    if "cider" in metrics:
+        out["cider"] = float(Cider().compute_score(gts, res)[0])
+    if "meteor" in metrics:
+        if java_available():
+            from pycocoevalcap.meteor.meteor import Meteor
+
+            out["meteor"] = float(Meteor().compute_score(gts, res)[0])
+        else:
+            logger.warning("METEOR skipped: pycocoevalcap's METEOR needs `java` on PATH and none was found")
+    return out
+
+
+class BleuReward:
+    """Per-report BLEU-n from pycocoevalcap's scorer (the SCST reward of R2GenRL), on R2Gen tokens."""
+
+    worst = 0.0
+
+    def __init__(self, n: int = 4, cache_size: int = 65536) -> None:
+        if not 1 <= n <= 4:
+            raise ValueError(f"n must be in 1..4, got {n}")
+        self.n = n
+        self.name = self.__name__ = f"bleu{n}"
+        self._ref_tokens: TextCache[str] = TextCache(cache_size)
+
+    def score(self, completions: Sequence[str], references: Sequence[str]) -> RewardOutput:
+        """BLEU-n of each completion against its reference, in [0, 1]."""
+        return score_nonempty(completions, references, self._score, self.worst)
+
+    def _score(self, hyps: list[str], refs: list[str]) -> RewardOutput:
+        from pycocoevalcap.bleu.bleu_scorer import BleuScorer
+
+        scorer = BleuScorer(n=self.n)
+        for hyp, ref in zip(hyps, self._ref_tokens.get_many(refs, lambda ts: [r2gen_tokenize(t) for t in ts])):
+            scorer += (r2gen_tokenize(hyp), [ref])
+        _, per_sample = scorer.compute_score(option="closest", verbose=0)
+        return RewardOutput([float(s) for s in per_sample[self.n - 1]])
+
+    __call__ = trl_call
+
+
+class Bleu2RadCliQ:
+    """BLEU-2 exactly as RadCliQ computes it: NLTK sentence BLEU, weights (.5, .5), method1 with epsilon 0.1."""
+
+    name = __name__ = "bleu2_radcliq"
+    worst = 0.0
+
+    def __init__(self, cache_size: int = 65536) -> None:
+        from nltk.translate.bleu_score import SmoothingFunction
+
+        self._smoothing = SmoothingFunction(epsilon=0.1).method1
+        self._ref_tokens: TextCache[list[str]] = TextCache(cache_size)
+
+    @staticmethod
+    def tokenize(text: str) -> list[str]:
+        """RadCliQ's BLEU tokenisation: lowercase, detach periods, whitespace split."""
+        return text.lower().replace(".", " .").split()
+
+    def score(self, completions: Sequence[str], references: Sequence[str]) -> RewardOutput:
+        """BLEU-2 of each completion against its reference, in [0, 1]."""
+        return score_nonempty(completions, references, self._score, self.worst)
+
+    def _score(self, hyps: list[str], refs: list[str]) -> RewardOutput:
+        from nltk.translate.bleu_score import sentence_bleu
+
+        ref_tokens = self._ref_tokens.get_many(refs, lambda ts: [self.tokenize(t) for t in ts])
+        return RewardOutput(
+            [
+                float(sentence_bleu([ref], self.tokenize(hyp), weights=(0.5, 0.5), smoothing_function=self._smoothing))
+                for hyp, ref in zip(hyps, ref_tokens)
+            ]
+        )
+
+    __call__ = trl_call
+
+
+class RougeLReward:
+    """Per-report ROUGE-L F (beta 1.2) from pycocoevalcap, on R2Gen tokens."""
+
+    name = __name__ = "rouge_l"
+    worst = 0.0
+
+    def __init__(self, cache_size: int = 65536) -> None:
+        from pycocoevalcap.rouge.rouge import Rouge
+
+        self._rouge = Rouge()
+        self._ref_tokens: TextCache[str] = TextCache(cache_size)
+
+    def score(self, completions: Sequence[str], references: Sequence[str]) -> RewardOutput:
+        """ROUGE-L of each completion against its reference, in [0, 1]."""
+        return score_nonempty(completions, references, self._score, self.worst)
+
+    def _score(self, hyps: list[str], refs: list[str]) -> RewardOutput:
+        ref_tokens = self._ref_tokens.get_many(refs, lambda ts: [r2gen_tokenize(t) for t in ts])
+        return RewardOutput(
+            [float(self._rouge.calc_score([r2gen_tokenize(h)], [r])) for h, r in zip(hyps, ref_tokens)]
+        )
+
+    __call__ = trl_call
+
+
+_NgramVector = tuple[list[dict[tuple[str, ...], float]], list[float], int]
+
+
+class CiderDReward:
+    """Per-report CIDEr-D with document frequencies fixed from a reference corpus, as in SCST.
+
+    Scoring each RL batch against its own references would give idf weights from a handful of reports;
+    SCST (Rennie et al. 2017) and R2GenRL instead take them once from the training references. The
+    formula is pycocoevalcap's CIDEr-D: tf-idf n-gram vectors (n = 1..4) with hypothesis counts clipped
+    by the reference, a Gaussian length penalty (sigma 6), averaged over n and scaled by 10.
+    """
+
+    name = __name__ = "cider_d"
+    worst = 0.0
+
+    def __init__(self, corpus: Sequence[str], n: int = 4, sigma: float = 6.0, cache_size: int = 65536) -> None:
+        """
+        Args:
+            corpus: Reference reports whose document frequencies define the idf weights (usually the train split).
+            n: Largest n-gram order.
+            sigma: Standard deviation of the Gaussian length penalty.
+            cache_size: Reference vectors kept in the LRU cache.
+        """
+        if not corpus:
+            raise ValueError("corpus must contain at least one reference report")
+        self.n = n
+        self.sigma = sigma
+        self._doc_freq: Counter[tuple[str, ...]] = Counter()
+        for text in corpus:
+            self._doc_freq.update(set(self._ngrams(r2gen_tokenize(text))))
+        self._log_num_docs = math.log(float(len(corpus)))
+        self._ref_vectors: TextCache[_NgramVector] = TextCache(cache_size)
+
+    def _ngrams(self, tokens: str) -> Counter[tuple[str, ...]]:
+        words = tokens.split()
+        return Counter(tuple(words[i : i + k]) for k in range(1, self.n + 1) for i in range(len(words) - k + 1))
+
+    def _vector(self, text: str) -> _NgramVector:
+        vec: list[dict[tuple[str, ...], float]] = [{} for _ in range(self.n)]
+        norm = [0.0] * self.n
+        tokens = r2gen_tokenize(text)
+        for ngram, tf in self._ngrams(tokens).items():
+            k = len(ngram) - 1
+            weight = tf * (self._log_num_docs - math.log(max(1.0, self._doc_freq[ngram])))
+            vec[k][ngram] = weight
+            norm[k] += weight * weight
+        # pycocoevalcap measures length as the number of bigrams; kept so scores match the reference code.
+        length = max(0, len(tokens.split()) - 1) if self.n >= 2 else 0
+        return vec, [math.sqrt(x) for x in norm], length
+
+    def score(self, completions: Sequence[str], references: Sequence[str]) -> RewardOutput:
+        """CIDEr-D of each completion against its reference (0 for no overlap, about 10 at most)."""
+        return score_nonempty(completions, references, self._score, self.worst)
+
+    def _score(self, hyps: list[str], refs: list[str]) -> RewardOutput:
+        ref_vectors = self._ref_vectors.get_many(refs, lambda ts: [self._vector(t) for t in ts])
+        return RewardOutput([self._similarity(self._vector(h), r) for h, r in zip(hyps, ref_vectors)])
+
+    def _similarity(self, hyp: _NgramVector, ref: _NgramVector) -> float:
+        (vec_h, norm_h, len_h), (vec_r, norm_r, len_r) = hyp, ref
+        penalty = math.exp(-((len_h - len_r) ** 2) / (2 * self.sigma**2))
+        total = 0.0
+        for k in range(self.n):
+            dot = sum(min(w, vec_r[k].get(g, 0.0)) * vec_r[k].get(g, 0.0) for g, w in vec_h[k].items())
+            if norm_h[k] != 0 and norm_r[k] != 0:
+                dot /= norm_h[k] * norm_r[k]
+            total += dot * penalty
+        return 10.0 * total / self.n
+
+    __call__ = trl_call

@@ -1,0 +1,138 @@
+import numpy as np
+import pytest
+from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.rouge.rouge import Rouge
+
+from rewards.nlg import (
+    Bleu2RadCliQ,
+    BleuReward,
+    CiderDReward,
+    RougeLReward,
+    corpus_nlg_scores,
+    r2gen_tokenize,
+)
+
+REFS = [
+    "The heart size is normal. No pleural effusion or pneumothorax.",
+    "Mild cardiomegaly. Small right pleural effusion, unchanged.",
+    "Lungs are clear. No acute cardiopulmonary process.",
+    "There is a left lower lobe consolidation concerning for pneumonia.",
+    "Endotracheal tube terminates 4 cm above the carina. Lungs are clear.",
+]
+HYPS = [
+    "Heart size is normal. No effusion.",
+    "Cardiomegaly with a small right pleural effusion.",
+    "The lungs are clear. No acute process.",
+    "Left lower lobe opacity, possibly pneumonia.",
+    "Lungs clear.",
+]
+
+
+def _coco(hyps, refs):
+    gts = {i: [r2gen_tokenize(r)] for i, r in enumerate(refs)}
+    res = {i: [r2gen_tokenize(h)] for i, h in enumerate(hyps)}
+    return gts, res
+
+
+def test_r2gen_tokenize_matches_hand_tokenised():
+    assert r2gen_tokenize("The Heart is normal.  No effusion, (stable)!") == "the heart is normal . no effusion stable ."
+    assert r2gen_tokenize("1. Small left-sided effusion. 2. No pneumothorax.") == (
+        "small left-sided effusion . no pneumothorax ."
+    )
+    assert r2gen_tokenize("Lungs clear...\nHeart: normal") == "lungs clear . heart normal ."
+    assert r2gen_tokenize("  ...  ") == ""
+
+
+def test_corpus_scores_equal_pycocoevalcap():
+    gts, res = _coco(HYPS, REFS)
+    got = corpus_nlg_scores(HYPS, REFS, metrics=("bleu", "rouge_l", "cider"))
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    for n in range(4):
+        assert got[f"bleu_{n + 1}"] == pytest.approx(bleu[n], abs=1e-12)
+    assert got["rouge_l"] == pytest.approx(Rouge().compute_score(gts, res)[0], abs=1e-12)
+    assert got["cider"] == pytest.approx(Cider().compute_score(gts, res)[0], abs=1e-12)
+    assert 0 < got["bleu_4"] < got["bleu_1"] < 1
+
+
+def test_corpus_scores_reject_bad_input():
+    with pytest.raises(ValueError, match="unknown NLG metrics"):
+        corpus_nlg_scores(HYPS, REFS, metrics=("bleu5",))
+    with pytest.raises(ValueError, match="5 hypotheses but 4 references"):
+        corpus_nlg_scores(HYPS, REFS[:4], metrics=("bleu",))
+
+
+def test_meteor_skipped_without_java(monkeypatch, caplog):
+    monkeypatch.setattr("rewards.nlg.shutil.which", lambda name: None)
+    with caplog.at_level("WARNING", logger="rewards.nlg"):
+        got = corpus_nlg_scores(HYPS, REFS, metrics=("meteor",))
+    assert got == {}
+    assert "java" in caplog.text
+
+
+def test_bleu_reward_equals_pycoco_per_sample_scores():
+    gts, res = _coco(HYPS, REFS)
+    _, per_sample = Bleu(4).compute_score(gts, res, verbose=0)
+    for n in (1, 4):
+        out = BleuReward(n=n).score(HYPS, REFS)
+        np.testing.assert_allclose(out.scores, per_sample[n - 1], atol=1e-12)
+    assert BleuReward(4).score([REFS[0]], [REFS[0]]).scores[0] == pytest.approx(1.0)
+
+
+def test_bleu2_radcliq_equals_nltk_recipe():
+    smoothing = SmoothingFunction(epsilon=0.1).method1
+    expected = [
+        sentence_bleu(
+            [r.lower().replace(".", " .").split()],
+            h.lower().replace(".", " .").split(),
+            weights=(0.5, 0.5),
+            smoothing_function=smoothing,
+        )
+        for h, r in zip(HYPS, REFS)
+    ]
+    reward = Bleu2RadCliQ()
+    np.testing.assert_allclose(reward.score(HYPS, REFS).scores, expected, atol=1e-12)
+    # A one-word hypothesis has no bigram: method1 adds epsilon 0.1 to the zero bigram count.
+    # p1 = 1/1, p2 = 0.1/1 (zero numerator smoothed, denominator max(1, 0)), brevity penalty exp(1 - 3/1).
+    assert reward.score(["heart"], ["heart is normal"]).scores[0] == pytest.approx(np.exp(1 - 3) * np.sqrt(0.1))
+
+
+def test_rouge_l_reward_equals_pycoco():
+    gts, res = _coco(HYPS, REFS)
+    _, per_sample = Rouge().compute_score(gts, res)
+    np.testing.assert_allclose(RougeLReward().score(HYPS, REFS).scores, per_sample, atol=1e-12)
+
+
+def test_cider_d_reward_with_batch_corpus_equals_pycoco():
+    gts, res = _coco(HYPS, REFS)
+    _, per_sample = Cider().compute_score(gts, res)
+    reward = CiderDReward(corpus=REFS)
+    np.testing.assert_allclose(reward.score(HYPS, REFS).scores, per_sample, atol=1e-9)
+
+
+def test_cider_d_uses_the_given_corpus_for_idf():
+    # Tokens are "<word> ."; an n-gram in all N=3 documents gets idf log(3/3) = 0, an unseen one log(3).
+    corpus = ["lungs are clear .", "lungs are not clear .", "lungs show effusion ."]
+    reward = CiderDReward(corpus=corpus)
+    # "lungs" and "." are in every document (zero vectors at n=1); the bigram "lungs ." is unseen: cosine 1.
+    assert reward.score(["lungs"], ["lungs"]).scores[0] == pytest.approx(10 * (0 + 1 + 0 + 0) / 4)
+    # "effusion" (df 1) and "effusion ." (df 1) both carry weight: cosine 1 at n=1 and n=2.
+    assert reward.score(["effusion"], ["effusion"]).scores[0] == pytest.approx(10 * (1 + 1 + 0 + 0) / 4)
+
+
+def test_empty_completions_get_worst_value_not_crash():
+    for reward in (BleuReward(4), Bleu2RadCliQ(), RougeLReward(), CiderDReward(corpus=REFS)):
+        out = reward.score(["", "   ", HYPS[2]], REFS[:3])
+        assert out.scores[:2] == [reward.worst, reward.worst]
+        assert out.scores[2] > 0
+
+
+def test_trl_calling_convention_with_conversational_completions():
+    reward = Bleu2RadCliQ()
+    completions = [[{"role": "assistant", "content": h}] for h in HYPS]
+    got = reward(prompts=["p"] * 5, completions=completions, completion_ids=[[1]] * 5, reference=REFS, id=range(5))
+    assert got == reward.score(HYPS, REFS).scores
+    assert reward.__name__ == "bleu2_radcliq"
+    with pytest.raises(KeyError, match="reference"):
+        reward(prompts=["p"], completions=["x"], report=["y"])
