@@ -1,0 +1,199 @@
+"""Stage 2 image/report alignment: CLIP's symmetric InfoNCE and the two-tower model it trains.
+
+The loss follows open_clip's ``ClipLoss`` with ``local_loss=True, gather_with_grad=True``: every
+process scores its own images and reports against the embeddings of *all* processes, gathered with
+``torch.distributed.nn.functional.all_gather`` so gradients flow back to the process that owns each
+embedding. Averaging those per-process losses (which DDP's gradient averaging does) gives exactly the
+loss and gradients of one process holding the concatenated global batch; the tests check this.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+
+from rlhf_rrg.models.text_encoder import Pooling, pool_hidden_states
+
+
+@dataclass
+class ContrastiveConfig:
+    """Temperature and batching of the InfoNCE loss."""
+
+    init_temperature: float = field(default=0.07, metadata={"help": "Initial softmax temperature (CLIP: 0.07)."})
+    learnable_temperature: bool = field(default=True, metadata={"help": "Learn the temperature (as log logit scale)."})
+    max_logit_scale: float = field(default=100.0, metadata={"help": "Upper clamp of 1/temperature (CLIP: 100)."})
+    gather_across_processes: bool = field(
+        default=True, metadata={"help": "Contrast against the embeddings of every process (needs equal local batches)."}
+    )
+
+    def __post_init__(self) -> None:
+        if not self.init_temperature > 0:
+            raise ValueError(f"init_temperature must be > 0, got {self.init_temperature}")
+        if not self.max_logit_scale > 1:
+            raise ValueError(f"max_logit_scale must be > 1, got {self.max_logit_scale}")
+        if 1.0 / self.init_temperature > self.max_logit_scale:
+            raise ValueError(
+                f"init_temperature {self.init_temperature} gives a logit scale above max_logit_scale {self.max_logit_scale}"
+            )
+
+
+def _gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Concatenates ``x`` from all processes in rank order; returns it and this process's rank."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    return torch.cat(dist_fn.all_gather(x), dim=0), dist.get_rank()
+
+
+class ClipLoss(nn.Module):
+    """Symmetric InfoNCE with a learnable, log-parameterised and clamped logit scale.
+
+    Args:
+        init_temperature: Initial temperature; the parameter stores ``log(1 / init_temperature)``.
+        learnable_temperature: Whether the logit scale receives gradients.
+        max_logit_scale: The scale used in the loss is clamped to ``[1, max_logit_scale]``.
+        gather_across_processes: Gather embeddings from every process when ``torch.distributed`` is
+            initialised (a no-op otherwise). All processes must pass the same local batch size.
+    """
+
+    def __init__(
+        self,
+        init_temperature: float = 0.07,
+        learnable_temperature: bool = True,
+        max_logit_scale: float = 100.0,
+        gather_across_processes: bool = True,
+    ) -> None:
+        super().__init__()
+        self.logit_scale = nn.Parameter(
+            torch.tensor(math.log(1.0 / init_temperature)), requires_grad=learnable_temperature
+        )
+        self.max_log_scale = math.log(max_logit_scale)
+        self.gather_across_processes = gather_across_processes
+
+    def scale(self) -> torch.Tensor:
+        """The clamped logit scale ``exp(logit_scale)``, a scalar tensor."""
+        return self.logit_scale.clamp(0.0, self.max_log_scale).exp()
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Clamps the stored parameter into range; call after each optimizer step, as open_clip does.
+
+        Without it a parameter pushed past the clamp would sit where the clamp zeroes its gradient.
+        """
+        self.logit_scale.clamp_(0.0, self.max_log_scale)
+
+    def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        """Computes the loss for matched pairs ``(image_emb[i], text_emb[i])``.
+
+        Args:
+            image_emb: ``(b, d)`` L2-normalised image embeddings of this process.
+            text_emb: ``(b, d)`` L2-normalised report embeddings of this process.
+
+        Returns:
+            Scalar loss: the mean of image->text and text->image cross-entropies over the local rows.
+        """
+        if image_emb.shape != text_emb.shape or image_emb.dim() != 2:
+            raise ValueError(f"expected two (b, d) tensors of equal shape, got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}")
+        if self.gather_across_processes:
+            all_images, rank = _gather_with_grad(image_emb)
+            all_texts, _ = _gather_with_grad(text_emb)
+        else:
+            all_images, all_texts, rank = image_emb, text_emb, 0
+        scale = self.scale()
+        logits_per_image = scale * image_emb @ all_texts.T
+        logits_per_text = scale * text_emb @ all_images.T
+        # Local row i matches global column rank * b + i.
+        labels = torch.arange(image_emb.shape[0], device=image_emb.device) + rank * image_emb.shape[0]
+        return 0.5 * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels))
+
+
+@dataclass
+class AlignerOutput:
+    """What :class:`ImageTextAligner` returns."""
+
+    loss: torch.Tensor
+    image_embeds: torch.Tensor
+    text_embeds: torch.Tensor
+
+
+class ImageTextAligner(nn.Module):
+    """Two towers with linear heads into a shared, L2-normalised space, trained with :class:`ClipLoss`.
+
+    Args:
+        vision_encoder: Any module whose output has ``pooler_output`` of shape ``(b, vision_dim)``
+            (a ``BaseModelOutputWithPooling``).
+        text_encoder: A Hugging Face encoder returning ``last_hidden_state`` ``(b, t, text_dim)``.
+        vision_dim: Width of the vision encoder's pooled output.
+        text_dim: Hidden size of the text encoder.
+        embed_dim: Width of the shared space.
+        text_pooling: How report token states become one vector (``"cls"`` or ``"mean"``).
+        loss: The contrastive loss; owns the learnable logit scale.
+    """
+
+    def __init__(
+        self,
+        vision_encoder: nn.Module,
+        text_encoder: PreTrainedModel,
+        vision_dim: int,
+        text_dim: int,
+        embed_dim: int,
+        text_pooling: Pooling,
+        loss: ClipLoss,
+    ) -> None:
+        super().__init__()
+        self.vision_encoder = vision_encoder
+        self.text_encoder = text_encoder
+        # No bias, as in CLIP: the heads only rotate/scale into the shared space before normalising.
+        self.image_proj = nn.Linear(vision_dim, embed_dim, bias=False)
+        self.text_proj = nn.Linear(text_dim, embed_dim, bias=False)
+        self.text_pooling = text_pooling
+        self.loss = loss
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Embeds images.
+
+        Args:
+            pixel_values: ``(b, c, h, w)`` images, as the vision encoder expects them.
+
+        Returns:
+            ``(b, embed_dim)`` unit-norm embeddings.
+        """
+        pooled = self.vision_encoder(pixel_values).pooler_output
+        if pooled is None:
+            raise ValueError(f"{type(self.vision_encoder).__name__} returned no pooler_output; the aligner needs one")
+        return F.normalize(self.image_proj(pooled), dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Embeds tokenised reports.
+
+        Args:
+            input_ids: ``(b, t)`` token ids.
+            attention_mask: ``(b, t)``, 1 on real tokens.
+
+        Returns:
+            ``(b, embed_dim)`` unit-norm embeddings.
+        """
+        hidden = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        pooled = pool_hidden_states(hidden, attention_mask, self.text_pooling)
+        return F.normalize(self.text_proj(pooled), dim=-1)
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> AlignerOutput:
+        """Embeds a batch of matched image/report pairs and computes the contrastive loss.
+
+        Args:
+            pixel_values: ``(b, c, h, w)``.
+            input_ids: ``(b, t)``.
+            attention_mask: ``(b, t)``.
+
+        Returns:
+            :class:`AlignerOutput` with the scalar loss and both ``(b, embed_dim)`` embeddings.
+        """
+        image_embeds = self.encode_image(pixel_values)
+        text_embeds = self.encode_text(input_ids, attention_mask)
+        return AlignerOutput(self.loss(image_embeds, text_embeds), image_embeds, text_embeds)
