@@ -48,7 +48,7 @@ def retrieval_recall_at_k(
         relevant = torch.eye(n, dtype=torch.bool)
     else:
         if len(reports) != n:
-            raise ValueError(f"got {len(reports)} reports for {n} embeddings")
+            raise ValueError(f"reports has {len(reports)} texts for {n} embeddings")
         index = {text: i for i, text in enumerate(dict.fromkeys(reports))}
         group = torch.tensor([index[text] for text in reports])
         relevant = group[:, None] == group[None, :]
