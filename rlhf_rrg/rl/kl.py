@@ -39,7 +39,9 @@ def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: 
         ``(b, t)`` estimates; padded positions hold whatever the inputs imply, mask them downstream.
     """
     if logprobs.shape != ref_logprobs.shape:
-        raise ValueError(f"logprobs {tuple(logprobs.shape)} and ref_logprobs {tuple(ref_logprobs.shape)} differ in shape")
+        raise ValueError(
+            f"logprobs {tuple(logprobs.shape)} and ref_logprobs {tuple(ref_logprobs.shape)} differ in shape"
+        )
     log_ratio = ref_logprobs - logprobs
     if estimator == "k1":
         return -log_ratio
@@ -157,8 +159,12 @@ def build_kl_controller(
 class KLConfig:
     """KL penalty settings for PPO (defaults: Ziegler et al. 2019 / TRL's former ``PPOConfig``)."""
 
-    estimator: KLEstimator = field(default="k1", metadata={"help": "Per-token KL estimator: k1, k2 or k3 (Schulman 2020)."})
-    controller: KLControllerKind = field(default="adaptive", metadata={"help": "KL coefficient controller: fixed or adaptive."})
+    estimator: KLEstimator = field(
+        default="k1", metadata={"help": "Per-token KL estimator: k1, k2 or k3 (Schulman 2020)."}
+    )
+    controller: KLControllerKind = field(
+        default="adaptive", metadata={"help": "KL coefficient controller: fixed or adaptive."}
+    )
     init_kl_coef: float = field(default=0.2, metadata={"help": "Initial (or fixed) KL coefficient beta."})
     target: float = field(default=6.0, metadata={"help": "Adaptive controller: target KL per sequence, in nats."})
     horizon: int = field(default=10000, metadata={"help": "Adaptive controller: horizon in samples."})

@@ -42,7 +42,9 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature
     """
     _check_temperature(temperature)
     if logits.dim() != 3 or tokens.shape != logits.shape[:2]:
-        raise ValueError(f"expected logits (b, t, v) and tokens (b, t), got {tuple(logits.shape)} and {tuple(tokens.shape)}")
+        raise ValueError(
+            f"expected logits (b, t, v) and tokens (b, t), got {tuple(logits.shape)} and {tuple(tokens.shape)}"
+        )
 
     def row(row_logits: torch.Tensor, i: int) -> torch.Tensor:
         scaled = row_logits / temperature
@@ -90,7 +92,9 @@ def response_logits_slice(logits: torch.Tensor, prompt_length: int, response_len
         ``(b, R, v)`` view whose ``[:, j]`` predicts response token ``j``.
     """
     if prompt_length < 1:
-        raise ValueError(f"prompt_length must be >= 1 (the first response token needs a preceding position), got {prompt_length}")
+        raise ValueError(
+            f"prompt_length must be >= 1 (the first response token needs a preceding position), got {prompt_length}"
+        )
     if response_length < 0 or prompt_length - 1 + response_length > logits.shape[1]:
         raise ValueError(
             f"response_length={response_length} with prompt_length={prompt_length} needs at least "

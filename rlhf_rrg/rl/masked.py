@@ -71,7 +71,9 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     keep = _check_mask(x, mask)
     count = int(keep.sum())
     if count == 0 or (unbiased and count == 1):
-        raise ValueError(f"mask selects {count} element(s); the {'unbiased ' if unbiased else ''}variance is undefined")
+        raise ValueError(
+            f"mask selects {count} element(s); the {'unbiased ' if unbiased else ''}variance is undefined"
+        )
     centered = x - masked_mean(x, keep)
     variance = masked_mean(centered * centered, keep)
     if unbiased:

@@ -26,7 +26,9 @@ def test_entropy_by_hand():
     expected = -sum(p * math.log(p) for p in (1 / 6, 2 / 6, 3 / 6))
     torch.testing.assert_close(entropy_from_logits(LOGITS), torch.full((1, 2), expected))
     # uniform over 3 tokens: ln 3, whatever the temperature
-    torch.testing.assert_close(entropy_from_logits(torch.zeros(2, 1, 3), temperature=0.5), torch.full((2, 1), math.log(3)))
+    torch.testing.assert_close(
+        entropy_from_logits(torch.zeros(2, 1, 3), temperature=0.5), torch.full((2, 1), math.log(3))
+    )
 
 
 def test_matches_naive_log_softmax_values_and_gradients():
