@@ -56,6 +56,6 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="ks"):
         retrieval_recall_at_k(SIMS, TEXTS, ks=(5,))
     with pytest.raises(ValueError, match="reports"):
-        retrieval_recall_at_k(SIMS, TEXTS, reports=["a"])
+        retrieval_recall_at_k(SIMS, TEXTS, ks=(1,), reports=["a"])
     with pytest.raises(ValueError, match=r"\(n, d\)"):
         retrieval_recall_at_k(SIMS, TEXTS[:3])
