@@ -1,0 +1,107 @@
+"""Named LLM settings for the report generator.
+
+"tiny" models are built in-process from a config (random weights, vocabulary from our word-level
+tokenizer) so tests and the CPU demo need no download. Every other name is a pretrained model that
+must already sit in a local directory (``config.json`` + safetensors, as ``save_pretrained`` writes);
+the name only pins which architecture that directory has to contain, so a wrong path fails early.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedModel, Qwen2Config
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class PretrainedLLM:
+    """What a named pretrained LLM's local ``config.json`` must declare."""
+
+    model_type: str
+    hidden_size: int
+
+
+TINY_LLMS = {"tiny": "llama", "tiny-llama": "llama", "tiny-qwen2": "qwen2"}
+
+PRETRAINED_LLMS = {
+    "llama-2-7b": PretrainedLLM("llama", 4096),
+    "llama-3.2-1b": PretrainedLLM("llama", 2048),
+    "qwen2.5-0.5b": PretrainedLLM("qwen2", 896),
+    "qwen2.5-1.5b": PretrainedLLM("qwen2", 1536),
+    "qwen2.5-7b": PretrainedLLM("qwen2", 3584),
+}
+
+LLM_NAMES = (*TINY_LLMS, *PRETRAINED_LLMS)
+
+
+def tiny_text_config(
+    name: str, vocab_size: int, pad_token_id: int | None, bos_token_id: int | None, eos_token_id: int | None
+) -> PretrainedConfig:
+    """A 2-layer, width-64, 4-head decoder config of the family named by ``name`` (see ``TINY_LLMS``).
+
+    Raises:
+        ValueError: if ``name`` is not a tiny LLM name.
+    """
+    if name not in TINY_LLMS:
+        raise ValueError(f"unknown tiny LLM {name!r}; choose one of {sorted(TINY_LLMS)}")
+    config_cls = LlamaConfig if TINY_LLMS[name] == "llama" else Qwen2Config
+    return config_cls(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        pad_token_id=pad_token_id,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        tie_word_embeddings=False,
+    )
+
+
+def check_llm_path(name: str, path: str | Path | None) -> Path:
+    """Checks that ``path`` holds the pretrained LLM ``name`` and returns it.
+
+    Raises:
+        ValueError: for an unknown name, a missing directory or ``config.json``, or an architecture that
+            does not match the name.
+    """
+    if name not in PRETRAINED_LLMS:
+        raise ValueError(f"unknown pretrained LLM {name!r}; choose one of {sorted(PRETRAINED_LLMS)}")
+    if path is None:
+        raise ValueError(f"LLM {name!r} needs llm_path: a local directory with its config.json and weights")
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"llm_path for {name!r} has no config.json: {config_file} does not exist")
+    declared = json.loads(config_file.read_text())
+    expected = PRETRAINED_LLMS[name]
+    got = (declared.get("model_type"), declared.get("hidden_size"))
+    if got != (expected.model_type, expected.hidden_size):
+        raise ValueError(
+            f"{config_file} declares model_type/hidden_size {got}, but {name!r} is "
+            f"({expected.model_type!r}, {expected.hidden_size})"
+        )
+    return path
+
+
+def load_pretrained_llm(name: str, path: str | Path | None, dtype: str) -> PreTrainedModel:
+    """Loads the named pretrained causal LM from its local directory (no network access).
+
+    Raises:
+        ValueError: see ``check_llm_path``; also for an unknown ``dtype``.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"llm_dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    local = check_llm_path(name, path)
+    logger.info("loading LLM %s from %s (%s)", name, local, dtype)
+    return AutoModelForCausalLM.from_pretrained(local, dtype=DTYPES[dtype], local_files_only=True)
