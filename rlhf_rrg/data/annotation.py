@@ -120,7 +120,9 @@ def _validate_labels(raw: Any, where: str) -> dict[str, int]:
     labels: dict[str, int] = {}
     for name, code in raw.items():
         if isinstance(code, bool) or not isinstance(code, int) or code not in _LABEL_CODES:
-            raise DataError(f"{where}: field 'labels' has code {code!r} for {name!r} (valid: 0, 1, 2, 3)", "bad_labels")
+            raise DataError(
+                f"{where}: field 'labels' has code {code!r} for {name!r} (valid: 0, 1, 2, 3)", "bad_labels"
+            )
         labels[name] = code
     return labels
 
@@ -134,7 +136,9 @@ def _resolve_images(rel_paths: list[str], image_root: Path, where: str, check_im
     return paths
 
 
-def _parse_r2gen_record(record: Any, index: int, split: str, path: Path, image_root: Path, check_images: bool) -> Study:
+def _parse_r2gen_record(
+    record: Any, index: int, split: str, path: Path, image_root: Path, check_images: bool
+) -> Study:
     where = f"{path}: {split}[{index}]"
     if not isinstance(record, dict):
         raise DataError(f"{where}: record must be a JSON object, got {type(record).__name__}", "bad_record")

@@ -543,7 +543,15 @@ def compose_report(findings: Findings, rng: np.random.Generator) -> tuple[str, d
     if findings.effusions:
         size = "small" if max(d for _, d in findings.effusions) < 0.22 else "moderate"
         fill["Pleural Effusion"] = {"side": findings.effusions[0][0], "size": size, "Size": size.capitalize()}
-    order = ("Cardiomegaly", "Edema", "Consolidation", "Lung Opacity", "Lung Lesion", "Pneumothorax", "Pleural Effusion")
+    order = (
+        "Cardiomegaly",
+        "Edema",
+        "Consolidation",
+        "Lung Opacity",
+        "Lung Lesion",
+        "Pneumothorax",
+        "Pleural Effusion",
+    )
     for name in order:
         if name in positive:
             bilateral = name == "Pleural Effusion" and len(findings.effusions) == 2
@@ -612,7 +620,9 @@ def write_synthetic_dataset(out_dir: str | Path, cfg: SyntheticConfig) -> Path:
                 rel = f"{study_id}/{view}.png"
                 Image.fromarray(pixels).save(image_root / rel, format="PNG", optimize=False)
                 rel_paths.append(rel)
-            records.append({"id": study_id, "report": report, "image_path": rel_paths, "split": split, "labels": labels})
+            records.append(
+                {"id": study_id, "report": report, "image_path": rel_paths, "split": split, "labels": labels}
+            )
         annotation[split] = records
         logger.info("wrote %d %s studies to %s", n, split, image_root)
     path = out_dir / "annotation.json"
@@ -626,7 +636,9 @@ def _parse_args(argv: list[str] | None) -> tuple[Path, SyntheticConfig]:
     parser.add_argument("--out", type=Path, required=True, help="Output folder.")
     for f in dataclasses.fields(SyntheticConfig):
         parser.add_argument(
-            f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)), default=getattr(defaults, f.name),
+            f"--{f.name.replace('_', '-')}",
+            type=type(getattr(defaults, f.name)),
+            default=getattr(defaults, f.name),
             help=f.metadata["help"],
         )
     args = vars(parser.parse_args(argv))
