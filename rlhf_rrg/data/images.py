@@ -76,7 +76,7 @@ def read_grayscale(path: str | Path) -> np.ndarray:
 
 
 def _resize(array: np.ndarray, size: int) -> np.ndarray:
-    return np.asarray(Image.fromarray(array).resize((size, size), Image.Resampling.BILINEAR))
+    return np.array(Image.fromarray(array).resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
 
 
 def _normalize(array: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

@@ -1,0 +1,93 @@
+"""Image decoding (8/16-bit, gray/RGB), normalisation, corrupt files and augmentation (never flipped)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rlhf_rrg.data.annotation import DataError
+from rlhf_rrg.data.images import AugmentConfig, augment, load_image, read_grayscale
+
+
+@pytest.mark.parametrize(
+    ("pixels", "suffix", "expected"),
+    [
+        (np.full((10, 12), 51, np.uint8), ".png", 0.2),
+        (np.full((10, 12), 13107, np.uint16), ".png", 0.2),  # 16-bit: 13107 / 65535
+        (np.full((10, 12, 3), (255, 0, 0), np.uint8), ".png", 0.299),  # ITU-R 601 luma of pure red
+        (np.full((10, 12), 51, np.uint8), ".jpg", 0.2),
+    ],
+)
+def test_read_grayscale(tmp_path: Path, pixels: np.ndarray, suffix: str, expected: float) -> None:
+    path = tmp_path / f"img{suffix}"
+    Image.fromarray(pixels).save(path)
+    array = read_grayscale(path)
+    assert array.shape == (10, 12) and array.dtype == np.float32
+    np.testing.assert_allclose(array, expected, atol=2 / 255)
+
+
+def test_load_image_normalises_and_resizes(tmp_path: Path) -> None:
+    path = tmp_path / "img.png"
+    Image.fromarray(np.full((20, 30), 102, np.uint8)).save(path)
+    out = load_image(path, 16, mean=(0.1, 0.2, 0.3), std=(0.5, 0.25, 0.1))
+    assert out.shape == (3, 16, 16) and out.dtype == torch.float32
+    expected = torch.tensor([(0.4 - 0.1) / 0.5, (0.4 - 0.2) / 0.25, (0.4 - 0.3) / 0.1]).view(3, 1, 1)
+    torch.testing.assert_close(out, expected.expand(3, 16, 16), atol=1e-5, rtol=0)
+
+
+def test_resize_keeps_left_right(tmp_path: Path) -> None:
+    pixels = np.zeros((40, 40), np.uint8)
+    pixels[:, :20] = 255
+    path = tmp_path / "half.png"
+    Image.fromarray(pixels).save(path)
+    out = load_image(path, 8, mean=(0, 0, 0), std=(1, 1, 1))
+    assert out[0, :, :3].min() > 0.99 and out[0, :, 5:].max() < 0.01
+
+
+@pytest.mark.parametrize("content", [b"", b"not an image at all", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40])
+def test_corrupt_file_names_path(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "broken.png"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=r"broken\.png: cannot decode image"):
+        load_image(path, 8)
+
+
+def test_truncated_png_raises(tmp_path: Path) -> None:
+    path = tmp_path / "cut.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(DataError, match=r"cut\.png"):
+        read_grayscale(path)
+
+
+def test_missing_file_raises(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"nope\.png"):
+        read_grayscale(tmp_path / "nope.png")
+
+
+def test_augment_identity_when_ranges_are_zero() -> None:
+    array = np.random.default_rng(0).uniform(size=(32, 32)).astype(np.float32)
+    cfg = AugmentConfig(min_crop_scale=1.0, max_rotation_deg=0.0, brightness=0.0, contrast=0.0)
+    np.testing.assert_allclose(augment(array, cfg, torch.Generator().manual_seed(0)), array, atol=1e-5)
+
+
+def test_augment_is_seeded_and_never_flips() -> None:
+    array = np.zeros((64, 64), np.float32)
+    array[:, :32] = 1.0  # bright patient-right half
+    cfg = AugmentConfig()
+    a = augment(array, cfg, torch.Generator().manual_seed(1))
+    b = augment(array, cfg, torch.Generator().manual_seed(1))
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, array)
+    for seed in range(30):
+        out = augment(array, cfg, torch.Generator().manual_seed(seed))
+        assert out[:, :20].mean() > out[:, 44:].mean() + 0.5, f"seed {seed} moved the bright side"
+
+
+def test_augment_config_validation() -> None:
+    with pytest.raises(ValueError, match="min_crop_scale"):
+        AugmentConfig(min_crop_scale=0.0)
+    with pytest.raises(ValueError, match="max_rotation_deg"):
+        AugmentConfig(max_rotation_deg=90.0)
