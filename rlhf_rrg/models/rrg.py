@@ -114,7 +114,7 @@ def num_image_tokens(vision_config: PretrainedConfig, vision_feature_select_stra
 
 
 def build_vision_model(vision: str) -> PreTrainedModel:
-    """A random-init tiny encoder ("tiny-vit"/"tiny-vim"/"tiny-arm") or the encoder exported in directory ``vision``."""
+    """A random-init tiny encoder (a ``TINY_VISIONS`` name) or the encoder exported in directory ``vision``."""
     if vision in TINY_VISIONS:
         return AutoModel.from_config(tiny_vision_config(TINY_VISIONS[vision]))
     logger.info("loading vision encoder from %s", vision)
@@ -245,7 +245,9 @@ def save_rrg(model: LlavaForConditionalGeneration | PeftModel, processor: RRGPro
     return out_dir
 
 
-def load_rrg(path: str | Path, device: str | torch.device = "cpu") -> tuple[LlavaForConditionalGeneration, RRGProcessor]:
+def load_rrg(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[LlavaForConditionalGeneration, RRGProcessor]:
     """Loads a ``save_rrg`` export with ``AutoModelForImageTextToText`` and its processor.
 
     Raises:
