@@ -71,6 +71,8 @@ def _tiny_bert_config(vocab_size: int) -> BertConfig:
     return BertConfig(
         vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
         max_position_embeddings=512, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        # Large random weights so that different reports get clearly different vectors and labels.
+        initializer_range=1.0,
     )
 
 
