@@ -1,0 +1,132 @@
+"""The few process-level helpers stages need: rank-0 printing, ZeRO-3 parameter gathering, seeding and RNG state.
+
+Process topology comes from ``accelerate.PartialState`` (so it agrees with the ``Accelerator`` of the stage);
+nothing here calls ``torch.distributed`` directly. Anchors: nanochat ``common.py: print0``, TRL
+``unwrap_model_for_generation`` (ZeRO-3 gathering), torchtune ``training/seed.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import PartialState
+
+logger = logging.getLogger(__name__)
+
+# numpy's legacy global RNG only accepts 32-bit seeds.
+_MAX_SEED = 2**32 - 1
+
+
+def is_main_process() -> bool:
+    """Whether this is the global rank-0 process (``True`` when not launched distributed)."""
+    return PartialState().is_main_process
+
+
+def print0(*args: Any, **kwargs: Any) -> None:
+    """``print`` on the main process only, for console output of launch scripts (metrics go to loggers)."""
+    if is_main_process():
+        print(*args, **kwargs)  # noqa: T201 - this helper exists to print, once, for stages
+
+
+@contextlib.contextmanager
+def gather_params(model: torch.nn.Module, modifier_rank: int | None = None) -> Iterator[None]:
+    """Makes a ZeRO-3 partitioned model's full parameters visible inside the block; a no-op otherwise.
+
+    Under DeepSpeed ZeRO-3 each rank holds only a shard (``p.shape == (0,)``); generation, weight export
+    or reading a parameter needs ``deepspeed.zero.GatheredParameters``. Partitioned parameters are
+    recognised by DeepSpeed's ``ds_id`` attribute, so no accelerator object is needed and DeepSpeed is
+    imported only when such parameters exist. Must be entered on every rank (it is a collective).
+
+    Args:
+        model: Any module (wrapped or not).
+        modifier_rank: Rank whose in-block modifications are broadcast to all ranks on exit; ``None`` means
+            the block only reads.
+
+    Yields:
+        Nothing; use ``model`` inside the block.
+    """
+    partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank):
+        yield
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds Python's ``random``, numpy's global RNG and torch (CPU and every CUDA device).
+
+    Args:
+        seed: In ``[0, 2**32 - 1]``.
+    """
+    if not 0 <= seed <= _MAX_SEED:
+        raise ValueError(f"seed must be in [0, {_MAX_SEED}], got {seed}")
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """Captures the Python, numpy, torch CPU and (when available) CUDA RNG states for exact resume.
+
+    Only tuples, ints, floats, strings and tensors are used, so the result loads with
+    ``torch.load(..., weights_only=True)``.
+
+    Returns:
+        A dict with keys ``python``, ``numpy``, ``torch`` and, with CUDA, ``cuda``.
+    """
+    np_state = np.random.get_state(legacy=False)
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restores RNG states captured by :func:`rng_state`.
+
+    A CUDA state saved on a GPU machine but restored without CUDA (or the reverse) is skipped with a
+    warning: the CPU streams are still exact, GPU sampling is not.
+
+    Args:
+        state: The dict returned by :func:`rng_state` (possibly after a ``torch.save``/``torch.load``).
+    """
+    missing = {"python", "numpy", "torch"} - state.keys()
+    if missing:
+        raise ValueError(f"RNG state lacks {sorted(missing)}; expected the dict from rng_state()")
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": np_state["bit_generator"],
+            "state": {"key": np.asarray(np_state["key"], dtype=np.uint32), "pos": np_state["pos"]},
+            "has_gauss": np_state["has_gauss"],
+            "gauss": np_state["gauss"],
+        }
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    elif "cuda" in state or torch.cuda.is_available():
+        logger.warning(
+            "CUDA RNG state not restored: saved with CUDA=%s, now CUDA=%s", "cuda" in state, torch.cuda.is_available()
+        )
