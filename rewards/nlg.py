@@ -144,9 +144,6 @@ class Bleu2RadCliQ:
     worst = 0.0
 
     def __init__(self, cache_size: int = 65536) -> None:
-        from nltk.translate.bleu_score import SmoothingFunction
-
-        self._smoothing = SmoothingFunction(epsilon=0.1).method1
         self._ref_tokens: TextCache[list[str]] = TextCache(cache_size)
 
     @staticmethod
@@ -159,12 +156,14 @@ class Bleu2RadCliQ:
         return score_nonempty(completions, references, self._score, self.worst)
 
     def _score(self, hyps: list[str], refs: list[str]) -> RewardOutput:
-        from nltk.translate.bleu_score import sentence_bleu
+        # Imported on first use: importing nltk takes seconds, and building a reward should not.
+        from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 
+        smoothing = SmoothingFunction(epsilon=0.1).method1
         ref_tokens = self._ref_tokens.get_many(refs, lambda ts: [self.tokenize(t) for t in ts])
         return RewardOutput(
             [
-                float(sentence_bleu([ref], self.tokenize(hyp), weights=(0.5, 0.5), smoothing_function=self._smoothing))
+                float(sentence_bleu([ref], self.tokenize(hyp), weights=(0.5, 0.5), smoothing_function=smoothing))
                 for hyp, ref in zip(hyps, ref_tokens)
             ]
         )
