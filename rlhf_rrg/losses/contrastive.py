@@ -30,7 +30,8 @@ class ContrastiveConfig:
     learnable_temperature: bool = field(default=True, metadata={"help": "Learn the temperature (as log logit scale)."})
     max_logit_scale: float = field(default=100.0, metadata={"help": "Upper clamp of 1/temperature (CLIP: 100)."})
     gather_across_processes: bool = field(
-        default=True, metadata={"help": "Contrast against the embeddings of every process (needs equal local batches)."}
+        default=True,
+        metadata={"help": "Contrast against the embeddings of every process (needs equal local batches)."},
     )
 
     def __post_init__(self) -> None:
@@ -40,7 +41,8 @@ class ContrastiveConfig:
             raise ValueError(f"max_logit_scale must be > 1, got {self.max_logit_scale}")
         if 1.0 / self.init_temperature > self.max_logit_scale:
             raise ValueError(
-                f"init_temperature {self.init_temperature} gives a logit scale above max_logit_scale {self.max_logit_scale}"
+                f"init_temperature {self.init_temperature} gives a logit scale above max_logit_scale "
+                f"{self.max_logit_scale}"
             )
 
 
@@ -99,7 +101,9 @@ class ClipLoss(nn.Module):
             Scalar loss: the mean of image->text and text->image cross-entropies over the local rows.
         """
         if image_emb.shape != text_emb.shape or image_emb.dim() != 2:
-            raise ValueError(f"expected two (b, d) tensors of equal shape, got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}")
+            raise ValueError(
+                f"expected two (b, d) tensors of equal shape, got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}"
+            )
         if self.gather_across_processes:
             all_images, rank = _gather_with_grad(image_emb)
             all_texts, _ = _gather_with_grad(text_emb)
@@ -183,7 +187,9 @@ class ImageTextAligner(nn.Module):
         pooled = pool_hidden_states(hidden, attention_mask, self.text_pooling)
         return F.normalize(self.text_proj(pooled), dim=-1)
 
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> AlignerOutput:
+    def forward(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> AlignerOutput:
         """Embeds a batch of matched image/report pairs and computes the contrastive loss.
 
         Args:

@@ -27,7 +27,9 @@ class SelfRefineConfig:
     """Weight and distance of the self-refining term."""
 
     weight: float = field(default=0.0, metadata={"help": "lambda_refine; 0 turns the term off."})
-    similarity: Similarity = field(default="mse", metadata={"help": "'mse' of the pooled vectors or 'cosine' (1 - cos)."})
+    similarity: Similarity = field(
+        default="mse", metadata={"help": "'mse' of the pooled vectors or 'cosine' (1 - cos)."}
+    )
 
     def __post_init__(self) -> None:
         if self.weight < 0:
@@ -57,9 +59,14 @@ def self_refining_loss(
         Scalar loss; gradients reach both the image tokens and the report states.
     """
     if image_tokens.shape[-1] != report_hidden.shape[-1]:
-        raise ValueError(f"image tokens (d={image_tokens.shape[-1]}) and report states (d={report_hidden.shape[-1]}) differ in width")
+        raise ValueError(
+            f"image tokens (d={image_tokens.shape[-1]}) and report states "
+            f"(d={report_hidden.shape[-1]}) differ in width"
+        )
     if image_tokens.shape[0] != report_hidden.shape[0]:
-        raise ValueError(f"batch sizes differ: {image_tokens.shape[0]} image rows, {report_hidden.shape[0]} report rows")
+        raise ValueError(
+            f"batch sizes differ: {image_tokens.shape[0]} image rows, {report_hidden.shape[0]} report rows"
+        )
     image = pool_hidden_states(image_tokens, image_mask, "mean")
     report = pool_hidden_states(report_hidden, report_mask, "mean")
     if similarity == "mse":

@@ -30,7 +30,9 @@ class DiseaseClueConfig:
     enabled: bool = field(default=False, metadata={"help": "Predict disease clues and add them to the prompt."})
     hidden_dim: int = field(default=0, metadata={"help": "Hidden width of the head; 0 makes it linear."})
     dropout: float = field(default=0.1, metadata={"help": "Dropout before the output layer."})
-    threshold: float = field(default=0.5, metadata={"help": "Probability at which an observation is stated as a clue."})
+    threshold: float = field(
+        default=0.5, metadata={"help": "Probability at which an observation is stated as a clue."}
+    )
     uncertain_policy: UncertainPolicy = field(
         default="positive", metadata={"help": "Uncertain labels count as 'positive', 'negative', or are 'ignore'd."}
     )
@@ -44,7 +46,9 @@ class DiseaseClueConfig:
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
         if self.uncertain_policy not in ("positive", "negative", "ignore"):
-            raise ValueError(f"uncertain_policy must be 'positive', 'negative' or 'ignore', got {self.uncertain_policy!r}")
+            raise ValueError(
+                f"uncertain_policy must be 'positive', 'negative' or 'ignore', got {self.uncertain_policy!r}"
+            )
         if self.loss_weight < 0:
             raise ValueError(f"loss_weight must be >= 0, got {self.loss_weight}")
 
@@ -59,7 +63,9 @@ class DiseaseClueHead(nn.Module):
         num_labels: Outputs, in ``CHEXPERT_14`` order.
     """
 
-    def __init__(self, in_dim: int, hidden_dim: int = 0, dropout: float = 0.1, num_labels: int = len(CHEXPERT_14)) -> None:
+    def __init__(
+        self, in_dim: int, hidden_dim: int = 0, dropout: float = 0.1, num_labels: int = len(CHEXPERT_14)
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.LayerNorm(in_dim)]
         if hidden_dim > 0:
@@ -102,7 +108,9 @@ def clue_targets(labels: torch.Tensor, uncertain_policy: UncertainPolicy) -> tup
     return positive.float(), keep.float()
 
 
-def clue_bce_loss(logits: torch.Tensor, labels: torch.Tensor, uncertain_policy: UncertainPolicy = "positive") -> torch.Tensor:
+def clue_bce_loss(
+    logits: torch.Tensor, labels: torch.Tensor, uncertain_policy: UncertainPolicy = "positive"
+) -> torch.Tensor:
     """Binary cross-entropy of the clue head, averaged over the kept (study, observation) entries.
 
     Args:
@@ -138,4 +146,3 @@ def clue_text(probs: torch.Tensor, threshold: float = 0.5, prefix: str = "findin
         raise ValueError(f"probs must have shape ({len(CHEXPERT_14)},), got {tuple(probs.shape)}")
     found = [name.lower() for i, name in enumerate(CHEXPERT_14) if i != _NO_FINDING and probs[i].item() >= threshold]
     return prefix + (", ".join(found) if found else "no finding")
-

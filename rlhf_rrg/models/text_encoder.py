@@ -30,8 +30,12 @@ _SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 class TextEncoderConfig:
     """Where the report encoder lives and how its token states become one vector."""
 
-    path: str = field(default="", metadata={"help": "Local directory of a Hugging Face encoder (config + weights + tokenizer)."})
-    pooling: Pooling = field(default="cls", metadata={"help": "'cls': first token state; 'mean': mean over real tokens."})
+    path: str = field(
+        default="", metadata={"help": "Local directory of a Hugging Face encoder (config + weights + tokenizer)."}
+    )
+    pooling: Pooling = field(
+        default="cls", metadata={"help": "'cls': first token state; 'mean': mean over real tokens."}
+    )
     max_length: int = field(default=128, metadata={"help": "Reports are truncated to this many tokens."})
 
     def __post_init__(self) -> None:
@@ -74,7 +78,9 @@ def pool_hidden_states(hidden: torch.Tensor, mask: torch.Tensor, pooling: Poolin
         ``(b, d)`` pooled states.
     """
     if hidden.dim() != 3 or mask.shape != hidden.shape[:2]:
-        raise ValueError(f"expected hidden (b, t, d) and mask (b, t), got {tuple(hidden.shape)} and {tuple(mask.shape)}")
+        raise ValueError(
+            f"expected hidden (b, t, d) and mask (b, t), got {tuple(hidden.shape)} and {tuple(mask.shape)}"
+        )
     if pooling == "cls":
         return hidden[:, 0]
     if pooling != "mean":

@@ -31,13 +31,24 @@ class PromptTemplate:
         default="Generate a comprehensive and detailed diagnosis report for this chest xray image.",
         metadata={"help": "Task instruction after the query image(s) (R2GenCSR/R2GenGPT wording)."},
     )
-    positive: str = field(default="Note: {image} with disease. ", metadata={"help": "Frame of an abnormal context image."})
+    positive: str = field(
+        default="Note: {image} with disease. ", metadata={"help": "Frame of an abnormal context image."}
+    )
     negative: str = field(default="Note: {image} normal. ", metadata={"help": "Frame of a normal context image."})
-    report: str = field(default="Report: {report} ", metadata={"help": "Appended after a context image when use_reports."})
-    clues: str = field(default="{clues}. ", metadata={"help": "Frame of the disease-clue sentence, before the query image."})
+    report: str = field(
+        default="Report: {report} ", metadata={"help": "Appended after a context image when use_reports."}
+    )
+    clues: str = field(
+        default="{clues}. ", metadata={"help": "Frame of the disease-clue sentence, before the query image."}
+    )
 
     def __post_init__(self) -> None:
-        for name, slot in (("positive", "{image}"), ("negative", "{image}"), ("report", "{report}"), ("clues", "{clues}")):
+        for name, slot in (
+            ("positive", "{image}"),
+            ("negative", "{image}"),
+            ("report", "{report}"),
+            ("clues", "{clues}"),
+        ):
             if getattr(self, name).count(slot) != 1:
                 raise ValueError(f"template.{name} must contain {slot} exactly once, got {getattr(self, name)!r}")
         if IMAGE_TOKEN in self.instruction:
@@ -50,12 +61,18 @@ class ContextConfig:
 
     mode: ContextMode = field(
         default="none",
-        metadata={"help": "'none': no context; 'retrieved': per-query memory-bank retrieval; 'fixed': R2GenCSR's one draw."},
+        metadata={
+            "help": "'none': no context; 'retrieved': per-query memory-bank retrieval; 'fixed': R2GenCSR's one draw."
+        },
     )
     k_pos: int = field(default=3, metadata={"help": "Abnormal context samples per query (R2GenCSR context_pair: 3)."})
     k_neg: int = field(default=3, metadata={"help": "Normal context samples per query (R2GenCSR context_pair: 3)."})
-    seed: int = field(default=42, metadata={"help": "Seed of the 'fixed' draw (R2GenCSR: 42 MIMIC-CXR, 4096 IU-Xray)."})
-    use_reports: bool = field(default=False, metadata={"help": "Add the context samples' reports as text (R2GenCSR: no)."})
+    seed: int = field(
+        default=42, metadata={"help": "Seed of the 'fixed' draw (R2GenCSR: 42 MIMIC-CXR, 4096 IU-Xray)."}
+    )
+    use_reports: bool = field(
+        default=False, metadata={"help": "Add the context samples' reports as text (R2GenCSR: no)."}
+    )
     max_context_words: int = field(default=60, metadata={"help": "Each context report is cut to this many words."})
     template: PromptTemplate = field(default_factory=PromptTemplate, metadata={"help": "Prompt wording."})
 

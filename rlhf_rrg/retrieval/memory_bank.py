@@ -47,7 +47,9 @@ class MemoryBank:
         labels: ``(n, 14)`` label codes in ``CHEXPERT_14`` order (0 blank, 1 positive, 2 negative, 3 uncertain).
     """
 
-    def __init__(self, embeddings: torch.Tensor, ids: Sequence[str], reports: Sequence[str], labels: torch.Tensor) -> None:
+    def __init__(
+        self, embeddings: torch.Tensor, ids: Sequence[str], reports: Sequence[str], labels: torch.Tensor
+    ) -> None:
         if embeddings.dim() != 2:
             raise ValueError(f"embeddings must be (n, d), got shape {tuple(embeddings.shape)}")
         n = embeddings.shape[0]
@@ -105,14 +107,21 @@ class MemoryBank:
         if not embeddings:
             raise ValueError("memory bank got no batches to encode")
         bank = cls(torch.cat(embeddings), ids, reports, torch.cat(labels))
-        logger.info("memory bank: %d studies (%d normal), dim %d", len(bank), int(bank.is_normal.sum()), bank.embeddings.shape[1])
+        logger.info(
+            "memory bank: %d studies (%d normal), dim %d",
+            len(bank),
+            int(bank.is_normal.sum()),
+            bank.embeddings.shape[1],
+        )
         return bank
 
     def save(self, directory: str | Path) -> None:
         """Writes ``memory_bank.safetensors`` (embeddings, labels) and ``memory_bank.json`` (ids, reports)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({"embeddings": self.embeddings.contiguous(), "labels": self.labels.contiguous()}, directory / _TENSORS_FILE)
+        save_file(
+            {"embeddings": self.embeddings.contiguous(), "labels": self.labels.contiguous()}, directory / _TENSORS_FILE
+        )
         meta = {"format_version": _FORMAT_VERSION, "ids": self.ids, "reports": self.reports}
         (directory / _META_FILE).write_text(json.dumps(meta))
 
@@ -177,7 +186,8 @@ class MemoryBank:
         pos = [self._top_distinct(row, ~self.is_normal, k_pos, "positive (abnormal)") for row in sims]
         neg = [self._top_distinct(row, self.is_normal, k_neg, "negative (normal)") for row in sims]
         b = emb.shape[0]
-        return torch.tensor(pos, dtype=torch.long).reshape(b, k_pos), torch.tensor(neg, dtype=torch.long).reshape(b, k_neg)
+        pos_idx = torch.tensor(pos, dtype=torch.long).reshape(b, k_pos)
+        return pos_idx, torch.tensor(neg, dtype=torch.long).reshape(b, k_neg)
 
     def _top_distinct(self, sims: torch.Tensor, pool: torch.Tensor, k: int, name: str) -> list[int]:
         """Indices of the ``k`` most similar pool entries with pairwise distinct reports."""
@@ -191,7 +201,7 @@ class MemoryBank:
             values, order = scores.topk(window)
             picked: list[int] = []
             seen: set[int] = set()
-            for value, idx in zip(values.tolist(), order.tolist()):
+            for value, idx in zip(values.tolist(), order.tolist(), strict=True):
                 if value == float("-inf"):
                     break
                 group = self._report_group[idx]

@@ -39,7 +39,9 @@ def retrieval_recall_at_k(
         ``{"i2t_recall@k": ..., "t2i_recall@k": ...}`` for every ``k``, each in ``[0, 1]``.
     """
     if image_emb.dim() != 2 or image_emb.shape != text_emb.shape:
-        raise ValueError(f"expected two (n, d) tensors of equal shape, got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}")
+        raise ValueError(
+            f"expected two (n, d) tensors of equal shape, got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}"
+        )
     n = image_emb.shape[0]
     bad = [k for k in ks if not 1 <= k <= n]
     if bad:

@@ -105,6 +105,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.distributed
 def test_two_process_gather_equals_single_process_on_concatenated_batch():
     world = 2
     with mp.Manager() as manager:

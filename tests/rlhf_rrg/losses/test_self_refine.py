@@ -8,7 +8,9 @@ from rlhf_rrg.losses.self_refine import SelfRefineConfig, self_refining_loss
 # Batch of 2, width 2. Padding rows hold garbage that must not matter.
 IMAGE = torch.tensor([[[1.0, 0.0], [3.0, 2.0], [99.0, 99.0]], [[0.0, 4.0], [0.0, 0.0], [0.0, 2.0]]])
 IMAGE_MASK = torch.tensor([[1, 1, 0], [1, 1, 1]])
-REPORT = torch.tensor([[[-5.0, 7.0], [2.0, 1.0], [2.0, 1.0], [0.0, 0.0]], [[1.0, 1.0], [1.0, 3.0], [50.0, 50.0], [50.0, 50.0]]])
+REPORT = torch.tensor(
+    [[[-5.0, 7.0], [2.0, 1.0], [2.0, 1.0], [0.0, 0.0]], [[1.0, 1.0], [1.0, 3.0], [50.0, 50.0], [50.0, 50.0]]]
+)
 # Row 0: the first position is a prompt token, excluded. Row 1: the last two are padding.
 REPORT_MASK = torch.tensor([[0, 1, 1, 1], [1, 1, 0, 0]])
 # Pooled by hand: image [2, 1] and [0, 2]; report [4/3, 2/3] and [1, 2].
@@ -42,7 +44,9 @@ def test_identical_summaries_give_zero():
     tokens = torch.randn(3, 5, 4)
     mask = torch.ones(3, 5)
     assert self_refining_loss(tokens, mask, tokens, mask).item() == 0.0
-    assert self_refining_loss(tokens, mask, 2 * tokens, mask, similarity="cosine").item() == pytest.approx(0.0, abs=1e-6)
+    assert self_refining_loss(tokens, mask, 2 * tokens, mask, similarity="cosine").item() == pytest.approx(
+        0.0, abs=1e-6
+    )
 
 
 def test_errors_name_the_problem():

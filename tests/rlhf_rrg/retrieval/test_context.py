@@ -9,10 +9,7 @@ INSTRUCTION = "Generate a comprehensive and detailed diagnosis report for this c
 def test_default_prompt_is_r2gencsr_layout():
     prompt = build_context_prompt(["effusion seen", "edema"], ["lungs clear"], None, PromptTemplate())
     assert prompt == (
-        "Note: <image> normal. "
-        "Note: <image> with disease. "
-        "Note: <image> with disease. "
-        f"<image> {INSTRUCTION}"
+        f"Note: <image> normal. Note: <image> with disease. Note: <image> with disease. <image> {INSTRUCTION}"
     )
 
 
@@ -41,7 +38,10 @@ def test_no_context_is_just_the_instruction():
 
 def test_custom_template_and_token():
     template = PromptTemplate(instruction="Describe.", positive="[abn {image}] ", negative="[nor {image}] ")
-    assert build_context_prompt(["x"], ["y"], None, template, image_token="<img>") == "[nor <img>] [abn <img>] <img> Describe."
+    assert (
+        build_context_prompt(["x"], ["y"], None, template, image_token="<img>")
+        == "[nor <img>] [abn <img>] <img> Describe."
+    )
 
 
 def test_template_validation_names_the_field():

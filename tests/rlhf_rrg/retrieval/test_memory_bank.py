@@ -39,7 +39,7 @@ def labels_for(normal_flags: list[bool]) -> torch.Tensor:
 
 
 def make_bank(scale: float = 1.0) -> MemoryBank:
-    ids, angles, normal, reports = zip(*ROWS)
+    ids, angles, normal, reports = zip(*ROWS, strict=True)
     emb = torch.stack([scale * at(a) for a in angles])
     return MemoryBank(emb, ids, reports, labels_for(list(normal)))
 
@@ -93,7 +93,7 @@ def test_save_load_round_trip(tmp_path):
     torch.testing.assert_close(loaded.labels, bank.labels)
     assert loaded.ids == bank.ids and loaded.reports == bank.reports
     query = torch.stack([at(0), at(90)])
-    for a, b in zip(loaded.query(query, 2, 2), bank.query(query, 2, 2)):
+    for a, b in zip(loaded.query(query, 2, 2), bank.query(query, 2, 2), strict=True):
         assert torch.equal(a, b)
 
 
@@ -117,7 +117,12 @@ def test_build_encodes_in_batches():
         return x.flatten(1) @ weight
 
     batches = [
-        {"pixel_values": images[:3], "id": ["a", "b", "c"], "report": ["r1", "r2", "r3"], "labels": labels_for([True, False, False])},
+        {
+            "pixel_values": images[:3],
+            "id": ["a", "b", "c"],
+            "report": ["r1", "r2", "r3"],
+            "labels": labels_for([True, False, False]),
+        },
         {"pixel_values": images[3:], "id": ["d", "e"], "report": ["r4", "r5"], "labels": labels_for([False, True])},
     ]
     bank = MemoryBank.build(encode, batches)
@@ -133,10 +138,13 @@ def test_fixed_context_matches_r2gencsr_pandas_draw():
     rng = np.random.default_rng(0)
     normal = rng.random(80) < 0.4
     n = len(normal)
-    bank = MemoryBank(torch.randn(n, 4), [f"id{i}" for i in range(n)], [f"r{i}" for i in range(n)], labels_for(normal.tolist()))
+    bank = MemoryBank(
+        torch.randn(n, 4), [f"id{i}" for i in range(n)], [f"r{i}" for i in range(n)], labels_for(normal.tolist())
+    )
     pos, neg = fixed_context(bank, k_pos=3, k_neg=3, seed=42)
 
-    # R2GenCSR: positive = df[no_finding != 1], negative = df[no_finding == 1], each .sample(30, random_state=seed)[:3].
+    # R2GenCSR: positive = df[no_finding != 1], negative = df[no_finding == 1],
+    # each .sample(30, random_state=seed)[:3].
     df = pd.DataFrame({"row": range(n), "no_finding": normal.astype(int)})
     want_pos = df[df["no_finding"] != 1].sample(30, random_state=42)["row"].tolist()[:3]
     want_neg = df[df["no_finding"] == 1].sample(30, random_state=42)["row"].tolist()[:3]
