@@ -46,6 +46,10 @@ def ppo_policy_loss(
     if clip_range <= 0:
         raise ValueError(f"clip_range must be > 0, got {clip_range}")
     if advantages.dim() == 1:
+        if advantages.shape[0] != logprobs.shape[0]:
+            raise ValueError(
+                f"sequence advantages must be (b,) = ({logprobs.shape[0]},), got {tuple(advantages.shape)}"
+            )
         advantages = advantages.unsqueeze(1).expand_as(logprobs)
     _check_shapes(mask, logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages)
     log_ratio = logprobs - old_logprobs

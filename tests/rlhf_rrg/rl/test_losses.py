@@ -105,5 +105,7 @@ def test_clip_range_validation():
         ppo_policy_loss(x, x, x, x, 0.0)
     with pytest.raises(ValueError, match="clip_range_value must be > 0"):
         ppo_value_loss(x, x, x, x, -1.0)
+    with pytest.raises(ValueError, match="sequence advantages must be"):
+        ppo_policy_loss(x, x, torch.zeros(3), x, 0.2)
     with pytest.raises(ValueError, match="like mask"):
         ppo_value_loss(x, x, torch.zeros(2, 2), x, 0.2)
