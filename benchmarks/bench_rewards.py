@@ -1,0 +1,96 @@
+"""Reward throughput (reports/s) for a batch of 64, with a cold versus a warm reference cache.
+
+    python benchmarks/bench_rewards.py               # offline rewards + any model-based ones whose weights resolve
+    python benchmarks/bench_rewards.py --rounds 5 --device cuda
+
+In RL the references repeat (every epoch, and ``num_generations`` times per GRPO step) while the completions
+are always new. "Cold" scores a batch whose 64 references were never seen; "warm" scores fresh completions
+against the same references again, so reference-side work (tokenisation, labels, n-gram vectors, model
+annotations) comes from the cache. Models are loaded before timing. Reports are synthetic templated strings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+from rewards.composite import build_reward
+from rewards.weights import WeightsNotFoundError
+
+OFFLINE = ("bleu", "bleu2_radcliq", "rouge_l", "cider_d", "chexpert_f1", "clinical_offline")
+MODEL_BASED = ("bertscore", "chexbert_similarity", "radgraph", "radcliq_v1")
+BATCH = 64
+
+_SENTENCES = (
+    "The heart size is normal.",
+    "Mild cardiomegaly.",
+    "The cardiomediastinal silhouette is within normal limits.",
+    "There is a small {side} pleural effusion.",
+    "No pleural effusion or pneumothorax.",
+    "{side} lower lobe consolidation concerning for pneumonia.",
+    "Patchy {side} basilar opacity may reflect atelectasis.",
+    "No focal consolidation.",
+    "Mild pulmonary vascular congestion without frank edema.",
+    "A {size} nodule projects over the {side} upper lobe.",
+    "Right PICC line terminates in the mid SVC.",
+    "Degenerative changes of the thoracic spine.",
+    "The lungs are clear.",
+    "Healed {side} rib fracture.",
+)
+
+
+def synthetic_report(rng: random.Random) -> str:
+    """A 3-6 sentence report from the templates above."""
+    picks = rng.sample(_SENTENCES, rng.randint(3, 6))
+    side, size = rng.choice(("right", "left")), rng.choice(("5 mm", "8 mm", "1.2 cm"))
+    return " ".join(s.format(side=side, size=size) for s in picks)
+
+
+def throughput(reward, hyps: list[str], refs: list[str]) -> float:
+    start = time.perf_counter()
+    reward.score(hyps, refs)
+    return len(hyps) / (time.perf_counter() - start)
+
+
+def bench(name: str, rounds: int, device: str) -> tuple[float, float] | str:
+    """Mean cold and warm reports/s over ``rounds`` batches, or the reason the reward was skipped."""
+    rng = random.Random(0)
+    corpus = [synthetic_report(rng) for _ in range(500)]
+    kwargs = {"corpus": corpus} if name == "cider_d" else {"device": device} if name in MODEL_BASED else {}
+    reward = build_reward(name, **kwargs)
+    try:
+        if hasattr(reward, "load"):
+            reward.load()
+    except (WeightsNotFoundError, ImportError) as err:
+        return str(err).splitlines()[0]
+    # Warm-up on unrelated reports so one-off imports and lazy allocations are not timed.
+    reward.score([synthetic_report(rng) for _ in range(BATCH)], [synthetic_report(rng) for _ in range(BATCH)])
+    cold, warm = [], []
+    for _ in range(rounds):
+        # A suffix makes every reference unseen, so the cold batch misses the cache.
+        refs = [f"{synthetic_report(rng)} Study {rng.random():.12f}." for _ in range(BATCH)]
+        cold.append(throughput(reward, [synthetic_report(rng) for _ in range(BATCH)], refs))
+        warm.append(throughput(reward, [synthetic_report(rng) for _ in range(BATCH)], refs))
+    return sum(cold) / rounds, sum(warm) / rounds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3, help="timed batches per reward")
+    parser.add_argument("--device", default="cpu", help="device of the model-based rewards")
+    parser.add_argument("--offline-only", action="store_true", help="skip the model-based rewards")
+    args = parser.parse_args()
+    names = OFFLINE if args.offline_only else OFFLINE + MODEL_BASED
+    print(f"{'reward':<22}{'cold rep/s':>12}{'warm rep/s':>12}{'warm/cold':>11}   (batch {BATCH})")
+    for name in names:
+        result = bench(name, args.rounds, args.device)
+        if isinstance(result, str):
+            print(f"{name:<22}  skipped: {result}")
+        else:
+            cold, warm = result
+            print(f"{name:<22}{cold:>12.1f}{warm:>12.1f}{warm / cold:>11.2f}")
+
+
+if __name__ == "__main__":
+    main()
