@@ -84,7 +84,9 @@ def completion_text(completion: Any) -> str:
         texts = []
         for message in completion:
             if not isinstance(message, Mapping) or "content" not in message:
-                raise TypeError(f"conversational completion entries must be {{'role','content'}} dicts, got {message!r}")
+                raise TypeError(
+                    f"conversational completion entries must be {{'role','content'}} dicts, got {message!r}"
+                )
             if message.get("role", "assistant") != "assistant":
                 continue
             content = message["content"]
@@ -205,7 +207,7 @@ class TextCache(Generic[V]):
             values = compute(missing)
             if len(values) != len(missing):
                 raise ValueError(f"compute returned {len(values)} values for {len(missing)} texts")
-            fresh = dict(zip(missing, values))
+            fresh = dict(zip(missing, values, strict=True))
         out = []
         for text in texts:
             if text in fresh:

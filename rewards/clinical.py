@@ -138,7 +138,7 @@ def ce_metrics(
         micro = _prf(tp[cols].sum(), fp[cols].sum(), fn[cols].sum())
         macro = [m.mean() for m in _prf(tp[cols], fp[cols], fn[cols])]
         for kind, values in (("micro", micro), ("macro", macro)):
-            for metric, value in zip(("precision", "recall", "f1"), values):
+            for metric, value in zip(("precision", "recall", "f1"), values, strict=True):
                 scores[f"{kind}_{metric}_{suffix}"] = float(value)
     precision, recall, f1 = _prf(tp, fp, fn)
     per_observation = {

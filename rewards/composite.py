@@ -49,7 +49,7 @@ class CompositeReward:
         names = [r.name for r in self.rewards]
         self.member_names = [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
         worsts = [getattr(r, "worst", None) for r in self.rewards]
-        self.worst = None if None in worsts else sum(w * x for w, x in zip(self.weights, worsts))
+        self.worst = None if None in worsts else sum(w * x for w, x in zip(self.weights, worsts, strict=True))
 
     def load(self) -> None:
         """Loads every member that has heavy state (see :func:`default_reward`)."""
@@ -63,9 +63,9 @@ class CompositeReward:
             raise ValueError(f"got {len(completions)} completions but {len(references)} references")
         total = [0.0] * len(completions)
         sub_scores: dict[str, list[float]] = {}
-        for member, reward, weight in zip(self.member_names, self.rewards, self.weights):
+        for member, reward, weight in zip(self.member_names, self.rewards, self.weights, strict=True):
             out = reward.score(completions, references)
-            total = [t + weight * s for t, s in zip(total, out.scores)]
+            total = [t + weight * s for t, s in zip(total, out.scores, strict=True)]
             sub_scores[member] = list(out.scores)
             sub_scores.update({f"{member}/{k}": v for k, v in out.sub_scores.items()})
         return RewardOutput(total, sub_scores)
@@ -267,7 +267,9 @@ def build_reward(spec: str | Mapping[str, Any], **kwargs: Any) -> Reward:
     return _as_reward(target, name)
 
 
-def build_reward_from_config(names: Sequence[str | Mapping[str, Any]], weights: Sequence[float] | None = None) -> Reward:
+def build_reward_from_config(
+    names: Sequence[str | Mapping[str, Any]], weights: Sequence[float] | None = None
+) -> Reward:
     """Builds the reward of a config's ``reward_funcs`` / ``reward_weights``.
 
     Args:
@@ -287,7 +289,9 @@ def build_reward_from_config(names: Sequence[str | Mapping[str, Any]], weights: 
         weights = [float(w) for w in weights]
     else:
         weights = [float(s.get("weight", 1.0)) if isinstance(s, Mapping) else 1.0 for s in names]
-    rewards = [build_reward({k: v for k, v in s.items() if k != "weight"} if isinstance(s, Mapping) else s) for s in names]
+    rewards = [
+        build_reward({k: v for k, v in s.items() if k != "weight"} if isinstance(s, Mapping) else s) for s in names
+    ]
     if len(rewards) == 1 and weights[0] == 1.0:
         return rewards[0]
     return CompositeReward(rewards, weights, name="+".join(r.name for r in rewards))

@@ -129,7 +129,9 @@ class BleuReward:
         from pycocoevalcap.bleu.bleu_scorer import BleuScorer
 
         scorer = BleuScorer(n=self.n)
-        for hyp, ref in zip(hyps, self._ref_tokens.get_many(refs, lambda ts: [r2gen_tokenize(t) for t in ts])):
+        for hyp, ref in zip(
+            hyps, self._ref_tokens.get_many(refs, lambda ts: [r2gen_tokenize(t) for t in ts]), strict=True
+        ):
             scorer += (r2gen_tokenize(hyp), [ref])
         _, per_sample = scorer.compute_score(option="closest", verbose=0)
         return RewardOutput([float(s) for s in per_sample[self.n - 1]])
@@ -164,7 +166,7 @@ class Bleu2RadCliQ:
         return RewardOutput(
             [
                 float(sentence_bleu([ref], self.tokenize(hyp), weights=(0.5, 0.5), smoothing_function=smoothing))
-                for hyp, ref in zip(hyps, ref_tokens)
+                for hyp, ref in zip(hyps, ref_tokens, strict=True)
             ]
         )
 
@@ -190,7 +192,7 @@ class RougeLReward:
     def _score(self, hyps: list[str], refs: list[str]) -> RewardOutput:
         ref_tokens = self._ref_tokens.get_many(refs, lambda ts: [r2gen_tokenize(t) for t in ts])
         return RewardOutput(
-            [float(self._rouge.calc_score([r2gen_tokenize(h)], [r])) for h, r in zip(hyps, ref_tokens)]
+            [float(self._rouge.calc_score([r2gen_tokenize(h)], [r])) for h, r in zip(hyps, ref_tokens, strict=True)]
         )
 
     __call__ = trl_call
@@ -252,7 +254,7 @@ class CiderDReward:
 
     def _score(self, hyps: list[str], refs: list[str]) -> RewardOutput:
         ref_vectors = self._ref_vectors.get_many(refs, lambda ts: [self._vector(t) for t in ts])
-        return RewardOutput([self._similarity(self._vector(h), r) for h, r in zip(hyps, ref_vectors)])
+        return RewardOutput([self._similarity(self._vector(h), r) for h, r in zip(hyps, ref_vectors, strict=True)])
 
     def _similarity(self, hyp: _NgramVector, ref: _NgramVector) -> float:
         (vec_h, norm_h, len_h), (vec_r, norm_r, len_r) = hyp, ref

@@ -37,7 +37,9 @@ class _Length:
 
     def _score(self, hyps, refs):
         self.seen.append(list(hyps))
-        return RewardOutput([float(len(h) - len(r)) for h, r in zip(hyps, refs)], {"ref_len": [len(r) for r in refs]})
+        return RewardOutput(
+            [float(len(h) - len(r)) for h, r in zip(hyps, refs, strict=True)], {"ref_len": [len(r) for r in refs]}
+        )
 
     __call__ = trl_call
 

@@ -7,7 +7,7 @@ import pytest
 import rewards
 from rewards import REGISTRY, CompositeReward, build_reward, build_reward_from_config, clinical_offline, default_reward
 from rewards.clinical import CheXpertF1Reward
-from rewards.nlg import Bleu2RadCliQ, BleuReward, CiderDReward, RougeLReward
+from rewards.nlg import Bleu2RadCliQ, BleuReward, RougeLReward
 from rewards.radcliq import RadCliQReward
 
 HYPS = ["Mild cardiomegaly. No effusion.", "Lungs are clear.", ""]
@@ -55,7 +55,9 @@ def test_cider_d_needs_a_corpus(tmp_path):
     assert from_file.score(HYPS, REFS).scores == from_list.score(HYPS, REFS).scores
     jsonl = tmp_path / "train.jsonl"
     jsonl.write_text("\n".join(json.dumps({"report": r}) for r in REFS))
-    assert build_reward("cider_d", corpus_path=str(jsonl)).score(HYPS, REFS).scores == from_list.score(HYPS, REFS).scores
+    assert (
+        build_reward("cider_d", corpus_path=str(jsonl)).score(HYPS, REFS).scores == from_list.score(HYPS, REFS).scores
+    )
 
 
 def test_dotted_paths_to_classes_and_functions(tmp_path, monkeypatch):
@@ -78,10 +80,14 @@ def test_composite_is_the_weighted_sum_with_member_logs():
     composite = CompositeReward([bleu, rouge], [0.3, 2.0])
     out = composite.score(HYPS, REFS)
     b, r = bleu.score(HYPS, REFS).scores, rouge.score(HYPS, REFS).scores
-    assert out.scores == pytest.approx([0.3 * x + 2.0 * y for x, y in zip(b, r)])
+    assert out.scores == pytest.approx([0.3 * x + 2.0 * y for x, y in zip(b, r, strict=True)])
     assert out.sub_scores["bleu2_radcliq"] == b and out.sub_scores["rouge_l"] == r
     assert composite.worst == 0.0
-    assert set(out.log("reward/composite")) == {"reward/composite", "reward/composite/bleu2_radcliq", "reward/composite/rouge_l"}
+    assert set(out.log("reward/composite")) == {
+        "reward/composite",
+        "reward/composite/bleu2_radcliq",
+        "reward/composite/rouge_l",
+    }
     twice = CompositeReward([BleuReward(2), BleuReward(2)])
     assert twice.member_names == ["bleu2_0", "bleu2_1"]
     with pytest.raises(ValueError, match="2 weights for 1 rewards"):
@@ -96,7 +102,9 @@ def test_build_reward_from_config_weights():
     mapped = build_reward_from_config([{"name": "bleu", "weight": 2.0, "kwargs": {"n": 1}}, "rouge_l"])
     assert mapped.weights == [2.0, 1.0] and mapped.rewards[0].name == "bleu1"
     scaled = build_reward({"name": "rouge_l", "weight": 3.0})
-    assert scaled.score(HYPS[:1], REFS[:1]).scores == pytest.approx([3 * RougeLReward().score(HYPS[:1], REFS[:1]).scores[0]])
+    assert scaled.score(HYPS[:1], REFS[:1]).scores == pytest.approx(
+        [3 * RougeLReward().score(HYPS[:1], REFS[:1]).scores[0]]
+    )
     with pytest.raises(ValueError, match="reward_weights has 1 entries but reward_funcs has 2"):
         build_reward_from_config(["bleu", "rouge_l"], [1.0])
     with pytest.raises(ValueError, match="not both"):
@@ -109,7 +117,7 @@ def test_clinical_offline_composition():
     f1 = CheXpertF1Reward().score(HYPS, REFS).scores
     b = Bleu2RadCliQ().score(HYPS, REFS).scores
     r = RougeLReward().score(HYPS, REFS).scores
-    assert out.scores == pytest.approx([0.5 * x + 0.25 * y + 0.25 * z for x, y, z in zip(f1, b, r)])
+    assert out.scores == pytest.approx([0.5 * x + 0.25 * y + 0.25 * z for x, y, z in zip(f1, b, r, strict=True)])
     assert out.scores[2] == 0.0  # empty report: worst of every member
 
 

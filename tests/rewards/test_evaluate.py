@@ -75,7 +75,9 @@ def test_cli_prints_table_and_writes_json(tmp_path, capsys):
     out = tmp_path / "eval" / "scores.json"
     main(["--pred", str(pred), "--ref", str(ref), "--metrics", "bleu,rouge_l,cider,ce,radcliq", "--out", str(out)])
     written = json.loads(out.read_text())
-    assert written["scores"] == pytest.approx(evaluate_reports(PREDS, REFS, ["bleu", "rouge_l", "cider", "ce"])["scores"])
+    assert written["scores"] == pytest.approx(
+        evaluate_reports(PREDS, REFS, ["bleu", "rouge_l", "cider", "ce"])["scores"]
+    )
     assert "radcliq" in written["skipped"]
     printed = capsys.readouterr().out
     assert "bleu_4" in printed and "radcliq  " in printed and "skipped" in printed

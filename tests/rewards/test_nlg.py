@@ -37,7 +37,9 @@ def _coco(hyps, refs):
 
 
 def test_r2gen_tokenize_matches_hand_tokenised():
-    assert r2gen_tokenize("The Heart is normal.  No effusion, (stable)!") == "the heart is normal . no effusion stable ."
+    assert (
+        r2gen_tokenize("The Heart is normal.  No effusion, (stable)!") == "the heart is normal . no effusion stable ."
+    )
     assert r2gen_tokenize("1. Small left-sided effusion. 2. No pneumothorax.") == (
         "small left-sided effusion . no pneumothorax ."
     )
@@ -89,7 +91,7 @@ def test_bleu2_radcliq_equals_nltk_recipe():
             weights=(0.5, 0.5),
             smoothing_function=smoothing,
         )
-        for h, r in zip(HYPS, REFS)
+        for h, r in zip(HYPS, REFS, strict=True)
     ]
     reward = Bleu2RadCliQ()
     np.testing.assert_allclose(reward.score(HYPS, REFS).scores, expected, atol=1e-12)

@@ -14,7 +14,9 @@ def test_v0_hand_computed():
     # Perfect report, term by term ((1 - mean) / scale * coef), rounded to 5 decimals:
     # radgraph 1.52456 * -0.47963 = -0.73123; bertscore 1.64128 * -0.67622 = -1.10986;
     # s_emb 0.92250 * -0.46367 = -0.42773; bleu2 1.77760 * 0.21659 = 0.38501; + intercept 1.64167.
-    assert radcliq([[1, 1, 1, 1]], "v0")[0] == pytest.approx(-0.73123 - 1.10986 - 0.42773 + 0.38501 + 1.64167, abs=5e-5)
+    assert radcliq([[1, 1, 1, 1]], "v0")[0] == pytest.approx(
+        -0.73123 - 1.10986 - 0.42773 + 0.38501 + 1.64167, abs=5e-5
+    )
     # All zeros: -mean / scale * coef summed, + intercept.
     # 1.78852*0.47963 + 2.80970*0.67622 + 3.11788*0.46367 - 1.51874*0.21659 + 1.64167
     expected = 1.78852 * 0.47963 + 2.80970 * 0.67622 + 3.11788 * 0.46367 - 1.51874 * 0.21659 + 1.64167
@@ -45,7 +47,7 @@ class _Fixed:
         self.calls += 1
         if level is not None:
             assert level == "radcliq"
-        return [self.fn(h, r) for h, r in zip(hyps, refs)]
+        return [self.fn(h, r) for h, r in zip(hyps, refs, strict=True)]
 
 
 def test_reward_is_negative_radcliq_of_the_components():
@@ -57,7 +59,9 @@ def test_reward_is_negative_radcliq_of_the_components():
     refs = ["Mild cardiomegaly. No effusion.", "Small effusion.", "Lungs clear."]
     out = reward.score(hyps, refs)
     bleu2 = Bleu2RadCliQ().score(hyps[:2], refs[:2]).scores
-    components = [[0.25 * len(h) / len(r), 0.5, s, b] for h, r, s, b in zip(hyps, refs, (0.9, 0.1), bleu2)]
+    components = [
+        [0.25 * len(h) / len(r), 0.5, s, b] for h, r, s, b in zip(hyps[:2], refs[:2], (0.9, 0.1), bleu2, strict=True)
+    ]
     np.testing.assert_allclose(out.scores[:2], -radcliq(components, "v1"))
     assert out.scores[2] == pytest.approx(-2.45014, abs=1e-5)  # empty report: all components 0
     assert out.sub_scores["bleu2"][:2] == pytest.approx(bleu2)
