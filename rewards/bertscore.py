@@ -88,7 +88,7 @@ class BertScorer:
 
     def _reference_stats(self, refs: Sequence[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         missing = list(dict.fromkeys(r for r in refs if r not in self._cache))
-        for text, stats in zip(missing, self._embed(missing)):
+        for text, stats in zip(missing, self._embed(missing), strict=True):
             if len(self._cache) >= self.cache_size:
                 self._cache.popitem(last=False)
             self._cache[text] = stats
@@ -121,6 +121,6 @@ class BertScorer:
         for start in range(0, len(live), self.batch_size):
             chunk = slice(start, start + self.batch_size)
             _, _, f1 = greedy_cos_idf(*self._pad(ref_stats[chunk]), *self._pad(hyp_stats[chunk]))
-            for i, f in zip(live[chunk], f1.tolist()):
+            for i, f in zip(live[chunk], f1.tolist(), strict=True):
                 scores[i] = (f - self.baseline) / (1.0 - self.baseline)
         return scores

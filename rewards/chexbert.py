@@ -80,7 +80,8 @@ class CheXbert(nn.Module):
         Returns:
             The model in eval mode with gradients off.
         """
-        checkpoint = resolve_weights("chexbert.pth", path, CHEXBERT_ENV, [str(user_cache_dir("chexbert") / "chexbert.pth")])
+        package_cache = str(user_cache_dir("chexbert") / "chexbert.pth")
+        checkpoint = resolve_weights("chexbert.pth", path, CHEXBERT_ENV, [package_cache])
         # The Hub renamed the repo to google-bert/bert-base-uncased; caches may hold either name.
         bert_dir = resolve_weights("bert-base-uncased", tokenizer_path, BERT_TOKENIZER_ENV, [
             str(hub / "models--google-bert--bert-base-uncased" / "snapshots" / "*") for hub in hf_hub_cache_dirs()
@@ -123,7 +124,7 @@ class CheXbert(nn.Module):
         missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
         if missing:
             cls_vectors, labels = self._forward(missing)
-            for text, c, y in zip(missing, cls_vectors, labels):
+            for text, c, y in zip(missing, cls_vectors, labels, strict=True):
                 if len(self._cache) >= self.cache_size:
                     self._cache.popitem(last=False)
                 self._cache[text] = (c, y)
@@ -181,6 +182,6 @@ class CheXbertSimilarity:
         if live:
             hyp_vectors = self.chexbert.embed([hyps[i] for i in live], use_cache=False)
             ref_vectors = self.chexbert.embed([refs[i] for i in live])
-            for i, s in zip(live, torch.cosine_similarity(hyp_vectors, ref_vectors, dim=-1).tolist()):
+            for i, s in zip(live, torch.cosine_similarity(hyp_vectors, ref_vectors, dim=-1).tolist(), strict=True):
                 scores[i] = s
         return scores

@@ -113,7 +113,7 @@ class _FeedForward(nn.Module):
     def __init__(self, input_dim: int, hidden_dim: int, num_layers: int) -> None:
         super().__init__()
         dims = [input_dim] + [hidden_dim] * num_layers
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
@@ -284,8 +284,8 @@ class RadGraphScorer:
         out = []
         for d, (_, offsets) in enumerate(tokenized):
             wordpiece_vectors = torch.cat(pieces[d]) if pieces[d] else hidden.new_zeros(0, hidden.size(-1))
-            out.append(torch.stack([wordpiece_vectors[o[0]:o[1] + 1].mean(0) if o else hidden.new_zeros(hidden.size(-1))
-                                    for o in offsets]))
+            zero = hidden.new_zeros(hidden.size(-1))
+            out.append(torch.stack([wordpiece_vectors[o[0]:o[1] + 1].mean(0) if o else zero for o in offsets]))
         return out
 
     def _extract(self, words: list[str], embeddings: torch.Tensor) -> Annotation:
@@ -315,7 +315,8 @@ class RadGraphScorer:
         k = len(top)
         pairs = torch.cat([top_emb[:, None].expand(k, k, -1), top_emb[None].expand(k, k, -1),
                            top_emb[:, None] * top_emb[None]], -1)  # (k, k, 3 * span_dim)
-        rel_scores = heads.relation_out(heads.relation_ff(pairs)) + top_scores[:, None, None] + top_scores[None, :, None]
+        rel_scores = heads.relation_out(heads.relation_ff(pairs))
+        rel_scores = rel_scores + top_scores[:, None, None] + top_scores[None, :, None]
         rel_scores = torch.cat([rel_scores.new_zeros(k, k, 1), rel_scores], -1)
         rel_pred = rel_scores.max(-1)[1] - 1  # -1 is the null relation
         top_spans = [spans[i] for i in top.tolist()]
@@ -363,7 +364,7 @@ class RadGraphScorer:
         if not use_cache:
             return self._annotate_uncached(texts)
         missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
-        for text, annotation in zip(missing, self._annotate_uncached(missing)):
+        for text, annotation in zip(missing, self._annotate_uncached(missing), strict=True):
             if len(self._cache) >= self.cache_size:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[text] = annotation
@@ -389,6 +390,6 @@ class RadGraphScorer:
         hyp_ann = self.annotate([hyps[i] for i in live])
         ref_ann = self.annotate([refs[i] for i in live], use_cache=True)
         scores = [0.0] * len(hyps)
-        for i, h, r in zip(live, hyp_ann, ref_ann):
+        for i, h, r in zip(live, hyp_ann, ref_ann, strict=True):
             scores[i] = annotation_reward(h, r, level)
         return scores

@@ -43,7 +43,8 @@ def build_wordpiece_tokenizer(model_max_length: int = 512) -> BertTokenizerFast:
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     cls_id, sep_id = vocab.index("[CLS]"), vocab.index("[SEP]")
     backend.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
     )
     backend.decoder = decoders.WordPiece()
     return BertTokenizerFast(
@@ -241,8 +242,8 @@ def write_tiny_radgraph(
         _add_bytes(tar, "config.json", json.dumps(config, indent=2).encode())
         _add_bytes(tar, "weights.th", weights.getvalue())
         _add_bytes(tar, "vocabulary/non_padded_namespaces.txt", b"*tags\n*labels\n")
-        _add_bytes(tar, f"vocabulary/{dataset}__ner_labels.txt", ("\n".join(("",) + RADGRAPH_NER_LABELS) + "\n").encode())
-        _add_bytes(tar, f"vocabulary/{dataset}__relation_labels.txt", ("\n".join(RADGRAPH_RELATION_LABELS) + "\n").encode())
+        for namespace, labels in (("ner", ("",) + RADGRAPH_NER_LABELS), ("relation", RADGRAPH_RELATION_LABELS)):
+            _add_bytes(tar, f"vocabulary/{dataset}__{namespace}_labels.txt", ("\n".join(labels) + "\n").encode())
     return path
 
 

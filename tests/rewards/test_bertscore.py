@@ -53,7 +53,8 @@ def test_rescaled_f1_matches_direct_computation(model_dir, scorer):
     model = AutoModel.from_pretrained(model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir, add_prefix_space=True)
     baseline = 0.8473319
-    expected = [(_direct_f1(model, tokenizer, h, r) - baseline) / (1 - baseline) for h, r in zip(HYPS, REFS)]
+    direct = [_direct_f1(model, tokenizer, h, r) for h, r in zip(HYPS, REFS, strict=True)]
+    expected = [(f - baseline) / (1 - baseline) for f in direct]
     assert scorer.score(HYPS, REFS) == pytest.approx(expected, abs=1e-4)
     assert scorer.score(REFS[2:3], REFS[2:3]) == pytest.approx([1.0], abs=1e-5)
 
@@ -93,4 +94,5 @@ def test_missing_model_names_the_places_searched(tmp_path, monkeypatch):
         BertScorer()
     message = str(info.value)
     assert "distilroberta-base" in message and "$RRG_BERTSCORE_MODEL" in message
-    assert str(tmp_path / ".cache" / "huggingface" / "hub" / "models--distilroberta-base" / "snapshots" / "*") in message
+    hub = tmp_path / ".cache" / "huggingface" / "hub"
+    assert str(hub / "models--distilroberta-base" / "snapshots" / "*") in message

@@ -62,4 +62,5 @@ def test_not_found_message_names_file_env_and_every_place(tmp_path):
     assert isinstance(info.value, FileNotFoundError)
     assert "'chexbert.pth'" in message and "$RRG_TEST_WEIGHTS (not set)" in message
     assert "/nowhere/chexbert.pth" in message
-    assert str(tmp_path / "home" / ".cache" / "huggingface" / "hub" / "models--*" / "snapshots" / "*" / "chexbert.pth") in message
+    hub = tmp_path / "home" / ".cache" / "huggingface" / "hub"
+    assert str(hub / "models--*" / "snapshots" / "*" / "chexbert.pth") in message
