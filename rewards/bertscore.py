@@ -45,12 +45,13 @@ class BertScorer:
         device: Torch device.
         num_layers: Encoder layers kept (the representation layer).
         baseline_path: Rescale baseline TSV; default the package's ``distilroberta-base`` file.
-        cache_size: Maximum number of cached reference embeddings (oldest evicted first).
+        cache_size: Maximum number of cached reference embeddings (oldest evicted first); each holds one
+            vector per token (~300 KB for a 100-token report with distilroberta-base).
     """
 
     def __init__(self, model_path: str | None = None, batch_size: int = 64, device: str = "cpu",
                  num_layers: int = NUM_LAYERS, baseline_path: str | Path = BASELINE_PATH,
-                 cache_size: int = 100_000) -> None:
+                 cache_size: int = 4096) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         model_dir = resolve_weights(MODEL_NAME, model_path, BERTSCORE_ENV, [

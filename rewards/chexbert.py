@@ -53,7 +53,7 @@ class CheXbert(nn.Module):
     """
 
     def __init__(self, bert: BertModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 32,
-                 cache_size: int = 100_000) -> None:
+                 cache_size: int = 50_000) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
