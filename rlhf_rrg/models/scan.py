@@ -3,7 +3,7 @@
 On CUDA tensors the fused kernel of the optional ``mamba-ssm`` extra is used when it imports; everywhere else a
 pure-torch sequential scan with a hand-written backward runs. The fallback is linear in the sequence length: the
 forward loop keeps the hidden states, the backward loop runs the adjoint recurrence in reverse, and every other term
-is a vectorised contraction over all time steps.
+is a batched contraction, all in chunks of time steps so that the temporaries stay cache-sized.
 """
 
 from __future__ import annotations
@@ -34,19 +34,17 @@ def _mamba_ssm_scan() -> Callable[..., torch.Tensor] | None:
     return _MAMBA_SSM_FN
 
 
-def _expand_groups(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """(b, n, l) -> (b, 1, n, l); (b, g, n, l) -> (b, d, n, l) with channel c reading group c // (d // g)."""
+def _time_major_groups(x: torch.Tensor) -> torch.Tensor:
+    """B or C, (b, n, l) or (b, g, n, l) -> time-major (l, b, g, n); the shared layout is the g = 1 case."""
     if x.dim() == 3:
-        return x.unsqueeze(1)
-    return x.repeat_interleave(dim // x.shape[1], dim=1)
+        x = x.unsqueeze(1)
+    return x.permute(3, 0, 1, 2).contiguous()
 
 
-def _reduce_groups(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Adjoint of :func:`_expand_groups`: sum the per-channel gradient (b, d, n, l) back onto ``like``'s layout."""
-    if like.dim() == 3:
-        return grad.sum(1)
-    b, d, n, length = grad.shape
-    return grad.reshape(b, like.shape[1], d // like.shape[1], n, length).sum(2)
+def _from_time_major_groups(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_time_major_groups` for a gradient (l, b, g, n), cast to ``like``'s dtype."""
+    grad = grad.permute(1, 2, 3, 0)
+    return (grad.squeeze(1) if like.dim() == 3 else grad).to(like.dtype)
 
 
 def _discretise(
@@ -59,7 +57,15 @@ def _discretise(
     return pre, torch.ones_like(pre)
 
 
+# Time steps per chunk: the (chunk, b, d, n) temporaries stay cache-sized instead of materialising (l, b, d, n) ones.
+_CHUNK = 64
+
+
 class _SelectiveScan(torch.autograd.Function):
+    """Runs time-major with channels split into groups, (l, b, g, h, n) with d = g * h: each recurrence step
+    touches one contiguous slab and every contraction over n or h is a batched matmul. Only the hidden states
+    (l, b, d, n) are kept for backward; everything else is recomputed chunk by chunk."""
+
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx,
@@ -73,20 +79,30 @@ class _SelectiveScan(torch.autograd.Function):
         delta_bias: torch.Tensor | None,
         delta_softplus: bool,
     ) -> torch.Tensor:
-        dtype_in = u.dtype
         # fp32 accumulation as in mamba-ssm (fp64 stays fp64 so gradcheck is meaningful)
         ct = torch.promote_types(u.dtype, torch.float32)
-        u_, delta_, A_, B_, C_ = (t.to(ct) for t in (u, delta, A, B, C))
-        bias_ = None if delta_bias is None else delta_bias.to(ct)
-        dt, _ = _discretise(delta_, bias_, delta_softplus)
-        Bx = _expand_groups(B_, u.shape[1])  # (b, d|1, n, l)
-        Cx = _expand_groups(C_, u.shape[1])
-        # time-major (l, b, d, n) so that each step reads/writes one contiguous slab
-        dA = torch.exp(torch.einsum("bdl,dn->lbdn", dt, A_))
-        hs = torch.einsum("bdl,bdnl->lbdn", dt * u_, Bx.expand(-1, u.shape[1], -1, -1))
-        for t in range(1, hs.shape[0]):
-            hs[t].addcmul_(dA[t], hs[t - 1])  # h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t
-        y = torch.einsum("lbdn,bdnl->bdl", hs, Cx.expand(-1, u.shape[1], -1, -1))
+        b, d, length = u.shape
+        n = A.shape[1]
+        A_ = A.to(ct)
+        Bt, Ct = _time_major_groups(B.to(ct)), _time_major_groups(C.to(ct))  # (l, b, g, n)
+        g = Bt.shape[2]
+        u_ = u.to(ct)
+        dt, _ = _discretise(delta.to(ct), None if delta_bias is None else delta_bias.to(ct), delta_softplus)
+        dt_t = dt.permute(2, 0, 1).contiguous()  # (l, b, d)
+        dtu_t = dt_t * u_.permute(2, 0, 1)
+        hs = torch.empty(length, b, d, n, dtype=ct, device=u.device)
+        y_t = torch.empty(length, b, d, dtype=ct, device=u.device)
+        for s in range(0, length, _CHUNK):
+            e = min(s + _CHUNK, length)
+            dA = torch.exp(dt_t[s:e, ..., None] * A_)
+            h = hs[s:e]
+            h.view(e - s, b, g, d // g, n).copy_(dtu_t[s:e].view(e - s, b, g, d // g, 1) * Bt[s:e, :, :, None, :])
+            if s:
+                h[0].addcmul_(dA[0], hs[s - 1])
+            for t in range(1, e - s):
+                h[t].addcmul_(dA[t], h[t - 1])  # h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t
+            y_t[s:e] = (h.view(e - s, b, g, d // g, n) @ Ct[s:e, ..., None]).view(e - s, b, d)
+        y = y_t.permute(1, 2, 0)
         if D is not None:
             y = y + D.to(ct)[:, None] * u_
         y_pre = y
@@ -94,7 +110,7 @@ class _SelectiveScan(torch.autograd.Function):
             y = y * F.silu(z.to(ct))
         ctx.delta_softplus = delta_softplus
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, hs, y_pre)
-        return y.to(dtype_in)
+        return y.to(u.dtype)
 
     @staticmethod
     def backward(  # type: ignore[override]
@@ -102,42 +118,71 @@ class _SelectiveScan(torch.autograd.Function):
     ) -> tuple[torch.Tensor | None, ...]:
         u, delta, A, B, C, D, z, delta_bias, hs, y_pre = ctx.saved_tensors
         ct = hs.dtype
-        d = u.shape[1]
-        u_, delta_, A_, B_, C_ = (t.to(ct) for t in (u, delta, A, B, C))
-        bias_ = None if delta_bias is None else delta_bias.to(ct)
-        dt, ddt_draw = _discretise(delta_, bias_, ctx.delta_softplus)
-        Bx = _expand_groups(B_, d).expand(-1, d, -1, -1)  # (b, d, n, l)
-        Cx = _expand_groups(C_, d).expand(-1, d, -1, -1)
-        g = grad_out.to(ct)
+        length, b, d, n = hs.shape
+        u_, A_ = u.to(ct), A.to(ct)
+        dt, ddt_draw = _discretise(delta.to(ct), None if delta_bias is None else delta_bias.to(ct), ctx.delta_softplus)
+        Bt, Ct = _time_major_groups(B.to(ct)), _time_major_groups(C.to(ct))
+        g = Bt.shape[2]
+        gy = grad_out.to(ct)
 
         dz = None
         if z is not None:
             z_ = z.to(ct)
             sig = torch.sigmoid(z_)
-            dz = (g * y_pre * sig * (1 + z_ * (1 - sig))).to(z.dtype)
-            g = g * z_ * sig
-        dD = None if D is None else (g * u_).sum((0, 2)).to(D.dtype)
-        du = g * D.to(ct)[:, None] if D is not None else torch.zeros_like(u_)
+            dz = (gy * y_pre * sig * (1 + z_ * (1 - sig))).to(z.dtype)
+            gy = gy * z_ * sig
+        dD = None if D is None else (gy * u_).sum((0, 2)).to(D.dtype)
 
-        # adjoint recurrence: lam_t = dL/dh_t = C_t g_t + exp(dt_{t+1} A) lam_{t+1}
-        dA = torch.exp(torch.einsum("bdl,dn->lbdn", dt, A_))
-        lam = torch.einsum("bdl,bdnl->lbdn", g, Cx)
-        for t in range(lam.shape[0] - 2, -1, -1):
-            lam[t].addcmul_(dA[t + 1], lam[t + 1])
+        gy_t, dt_t = gy.permute(2, 0, 1).contiguous(), dt.permute(2, 0, 1).contiguous()  # (l, b, d)
+        u_t = u_.permute(2, 0, 1)
+        dtu_t = dt_t * u_t
+        dB, dC = torch.empty_like(Bt), torch.empty_like(Ct)
+        lam_B = torch.empty_like(dt_t)  # sum_n lam_t B_t
+        ddt_A = torch.empty_like(dt_t)  # sum_n A * dL/d(dA_t) * dA_t
+        dA_param = torch.zeros_like(A_)
+        carry: torch.Tensor | None = None  # exp(dt_e A) lam_e from the chunk after this one
+        for s in reversed(range(0, length, _CHUNK)):
+            e = min(s + _CHUNK, length)
+            grp = (e - s, b, g, d // g)
+            h = hs[s:e]
+            dA = torch.exp(dt_t[s:e, ..., None] * A_)
+            # adjoint recurrence: lam_t = dL/dh_t = g_t C_t + exp(dt_{t+1} A) lam_{t+1}
+            lam = (gy_t[s:e].view(*grp, 1) * Ct[s:e, :, :, None, :]).view(e - s, b, d, n)
+            if carry is not None:
+                lam[-1].add_(carry)
+            for t in range(e - s - 2, -1, -1):
+                lam[t].addcmul_(dA[t + 1], lam[t + 1])
+            carry = dA[0] * lam[0]
+            lam_g = lam.view(*grp, n)
+            dC[s:e] = (gy_t[s:e].view(*grp)[..., None, :] @ h.view(*grp, n)).squeeze(-2)
+            dB[s:e] = (dtu_t[s:e].view(*grp)[..., None, :] @ lam_g).squeeze(-2)
+            lam_B[s:e] = (lam_g @ Bt[s:e, ..., None]).view(e - s, b, d)
+            # dL/d(dA_t) * dA_t = lam_t h_{t-1} exp(dt_t A), zero at t = 0; built in place of dA
+            x = dA.mul_(lam)
+            x[1:].mul_(h[:-1])
+            if s:
+                x[0].mul_(hs[s - 1])
+            else:
+                x[0].zero_()
+            ddt_A[s:e] = (x * A_).sum(-1)
+            dA_param += x.mul_(dt_t[s:e, ..., None]).sum((0, 1))
 
-        dC = _reduce_groups(torch.einsum("bdl,lbdn->bdnl", g, hs), C_).to(C.dtype)
-        h_prev = torch.cat([torch.zeros_like(hs[:1]), hs[:-1]])
-        # dL/d(dA_t) * dA_t = lam_t h_{t-1} exp(dt_t A): shared by the dt and A gradients
-        lam_dA_h = lam * dA * h_prev
-        ddt = torch.einsum("lbdn,dn->bdl", lam_dA_h, A_)
-        dA_param = torch.einsum("lbdn,bdl->dn", lam_dA_h, dt).to(A.dtype)
-        lam_B = torch.einsum("lbdn,bdnl->bdl", lam, Bx)
-        ddt = ddt + lam_B * u_
-        du = (du + lam_B * dt).to(u.dtype)
-        dB = _reduce_groups(torch.einsum("lbdn,bdl->bdnl", lam, dt * u_), B_).to(B.dtype)
-        ddelta = ddt * ddt_draw
+        du = lam_B * dt_t
+        if D is not None:
+            du = du + (gy * D.to(ct)[:, None]).permute(2, 0, 1)
+        ddelta = (ddt_A + lam_B * u_t).permute(1, 2, 0) * ddt_draw
         ddelta_bias = None if delta_bias is None else ddelta.sum((0, 2)).to(delta_bias.dtype)
-        return du, ddelta.to(delta.dtype), dA_param, dB, dC, dD, dz, ddelta_bias, None
+        return (
+            du.permute(1, 2, 0).to(u.dtype),
+            ddelta.to(delta.dtype),
+            dA_param.to(A.dtype),
+            _from_time_major_groups(dB, B),
+            _from_time_major_groups(dC, C),
+            dD,
+            dz,
+            ddelta_bias,
+            None,
+        )
 
 
 def selective_scan(

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+import rlhf_rrg.models.scan as scan
 from rlhf_rrg.models.scan import selective_scan
 
 
@@ -50,7 +51,9 @@ def make_inputs(groups, with_z, with_d, with_bias, dtype=torch.float32, b=2, d=6
 @pytest.mark.parametrize("groups", [None, 1, 3])
 @pytest.mark.parametrize("with_z,with_d,with_bias,softplus", [(True, True, True, True), (False, False, False, False),
                                                               (True, False, True, False), (False, True, False, True)])
-def test_values_and_grads_match_fp64_loop(groups, with_z, with_d, with_bias, softplus):
+@pytest.mark.parametrize("chunk", [4, 64])  # 4: length 9 crosses two chunk boundaries (carry paths)
+def test_values_and_grads_match_fp64_loop(groups, with_z, with_d, with_bias, softplus, chunk, monkeypatch):
+    monkeypatch.setattr(scan, "_CHUNK", chunk)
     ours = make_inputs(groups, with_z, with_d, with_bias)
     if not softplus:
         # without softplus dt may be negative; keep it positive so exp(dt A) stays a contraction as in real use
@@ -75,7 +78,8 @@ def test_values_and_grads_match_fp64_loop(groups, with_z, with_d, with_bias, sof
 
 
 @pytest.mark.parametrize("groups", [None, 2])
-def test_gradcheck_fp64(groups):
+def test_gradcheck_fp64(groups, monkeypatch):
+    monkeypatch.setattr(scan, "_CHUNK", 2)
     inputs = make_inputs(groups, True, True, True, dtype=torch.float64, b=1, d=4, n=3, length=5)
     names = list(inputs)
 
@@ -107,8 +111,6 @@ def test_bad_shapes_name_the_argument():
 
 
 def test_cpu_tensors_never_touch_mamba_ssm(monkeypatch):
-    import rlhf_rrg.models.scan as scan
-
     def boom():
         raise AssertionError("mamba_ssm dispatch attempted for CPU tensors")
 
