@@ -51,6 +51,15 @@ class TrainState:
             setattr(self, key, value)
 
 
+def latest_step(directory: Path) -> int | None:
+    """Step of the newest ``step_*`` folder under ``directory`` (None when there is none)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    steps = [int(m.group(1)) for p in directory.iterdir() if (m := _STEP_DIR.match(p.name))]
+    return max(steps) if steps else None
+
+
 class CheckpointManager:
     """Saves and restores ``accelerator`` state under ``directory/step_{N:06d}``.
 

@@ -42,6 +42,9 @@ class TrainConfig:
     log_every: int = field(default=10, metadata={"help": "log train metrics every N steps"})
     eval_every: int = field(default=0, metadata={"help": "evaluate every N steps; 0 evaluates only at the end"})
     num_workers: int = field(default=0, metadata={"help": "DataLoader workers"})
+    stop_at_step: int = field(default=0, metadata={
+        "help": "end this invocation after this step with a checkpoint, to be resumed later (wall-clock-limited "
+                "jobs); 0 runs to max_steps"})
     select_metric: str | None = field(default=None, metadata={"help": "eval metric that picks the exported model"})
     select_mode: Literal["max", "min"] = field(default="max", metadata={"help": "whether higher select_metric is better"})
 
@@ -56,10 +59,11 @@ class TrainConfig:
 class EpochBatchSampler(Sampler[list[int]]):
     """Shuffled batches whose order depends only on (seed, epoch), so a resumed run sees the same batches."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True) -> None:
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, shuffle: bool = True) -> None:
+        n = len(dataset)
         if n < batch_size:
             raise ValueError(f"dataset has {n} samples, fewer than train.batch_size={batch_size}")
-        self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
+        self.dataset, self.n, self.batch_size, self.seed, self.shuffle = dataset, n, batch_size, seed, shuffle
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -79,7 +83,7 @@ class EpochBatchSampler(Sampler[list[int]]):
 
 
 def make_train_loader(dataset: Dataset, batch_size: int, seed: int, collate_fn: Callable, num_workers: int = 0):
-    sampler = EpochBatchSampler(len(dataset), batch_size, seed)
+    sampler = EpochBatchSampler(dataset, batch_size, seed)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=num_workers)
 
 
@@ -145,6 +149,8 @@ def fit(
     model.train()
     while state.step < train_cfg.max_steps:
         sampler.set_epoch(state.epoch)
+        if hasattr(sampler.dataset, "set_epoch"):
+            sampler.dataset.set_epoch(state.epoch, sampler.seed)
         batches = accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
         for batch in batches:
             with accelerator.accumulate(model):
@@ -185,6 +191,10 @@ def fit(
                 model.train()
             if ckpt_cfg.save_every and state.step % ckpt_cfg.save_every == 0:
                 ckpt.save(state.step)
+            if state.step == train_cfg.stop_at_step:
+                progress.close()
+                ckpt.save(state.step)
+                return state
             if state.step >= train_cfg.max_steps:
                 break
         else:
@@ -193,7 +203,8 @@ def fit(
     progress.close()
     model.eval()
     evaluate_and_export()
-    ckpt.save(state.step)
+    if ckpt.latest() is None or ckpt.latest().name != f"step_{state.step:06d}":
+        ckpt.save(state.step)
     if state.best_metric is not None and math.isfinite(state.best_metric):
         logger.info("exported weights from step %d (%s=%.4f)", state.best_step, train_cfg.select_metric,
                     state.best_metric)

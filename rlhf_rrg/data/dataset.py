@@ -157,6 +157,15 @@ class ReportDataset(Dataset):
         self.augmentation = augmentation
         self.on_error = on_error
         self.skipped_indices: set[int] = set()
+        self.seed = 0
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int, seed: int | None = None) -> None:
+        """Augmentation draws depend only on (seed, epoch, index), so a resumed run sees the same images
+        whatever the global RNG did in between (DataLoader iterators draw from it when created)."""
+        self.epoch = epoch
+        if seed is not None:
+            self.seed = seed
 
     def __len__(self) -> int:
         return len(self.studies)
@@ -167,8 +176,11 @@ class ReportDataset(Dataset):
 
     def _load(self, index: int) -> dict[str, Any]:
         study = self.studies[index]
+        generator = None
+        if self.augmentation is not None:
+            generator = torch.Generator().manual_seed(((self.seed * 100_003 + self.epoch) * 1_000_003 + index) % 2**63)
         pixels = [
-            load_image(path, self.image_size, self.mean, self.std, self.augmentation)
+            load_image(path, self.image_size, self.mean, self.std, self.augmentation, generator)
             for path in study.image_paths[: self.views]
         ]
         return {

@@ -75,3 +75,7 @@ def test_save_round_trip(tmp_path):
     cfg = load_config(Root, None, ["--init", "x", "--optim.lr", "0.5"])
     save_config(cfg, tmp_path / "out.yaml")
     assert load_config(Root, tmp_path / "out.yaml") == cfg
+
+
+def test_float_written_without_dot():
+    assert load_config(Root, None, ["--optim.lr", "3e-3"]).optim.lr == 3e-3

@@ -1,0 +1,98 @@
+"""Stage 1: autoregressive (ARM / MambaXray-VL) pretraining of the causal Mamba vision encoder.
+
+The encoder reads clusters 1..K-1 of patches and a cross-attention decoder predicts the normalised pixels of
+clusters 2..K. The exported encoder (``<run_root>/pretrain/export``) is what ``align`` and ``sft`` start from.
+
+    accelerate launch --config_file accelerate_configs/cpu_debug.yaml stages/pretrain.py \
+        --config stages/configs/pretrain/debug.yaml
+    accelerate launch --config_file accelerate_configs/multi_gpu.yaml stages/pretrain.py \
+        --config stages/configs/pretrain/mimic_cxr.yaml --run.run_root $RRG_HOME/runs/mimic_cxr
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+from rlhf_rrg.checkpoint import CheckpointConfig
+from rlhf_rrg.config import load_config
+from rlhf_rrg.data.dataset import DataConfig, build_dataset
+from rlhf_rrg.losses.ar_pretrain import ARPretrainConfig, build_ar_pretrainer
+from rlhf_rrg.models.rrg import build_vision_model
+from rlhf_rrg.models.vision import VISION_CONFIGS
+from rlhf_rrg.optim import OptimConfig, build_optimizer, build_scheduler
+from rlhf_rrg.runroot import mark_export_complete, resolve_init
+from rlhf_rrg.stage_setup import RunConfig, setup_stage
+from rlhf_rrg.training import TrainConfig, fit, make_train_loader
+
+
+@dataclass
+class PretrainStageConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    vision: str = field(default="tiny-arm", metadata={"help": "tiny-arm, a VISION_CONFIGS name, or an export dir"})
+    arm: ARPretrainConfig = field(default_factory=ARPretrainConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1.5e-4, weight_decay=0.05, betas=(0.9, 0.95)))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+def collate_images(items: list[dict]) -> dict[str, torch.Tensor]:
+    # Each view is its own pretraining image.
+    return {"pixel_values": torch.cat([item["pixel_values"] for item in items])}
+
+
+def build_encoder(vision: str, init_dir):
+    if init_dir is not None:
+        return build_vision_model(str(init_dir))
+    if vision in VISION_CONFIGS:
+        from transformers import AutoModel
+
+        return AutoModel.from_config(VISION_CONFIGS[vision]())
+    return build_vision_model(vision)
+
+
+def main(cfg: PretrainStageConfig) -> None:
+    ctx = setup_stage("pretrain", cfg, cfg.run, cfg.train.grad_accum, cfg.checkpoint.resume)
+    accelerator, dirs = ctx.accelerator, ctx.dirs
+
+    # 1. data and model
+    dataset = build_dataset(cfg.data, "train", train=True)
+    encoder = build_encoder(cfg.vision, resolve_init(cfg.run.run_root, "pretrain", cfg.run.init_from))
+    if encoder.config.image_size != cfg.data.image_size:
+        raise ValueError(f"data.image_size={cfg.data.image_size} but the encoder expects {encoder.config.image_size}")
+    model = build_ar_pretrainer(encoder, cfg.arm)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+    loader = make_train_loader(dataset, cfg.train.batch_size, cfg.run.seed, collate_images, cfg.train.num_workers)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+
+    # 2. train: next-cluster normalised-pixel MSE
+    def step_fn(model, batch):
+        loss, _ = model(batch["pixel_values"])
+        return loss, {}
+
+    # 3. export the encoder only; the decoder is a pretraining head
+    def export_fn(unwrapped) -> None:
+        if accelerator.is_main_process:
+            unwrapped.vision_model.save_pretrained(dirs.export)
+            mark_export_complete(dirs.export, {"stage": "pretrain", "vision": cfg.vision})
+
+    fit(accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader,
+        step_fn=step_fn, train_cfg=cfg.train, optim_cfg=cfg.optim, ckpt_cfg=cfg.checkpoint, dirs=dirs,
+        metric_logger=ctx.metric_logger, export_fn=export_fn)
+    ctx.metric_logger.close()
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML config; further --section.key value pairs override it")
+    return parser
+
+
+if __name__ == "__main__":
+    args, overrides = make_parser().parse_known_args(sys.argv[1:])
+    main(load_config(PretrainStageConfig, args.config, overrides))
