@@ -142,7 +142,9 @@ class ARPretrainer(nn.Module):
         self.tokens_per_cluster = cluster_size**2
         self.num_clusters = (grid // cluster_size) ** 2
         if self.num_clusters < 2:
-            raise ValueError(f"ARPretrainConfig.cluster_size={cluster_size} leaves a single cluster: nothing to predict")
+            raise ValueError(
+                f"ARPretrainConfig.cluster_size={cluster_size} leaves a single cluster: nothing to predict"
+            )
         self.norm_pix_loss = norm_pix_loss
         self.register_buffer("order", cluster_order(grid, cluster_size), persistent=False)
 
@@ -154,7 +156,9 @@ class ARPretrainer(nn.Module):
         self.decoder_embed = nn.Linear(cfg.hidden_size, decoder_dim)
         self.query_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, grid * grid, decoder_dim))
-        self.decoder_blocks = nn.ModuleList(CrossAttentionBlock(decoder_dim, decoder_heads) for _ in range(decoder_depth))
+        self.decoder_blocks = nn.ModuleList(
+            CrossAttentionBlock(decoder_dim, decoder_heads) for _ in range(decoder_depth)
+        )
         self.decoder_norm = nn.LayerNorm(decoder_dim)
         self.decoder_pred = nn.Linear(decoder_dim, cfg.patch_size**2 * cfg.num_channels)
         self._init_decoder()

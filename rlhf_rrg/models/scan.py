@@ -216,9 +216,11 @@ def selective_scan(
         y: (b, d, l) in ``u``'s dtype (accumulated in at least fp32).
     """
     if u.dim() != 3 or delta.shape != u.shape:
-        raise ValueError(f"selective_scan: u and delta must both be (b, d, l); got {tuple(u.shape)}, {tuple(delta.shape)}")
+        raise ValueError(
+            f"selective_scan: u and delta must both be (b, d, l); got {tuple(u.shape)}, {tuple(delta.shape)}"
+        )
     b, d, length = u.shape
-    if A.is_complex() or A.shape[0] != d or A.dim() != 2:
+    if A.is_complex() or A.dim() != 2 or A.shape[0] != d:
         raise ValueError(f"selective_scan: A must be real (d={d}, n); got {tuple(A.shape)} {A.dtype}")
     n = A.shape[1]
     for name, mat in (("B", B), ("C", C)):

@@ -37,7 +37,8 @@ def test_vim_cls_token_moved_to_position_zero():
     torch.testing.assert_close(out.pooler_output, raw[:, p])
     torch.testing.assert_close(out.last_hidden_state[:, 1:], torch.cat([raw[:, :p], raw[:, p + 1 :]], 1))
     # the embedding state at index 0 is cls + its pos embed, for every image
-    torch.testing.assert_close(out.hidden_states[0][:, 0], (model.encoder.cls_token + model.encoder.pos_embed[:, p]).expand(2, 1, -1)[:, 0])
+    cls_embedding = model.encoder.cls_token[0, 0] + model.encoder.pos_embed[0, p]
+    torch.testing.assert_close(out.hidden_states[0][:, 0], cls_embedding.expand(2, -1))
 
 
 def test_arm_summary_token_is_patch_mean():
