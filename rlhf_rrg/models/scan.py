@@ -61,10 +61,35 @@ def _discretise(
 _CHUNK = 64
 
 
+def _chunk_states(
+    dA: torch.Tensor, dtu: torch.Tensor, B: torch.Tensor, h_before: torch.Tensor | None
+) -> torch.Tensor:
+    """Hidden states of one chunk: ``h_t = dA_t * h_{t-1} + dtu_t * B_t``.
+
+    Args:
+        dA: exp(dt A), (T, b, d, n).
+        dtu: dt * u, (T, b, d).
+        B: (T, b, g, n), channel group ``c // (d // g)`` reads group ``g``.
+        h_before: State before the chunk, (b, d, n); None at the sequence start (zero state).
+
+    Returns:
+        (T, b, d, n) states.
+    """
+    steps, b, d, n = dA.shape
+    g = B.shape[2]
+    h = (dtu.view(steps, b, g, d // g, 1) * B[:, :, :, None, :]).view(steps, b, d, n)
+    if h_before is not None:
+        h[0].addcmul_(dA[0], h_before)
+    for t in range(1, steps):
+        h[t].addcmul_(dA[t], h[t - 1])
+    return h
+
+
 class _SelectiveScan(torch.autograd.Function):
     """Runs time-major with channels split into groups, (l, b, g, h, n) with d = g * h: each recurrence step
-    touches one contiguous slab and every contraction over n or h is a batched matmul. Only the hidden states
-    (l, b, d, n) are kept for backward; everything else is recomputed chunk by chunk."""
+    touches one contiguous slab and every contraction over n or h is a batched matmul. Only the state at the end of
+    each chunk is kept for backward (memory l / _CHUNK times smaller than all states); backward recomputes a
+    chunk's states from the previous chunk's last state."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -90,17 +115,14 @@ class _SelectiveScan(torch.autograd.Function):
         dt, _ = _discretise(delta.to(ct), None if delta_bias is None else delta_bias.to(ct), delta_softplus)
         dt_t = dt.permute(2, 0, 1).contiguous()  # (l, b, d)
         dtu_t = dt_t * u_.permute(2, 0, 1)
-        hs = torch.empty(length, b, d, n, dtype=ct, device=u.device)
+        starts = range(0, length, _CHUNK)
+        h_ends = torch.empty(len(starts), b, d, n, dtype=ct, device=u.device)
         y_t = torch.empty(length, b, d, dtype=ct, device=u.device)
-        for s in range(0, length, _CHUNK):
+        for k, s in enumerate(starts):
             e = min(s + _CHUNK, length)
             dA = torch.exp(dt_t[s:e, ..., None] * A_)
-            h = hs[s:e]
-            h.view(e - s, b, g, d // g, n).copy_(dtu_t[s:e].view(e - s, b, g, d // g, 1) * Bt[s:e, :, :, None, :])
-            if s:
-                h[0].addcmul_(dA[0], hs[s - 1])
-            for t in range(1, e - s):
-                h[t].addcmul_(dA[t], h[t - 1])  # h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t
+            h = _chunk_states(dA, dtu_t[s:e], Bt[s:e], h_ends[k - 1] if k else None)
+            h_ends[k] = h[-1]
             y_t[s:e] = (h.view(e - s, b, g, d // g, n) @ Ct[s:e, ..., None]).view(e - s, b, d)
         y = y_t.permute(1, 2, 0)
         if D is not None:
@@ -109,16 +131,17 @@ class _SelectiveScan(torch.autograd.Function):
         if z is not None:
             y = y * F.silu(z.to(ct))
         ctx.delta_softplus = delta_softplus
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, hs, y_pre)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, h_ends, y_pre)
         return y.to(u.dtype)
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
-        u, delta, A, B, C, D, z, delta_bias, hs, y_pre = ctx.saved_tensors
-        ct = hs.dtype
-        length, b, d, n = hs.shape
+        u, delta, A, B, C, D, z, delta_bias, h_ends, y_pre = ctx.saved_tensors
+        ct = h_ends.dtype
+        b, d, length = u.shape
+        n = A.shape[1]
         u_, A_ = u.to(ct), A.to(ct)
         dt, ddt_draw = _discretise(delta.to(ct), None if delta_bias is None else delta_bias.to(ct), ctx.delta_softplus)
         Bt, Ct = _time_major_groups(B.to(ct)), _time_major_groups(C.to(ct))
@@ -141,11 +164,12 @@ class _SelectiveScan(torch.autograd.Function):
         ddt_A = torch.empty_like(dt_t)  # sum_n A * dL/d(dA_t) * dA_t
         dA_param = torch.zeros_like(A_)
         carry: torch.Tensor | None = None  # exp(dt_e A) lam_e from the chunk after this one
-        for s in reversed(range(0, length, _CHUNK)):
+        for k, s in reversed(list(enumerate(range(0, length, _CHUNK)))):
             e = min(s + _CHUNK, length)
             grp = (e - s, b, g, d // g)
-            h = hs[s:e]
+            h_before = h_ends[k - 1] if k else None
             dA = torch.exp(dt_t[s:e, ..., None] * A_)
+            h = _chunk_states(dA, dtu_t[s:e], Bt[s:e], h_before)
             # adjoint recurrence: lam_t = dL/dh_t = g_t C_t + exp(dt_{t+1} A) lam_{t+1}
             lam = (gy_t[s:e].view(*grp, 1) * Ct[s:e, :, :, None, :]).view(e - s, b, d, n)
             if carry is not None:
@@ -160,10 +184,10 @@ class _SelectiveScan(torch.autograd.Function):
             # dL/d(dA_t) * dA_t = lam_t h_{t-1} exp(dt_t A), zero at t = 0; built in place of dA
             x = dA.mul_(lam)
             x[1:].mul_(h[:-1])
-            if s:
-                x[0].mul_(hs[s - 1])
-            else:
+            if h_before is None:
                 x[0].zero_()
+            else:
+                x[0].mul_(h_before)
             ddt_A[s:e] = (x * A_).sum(-1)
             dA_param += x.mul_(dt_t[s:e, ..., None]).sum((0, 1))
 
