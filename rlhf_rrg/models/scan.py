@@ -114,7 +114,7 @@ class _SelectiveScan(torch.autograd.Function):
         u_ = u.to(ct)
         dt, _ = _discretise(delta.to(ct), None if delta_bias is None else delta_bias.to(ct), delta_softplus)
         dt_t = dt.permute(2, 0, 1).contiguous()  # (l, b, d)
-        dtu_t = dt_t * u_.permute(2, 0, 1)
+        dtu_t = (dt_t * u_.permute(2, 0, 1)).contiguous()
         starts = range(0, length, _CHUNK)
         h_ends = torch.empty(len(starts), b, d, n, dtype=ct, device=u.device)
         y_t = torch.empty(length, b, d, dtype=ct, device=u.device)
@@ -158,7 +158,7 @@ class _SelectiveScan(torch.autograd.Function):
 
         gy_t, dt_t = gy.permute(2, 0, 1).contiguous(), dt.permute(2, 0, 1).contiguous()  # (l, b, d)
         u_t = u_.permute(2, 0, 1)
-        dtu_t = dt_t * u_t
+        dtu_t = (dt_t * u_t).contiguous()
         dB, dC = torch.empty_like(Bt), torch.empty_like(Ct)
         lam_B = torch.empty_like(dt_t)  # sum_n lam_t B_t
         ddt_A = torch.empty_like(dt_t)  # sum_n A * dL/d(dA_t) * dA_t
