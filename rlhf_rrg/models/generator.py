@@ -1,0 +1,236 @@
+"""The trainable report generator of stages 3-4: the LLaVA model plus its prompt machinery.
+
+``ReportGenerator`` owns the LLaVA-style model (plain or LoRA), an optional TRRG disease-clue head, and the
+non-trainable pieces that turn a study into model inputs: the processor, the context retriever (R2GenCSR) and
+the prompt settings. SFT computes its loss through it, RL builds rollout inputs through it, and inference loads it
+from an export, so a study is prompted identically everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from rlhf_rrg.config import load_config, save_config
+from rlhf_rrg.losses.self_refine import SelfRefineConfig, self_refining_loss
+from rlhf_rrg.models.disease_clues import DiseaseClueConfig, DiseaseClueHead, clue_bce_loss, clue_text
+from rlhf_rrg.models.processor import RRGProcessor
+from rlhf_rrg.models.rrg import load_rrg, save_rrg
+from rlhf_rrg.retrieval.context import ContextConfig, build_context_prompt
+from rlhf_rrg.retrieval.retriever import ContextRetriever, embed_studies
+
+_PROMPTING_DIR = "prompting"
+_SETTINGS_FILE = "prompting.yaml"
+_CLUE_HEAD_FILE = "clue_head.safetensors"
+
+
+@dataclass
+class PromptingConfig:
+    """How a study becomes a prompt; saved with every export so inference prompts exactly like training."""
+
+    context: ContextConfig = field(default_factory=ContextConfig, metadata={"help": "R2GenCSR context samples"})
+    clues: DiseaseClueConfig = field(default_factory=DiseaseClueConfig, metadata={"help": "TRRG disease clues"})
+    views: int = field(default=1, metadata={"help": "query images per study"})
+    max_report_tokens: int = field(default=128, metadata={"help": "report tokens kept for teacher forcing"})
+
+    def __post_init__(self) -> None:
+        if self.views < 1:
+            raise ValueError(f"prompting.views must be >= 1, got {self.views}")
+
+
+class ReportGenerator(nn.Module):
+    """Args:
+    model: the LLaVA report generator (``LlavaForConditionalGeneration`` or its ``PeftModel``).
+    processor: its processor.
+    prompting: prompt settings.
+    retriever: context retriever; required unless ``prompting.context.mode == "none"``.
+    clue_head: TRRG head; required when ``prompting.clues.enabled``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        processor: RRGProcessor,
+        prompting: PromptingConfig,
+        retriever: ContextRetriever | None = None,
+        clue_head: DiseaseClueHead | None = None,
+    ) -> None:
+        super().__init__()
+        if (prompting.context.mode != "none") != (retriever is not None):
+            raise ValueError(f"context.mode={prompting.context.mode!r} needs a retriever exactly when it is not 'none'")
+        if prompting.clues.enabled != (clue_head is not None):
+            raise ValueError("clues.enabled needs a clue head, and a clue head needs clues.enabled")
+        self.model, self.clue_head = model, clue_head
+        self.processor, self.prompting, self.retriever = processor, prompting, retriever
+
+    # ----------------------------------------------------------------------------------------------- pieces
+    @property
+    def vision_tower(self) -> nn.Module:
+        llava = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return llava.model.vision_tower
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def clue_logits(self, pixel_values: torch.Tensor) -> torch.Tensor | None:
+        """TRRG clue logits ``(b, 14)`` from query images ``(b, V, 3, H, W)`` (None when clues are off)."""
+        if self.clue_head is None:
+            return None
+        b, v = pixel_values.shape[:2]
+        pooled = self.vision_tower(pixel_values.flatten(0, 1).to(self.device)).pooler_output
+        return self.clue_head(pooled.reshape(b, v, -1).mean(1))
+
+    def prompts(self, batch: dict[str, Any], clue_logits: torch.Tensor | None) -> list[str]:
+        ctx, clues = self.prompting.context, self.prompting.clues
+        probs = torch.sigmoid(clue_logits.detach().float()) if clue_logits is not None else None
+        return [
+            build_context_prompt(
+                batch["pos_reports"][i], batch["neg_reports"][i],
+                clue_text(probs[i].cpu(), clues.threshold) if probs is not None else None,
+                ctx.template, ctx.use_reports, ctx.max_context_words, self.prompting.views,
+                self.processor.image_token,
+            )
+            for i in range(len(batch["ids"]))
+        ]
+
+    @staticmethod
+    def images(batch: dict[str, Any]) -> torch.Tensor:
+        """All images of each prompt in placeholder order: context (negatives, positives), then the query views."""
+        return torch.cat([batch["context_pixels"], batch["pixel_values"]], dim=1)
+
+    def generation_inputs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Left-padded ``input_ids``, ``attention_mask`` and ``pixel_values`` for ``generate`` (on this device)."""
+        prompts = self.prompts(batch, self.clue_logits(batch["pixel_values"]))
+        inputs = self.processor.build_generation_batch(prompts, self.images(batch))
+        return self._to_device(inputs)
+
+    def _to_device(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        dtype = self.model.get_input_embeddings().weight.dtype
+        return {k: v.to(self.device, dtype) if k == "pixel_values" else v.to(self.device) for k, v in inputs.items()}
+
+    def attach_context(self, batch: dict[str, Any], exclude_self: bool = False) -> dict[str, Any]:
+        """Adds context images/reports to a batch that only has ``ids`` and ``pixel_values`` (inference, RL)."""
+        b, _, _, h, w = batch["pixel_values"].shape
+        if self.retriever is None:
+            return {**batch, "context_pixels": torch.empty(b, 0, 3, h, w), "neg_reports": [[]] * b,
+                    "pos_reports": [[]] * b}
+        emb = embed_studies(self.vision_tower, batch["pixel_values"])
+        pos, neg = self.retriever.neighbours(emb, batch["ids"], exclude_self)
+        loaded = [self.retriever.load(p.tolist(), n.tolist()) for p, n in zip(pos, neg, strict=True)]
+        return {**batch, "context_pixels": torch.stack([x["context_pixels"] for x in loaded]),
+                "neg_reports": [x["neg_reports"] for x in loaded], "pos_reports": [x["pos_reports"] for x in loaded]}
+
+    # ----------------------------------------------------------------------------------------------- SFT
+    def forward(self, batch: dict[str, Any], self_refine: SelfRefineConfig | None = None,
+                ) -> tuple[torch.Tensor, dict[str, float]]:
+        """SFT loss: LM cross-entropy + TRRG clue BCE + SERPENT-VLM self-refining term (each when enabled)."""
+        clue_logits = self.clue_logits(batch["pixel_values"])
+        inputs = self.processor.build_sft_batch(self.prompts(batch, clue_logits), batch["reports"],
+                                                self.images(batch), self.prompting.max_report_tokens)
+        inputs = self._to_device(inputs)
+        refine = self_refine is not None and self_refine.weight > 0
+        out = self.model(**inputs, output_hidden_states=refine)
+        loss, metrics = out.loss, {"lm_loss": out.loss.item()}
+        if clue_logits is not None:
+            if batch["labels"] is None:
+                raise ValueError("clues.enabled needs CheXpert labels for every study (the dataset has none)")
+            bce = clue_bce_loss(clue_logits, batch["labels"].to(self.device), self.prompting.clues.uncertain_policy)
+            loss = loss + self.prompting.clues.loss_weight * bce
+            metrics["clue_bce"] = bce.item()
+        if refine:
+            hidden = out.hidden_states[-1]
+            image_mask = self._query_image_mask(inputs["input_ids"])
+            term = self_refining_loss(hidden, image_mask, hidden, inputs["labels"] != -100, self_refine.similarity)
+            loss = loss + self_refine.weight * term
+            metrics["self_refine"] = term.item()
+        return loss, metrics
+
+    def _query_image_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``(b, t)`` mask of the query study's image tokens (the last ``views`` images; context images excluded)."""
+        is_image = input_ids == self.processor.image_token_id
+        per_row = is_image.sum(1, keepdim=True)
+        query_tokens = self.prompting.views * self.processor.num_image_tokens
+        return is_image & (is_image.cumsum(1) > per_row - query_tokens)
+
+    # ----------------------------------------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate_batch(self, batch: dict[str, Any], max_new_tokens: int = 100, num_beams: int = 1,
+                       do_sample: bool = False) -> list[str]:
+        """Reports for a batch from ``collate_context`` (or one passed through :meth:`attach_context`)."""
+        inputs = self.generation_inputs(batch)
+        tokenizer = self.processor.tokenizer
+        output = self.model.generate(
+            **inputs, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample,
+            suppress_tokens=[self.processor.image_token_id], pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        return tokenizer.batch_decode(output[:, inputs["input_ids"].size(1):], skip_special_tokens=True)
+
+    # ----------------------------------------------------------------------------------------------- export
+    def save(self, out_dir: str | Path) -> Path:
+        """``save_rrg`` export (merged weights + processor) plus ``prompting/`` (settings, bank, clue head)."""
+        out_dir = save_rrg(self.model, self.processor, out_dir)
+        prompting_dir = out_dir / _PROMPTING_DIR
+        prompting_dir.mkdir(exist_ok=True)
+        save_config(self.prompting, prompting_dir / _SETTINGS_FILE)
+        if self.retriever is not None:
+            self.retriever.save(prompting_dir)
+        if self.clue_head is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.clue_head.state_dict().items()},
+                      prompting_dir / _CLUE_HEAD_FILE)
+            (prompting_dir / "clue_head.json").write_text(json.dumps({"in_dim": self.clue_head.net[0].normalized_shape[0]}))
+        return out_dir
+
+    @classmethod
+    def from_export(cls, path: str | Path, device: str | torch.device = "cpu") -> ReportGenerator:
+        """Loads an sft/ppo export written by :meth:`save`.
+
+        Raises:
+            FileNotFoundError: naming the export folder and the file it lacks.
+        """
+        path = Path(path)
+        settings = path / _PROMPTING_DIR / _SETTINGS_FILE
+        for required in (path / "config.json", settings):
+            if not required.is_file():
+                raise FileNotFoundError(f"{path} is not a report-generator export: {required} is missing "
+                                        "(exports are written by stages/sft.py and stages/ppo.py)")
+        model, processor = load_rrg(path, device)
+        prompting = load_config(PromptingConfig, settings)
+        retriever = ContextRetriever.load_dir(path / _PROMPTING_DIR) if prompting.context.mode != "none" else None
+        clue_head = None
+        if prompting.clues.enabled:
+            meta = json.loads((path / _PROMPTING_DIR / "clue_head.json").read_text())
+            clue_head = DiseaseClueHead(meta["in_dim"], prompting.clues.hidden_dim, prompting.clues.dropout)
+            clue_head.load_state_dict(load_file(path / _PROMPTING_DIR / _CLUE_HEAD_FILE))
+            clue_head.to(device)
+        return cls(model, processor, prompting, retriever, clue_head).eval()
+
+    @property
+    def image_size(self) -> int:
+        return self.processor.image_size
+
+    @property
+    def views(self) -> int:
+        return self.prompting.views
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return tuple(self.processor.image_mean)
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return tuple(self.processor.image_std)
+
+    def generate(self, pixel_values: torch.Tensor, ids: list[str] | None = None,
+                 max_new_tokens: int = 100, num_beams: int = 1) -> list[str]:
+        """Inference entry point: ``pixel_values (b, V, 3, H, W)`` -> reports (context retrieved on the fly)."""
+        ids = ids if ids is not None else [f"study_{i}" for i in range(len(pixel_values))]
+        batch = self.attach_context({"ids": ids, "pixel_values": pixel_values})
+        return self.generate_batch(batch, max_new_tokens=max_new_tokens, num_beams=num_beams)

@@ -1,0 +1,134 @@
+"""Context samples for each study: embed with the vision encoder, look up the memory bank, load their images.
+
+This ties ``MemoryBank`` (which rows) to the training studies (which image files), so the same object serves SFT
+(neighbours of training studies, the study itself excluded), validation, RL rollouts and inference from an export.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rlhf_rrg.config import load_config, save_config
+from rlhf_rrg.data.images import load_image
+from rlhf_rrg.retrieval.context import ContextConfig
+from rlhf_rrg.retrieval.memory_bank import MemoryBank, fixed_context
+
+_IMAGES_FILE = "bank_images.json"
+_CONTEXT_FILE = "context.yaml"
+
+
+@torch.no_grad()
+def embed_studies(vision_model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Pooled encoder features of each study, averaged over its views.
+
+    Args:
+        vision_model: an encoder returning ``pooler_output`` (``RRGVisionModel``).
+        pixel_values: ``(b, V, 3, H, W)``.
+
+    Returns:
+        ``(b, d)`` float32 embeddings on the CPU.
+    """
+    b, v = pixel_values.shape[:2]
+    param = next(vision_model.parameters())
+    pooled = vision_model(pixel_values.flatten(0, 1).to(param.device, param.dtype)).pooler_output
+    return pooled.reshape(b, v, -1).mean(1).float().cpu()
+
+
+class ContextRetriever:
+    """Finds and loads the R2GenCSR context samples of studies.
+
+    Args:
+        cfg: retrieval settings (mode, k_pos, k_neg, seed, report use).
+        bank: training-set memory bank.
+        bank_images: per bank row, the image paths of that study (the first view is the context image).
+        image_size: side the context images are resized to.
+        mean: normalisation mean.
+        std: normalisation std.
+    """
+
+    def __init__(
+        self,
+        cfg: ContextConfig,
+        bank: MemoryBank,
+        bank_images: Sequence[Sequence[str]],
+        image_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+    ) -> None:
+        if cfg.mode == "none":
+            raise ValueError("ContextRetriever needs context.mode 'retrieved' or 'fixed'")
+        if len(bank_images) != len(bank):
+            raise ValueError(f"{len(bank_images)} image lists for a memory bank of {len(bank)} studies")
+        self.cfg, self.bank = cfg, bank
+        self.bank_images = [list(paths) for paths in bank_images]
+        self.image_size, self.mean, self.std = image_size, tuple(mean), tuple(std)
+        self._fixed = fixed_context(bank, cfg.k_pos, cfg.k_neg, cfg.seed) if cfg.mode == "fixed" else None
+
+    @property
+    def num_context_images(self) -> int:
+        return self.cfg.k_pos + self.cfg.k_neg
+
+    @classmethod
+    def build(
+        cls,
+        cfg: ContextConfig,
+        vision_model: nn.Module,
+        batches: Iterable[Mapping[str, Any]],
+        image_paths: Sequence[Sequence[str]],
+        image_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+    ) -> ContextRetriever:
+        """Encodes the training set (batches in dataset order, matching ``image_paths``) into a bank."""
+        bank = MemoryBank.build(lambda px: embed_studies(vision_model, px), batches)
+        return cls(cfg, bank, image_paths, image_size, mean, std)
+
+    def neighbours(
+        self, emb: torch.Tensor, ids: Sequence[str], exclude_self: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Context rows of each query: ``(pos (b, k_pos), neg (b, k_neg))`` bank indices.
+
+        Args:
+            emb: ``(b, d)`` query embeddings from :func:`embed_studies`.
+            ids: the queries' study ids.
+            exclude_self: never return a query's own study (training-set queries).
+        """
+        if self._fixed is not None:
+            pos, neg = self._fixed
+            return pos.expand(len(ids), -1), neg.expand(len(ids), -1)
+        exclude = [[i] for i in ids] if exclude_self else None
+        return self.bank.query(emb, self.cfg.k_pos, self.cfg.k_neg, exclude_ids=exclude)
+
+    def load(self, pos_rows: Sequence[int], neg_rows: Sequence[int]) -> dict[str, Any]:
+        """Images ``(k_neg + k_pos, 3, H, W)`` (negatives first, the prompt's order) and reports of one query."""
+        rows = list(neg_rows) + list(pos_rows)
+        pixels = [load_image(self.bank_images[r][0], self.image_size, self.mean, self.std) for r in rows]
+        return {
+            "context_pixels": torch.stack(pixels) if pixels else torch.empty(0, 3, self.image_size, self.image_size),
+            "neg_reports": [self.bank.reports[r] for r in neg_rows],
+            "pos_reports": [self.bank.reports[r] for r in pos_rows],
+        }
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        self.bank.save(directory)
+        save_config(self.cfg, directory / _CONTEXT_FILE)
+        meta = {"bank_images": self.bank_images, "image_size": self.image_size, "mean": self.mean, "std": self.std}
+        (directory / _IMAGES_FILE).write_text(json.dumps(meta))
+
+    @classmethod
+    def load_dir(cls, directory: str | Path) -> ContextRetriever:
+        directory = Path(directory)
+        meta_path = directory / _IMAGES_FILE
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"context retriever file missing: {meta_path}")
+        meta = json.loads(meta_path.read_text())
+        cfg = load_config(ContextConfig, directory / _CONTEXT_FILE)
+        return cls(cfg, MemoryBank.load(directory), meta["bank_images"], meta["image_size"], meta["mean"],
+                   meta["std"])

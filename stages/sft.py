@@ -1,0 +1,175 @@
+"""Stage 3: supervised fine-tuning of the LLaVA-style report generator with retrieved context.
+
+Vision tokens (from the aligned or pretrained encoder) go through a trainable projector into the LLM (LoRA);
+each prompt can carry R2GenCSR context samples retrieved from a memory bank of training studies, TRRG disease
+clues, and the loss can add SERPENT-VLM's self-refining term. Validation generates reports and scores them
+with ``rewards``; the export (``<run_root>/sft/export``) is the model with the best ``train.select_metric``.
+
+    accelerate launch --config_file accelerate_configs/cpu_debug.yaml stages/sft.py \
+        --config stages/configs/sft/debug.yaml
+    accelerate launch --config_file accelerate_configs/zero2.yaml stages/sft.py \
+        --config stages/configs/sft/mimic_cxr.yaml --run.run_root $RRG_HOME/runs/mimic_cxr \
+        --model.llm_path $RRG_LLM_PATH
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import AutoTokenizer
+
+from rewards.observations import CHEXPERT_14
+from rlhf_rrg.checkpoint import CheckpointConfig
+from rlhf_rrg.config import load_config
+from rlhf_rrg.data.context_dataset import ContextDataset, collate_context
+from rlhf_rrg.data.dataset import DataConfig, build_dataset
+from rlhf_rrg.evaluation import EvalConfig, eval_subset, generate_and_score, majority_report_scores
+from rlhf_rrg.losses.self_refine import SelfRefineConfig
+from rlhf_rrg.models.disease_clues import DiseaseClueHead
+from rlhf_rrg.models.generator import PromptingConfig, ReportGenerator
+from rlhf_rrg.models.llm_configs import TINY_LLMS
+from rlhf_rrg.models.rrg import RRGModelConfig, apply_lora, build_processor, build_rrg_model, build_vision_model
+from rlhf_rrg.models.tokenizer import build_word_tokenizer
+from rlhf_rrg.optim import OptimConfig, build_optimizer, build_scheduler
+from rlhf_rrg.retrieval.retriever import ContextRetriever, embed_studies
+from rlhf_rrg.runroot import mark_export_complete, resolve_init
+from rlhf_rrg.stage_setup import RunConfig, setup_stage
+from rlhf_rrg.training import TrainConfig, fit, make_train_loader
+
+
+@dataclass
+class SFTStageConfig:
+    run: RunConfig = field(default_factory=lambda: RunConfig(init_from="align"))
+    data: DataConfig = field(default_factory=DataConfig)
+    model: RRGModelConfig = field(default_factory=RRGModelConfig)
+    prompting: PromptingConfig = field(default_factory=PromptingConfig)
+    self_refine: SelfRefineConfig = field(default_factory=SelfRefineConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999)))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(select_metric="ce/micro_f1_14"))
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.prompting.views != self.data.views:
+            raise ValueError(f"prompting.views={self.prompting.views} must equal data.views={self.data.views}")
+
+
+def vision_source(cfg: SFTStageConfig) -> str:
+    """The encoder to start from: the align export's ``vision/``, a pretrain export, or ``model.vision``."""
+    init = resolve_init(cfg.run.run_root, "sft", cfg.run.init_from)
+    if init is None:
+        return cfg.model.vision
+    return str(init / "vision") if (init / "vision" / "config.json").is_file() else str(init)
+
+
+def build_tokenizer(cfg: SFTStageConfig, train_reports: list[str], tokenizer_dir: Path):
+    if cfg.model.llm not in TINY_LLMS:
+        return AutoTokenizer.from_pretrained(cfg.model.llm_path, local_files_only=True)
+    # The tiny LLM reads words: the vocabulary must cover the reports and every prompt word.
+    template = cfg.prompting.context.template
+    prompt_words = [template.instruction, template.positive, template.negative, template.report,
+                    "findings suggest: no finding", *(name.lower() for name in CHEXPERT_14)]
+    return build_word_tokenizer(train_reports + prompt_words, out_dir=tokenizer_dir)
+
+
+def build_retriever(cfg: SFTStageConfig, vision, datasets: dict[str, object]):
+    """Memory bank over the (un-augmented) training set, and each split's neighbours."""
+    if cfg.prompting.context.mode == "none":
+        return None, {name: None for name in datasets}
+    bank_set = datasets["bank"]
+    loader = DataLoader(bank_set, batch_size=32, collate_fn=collate_context)
+    batches = ({"pixel_values": b["pixel_values"], "id": b["ids"], "report": b["reports"], "labels": b["labels"]}
+               for b in loader)
+    paths = [[str(p) for p in s.image_paths] for s in bank_set.base.studies]
+    retriever = ContextRetriever.build(cfg.prompting.context, vision, batches, paths, cfg.data.image_size,
+                                       cfg.data.mean, cfg.data.std)
+    neighbours = {}
+    for name, dataset in datasets.items():
+        if name == "bank":
+            continue
+        emb, ids = [], []
+        for batch in DataLoader(dataset, batch_size=32, collate_fn=collate_context):
+            emb.append(embed_studies(vision, batch["pixel_values"]))
+            ids += batch["ids"]
+        neighbours[name] = retriever.neighbours(torch.cat(emb), ids, exclude_self=name == "train")
+    return retriever, neighbours
+
+
+def main(cfg: SFTStageConfig) -> None:
+    ctx = setup_stage("sft", cfg, cfg.run, cfg.train.grad_accum, cfg.checkpoint.resume)
+    accelerator, dirs = ctx.accelerator, ctx.dirs
+
+    # 1. data
+    train_set = build_dataset(cfg.data, "train", train=True)
+    val_set = build_dataset(cfg.data, cfg.eval.split, train=False)
+    bank_set = build_dataset(cfg.data, "train", train=False)
+    train_reports = [train_set.report(i) for i in range(len(train_set))]
+
+    # 2. model: encoder from the previous stage, LLM (+LoRA), projector, optional clue head
+    vision = build_vision_model(vision_source(cfg)).eval()
+    tokenizer = build_tokenizer(cfg, train_reports, dirs.root / "tokenizer")
+    model = build_rrg_model(cfg.model, tokenizer, vision_model=vision)
+    processor = build_processor(model, tokenizer, cfg.data.mean, cfg.data.std)
+    if cfg.model.lora.enabled:
+        model = apply_lora(model, cfg.model)
+    clue_head = None
+    if cfg.prompting.clues.enabled:
+        clue_head = DiseaseClueHead(vision.config.hidden_size, cfg.prompting.clues.hidden_dim,
+                                    cfg.prompting.clues.dropout)
+
+    # 3. context retrieval (R2GenCSR): bank of training studies, neighbours of every study
+    retriever, neighbours = build_retriever(
+        cfg, vision, {"bank": ContextDataset(bank_set), "train": ContextDataset(bank_set),
+                      "val": ContextDataset(val_set)})
+    wrap = (lambda base, n: ContextDataset(base, retriever, n)) if retriever else (lambda base, n: ContextDataset(base))
+    train_data, val_data = wrap(train_set, neighbours["train"]), wrap(val_set, neighbours["val"])
+    generator = ReportGenerator(model, processor, cfg.prompting, retriever, clue_head)
+
+    # 4. optimisation
+    optimizer = build_optimizer(generator, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+    loader = make_train_loader(train_data, cfg.train.batch_size, cfg.run.seed, collate_context, cfg.train.num_workers)
+    generator, optimizer, loader, scheduler = accelerator.prepare(generator, optimizer, loader, scheduler)
+
+    eval_data = eval_subset(val_data, cfg.eval)
+    # eval_subset keeps the first studies, so references are the first len(eval_data) reports.
+    baseline = majority_report_scores(train_reports, [val_set.report(i) for i in range(len(eval_data))],
+                                      cfg.eval.metrics)
+    ctx.metric_logger.log_dict({f"baseline_majority/{k}": v for k, v in baseline.items()}, 0)
+
+    def step_fn(model, batch):
+        return model(batch, cfg.self_refine)
+
+    def eval_fn(model) -> dict[str, float]:
+        scores, _ = generate_and_score(accelerator.unwrap_model(model), eval_data, cfg.eval)
+        return scores
+
+    def export_fn(unwrapped: ReportGenerator) -> None:
+        if accelerator.is_main_process:
+            unwrapped.save(dirs.export)
+            mark_export_complete(dirs.export, {"stage": "sft", "vision": vision_source(cfg)})
+
+    state = fit(accelerator=accelerator, model=generator, optimizer=optimizer, scheduler=scheduler, loader=loader,
+                step_fn=step_fn, train_cfg=cfg.train, optim_cfg=cfg.optim, ckpt_cfg=cfg.checkpoint, dirs=dirs,
+                metric_logger=ctx.metric_logger, eval_fn=eval_fn, export_fn=export_fn)
+    if accelerator.is_main_process and cfg.train.select_metric and state.best_metric is not None:
+        key = cfg.train.select_metric
+        print(f"sft: best {key} = {state.best_metric:.4f} at step {state.best_step}; "
+              f"majority-report baseline {key} = {baseline.get(key, float('nan')):.4f}")
+    ctx.metric_logger.close()
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML config; further --section.key value pairs override it")
+    return parser
+
+
+if __name__ == "__main__":
+    args, overrides = make_parser().parse_known_args(sys.argv[1:])
+    main(load_config(SFTStageConfig, args.config, overrides))
