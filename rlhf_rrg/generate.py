@@ -27,9 +27,10 @@ from rlhf_rrg.data.images import load_image
 
 logger = logging.getLogger(__name__)
 
-# What stages/sft.py and stages/ppo.py write through rlhf_rrg.models.rrg.save_rrg.
+# What stages/sft.py and stages/ppo.py write through ReportGenerator.save.
 EXPORT_CONFIG = "config.json"
 EXPORT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+EXPORT_PROMPTING = "prompting/prompting.yaml"
 
 
 class CheckpointError(FileNotFoundError):
@@ -68,13 +69,13 @@ def check_export(path: str | Path) -> Path:
         CheckpointError: naming the path and the files an export must contain.
     """
     path = Path(path)
-    expected = f"{EXPORT_CONFIG} and one of {', '.join(EXPORT_WEIGHTS)}"
+    expected = f"{EXPORT_CONFIG}, {EXPORT_PROMPTING} and one of {', '.join(EXPORT_WEIGHTS)}"
     if not path.is_dir():
         raise CheckpointError(
             f"checkpoint {path} does not exist or is not a directory; expected a report-generator export "
             f"(<run_root>/sft/export or <run_root>/ppo/export) containing {expected}"
         )
-    missing = [EXPORT_CONFIG] if not (path / EXPORT_CONFIG).is_file() else []
+    missing = [name for name in (EXPORT_CONFIG, EXPORT_PROMPTING) if not (path / name).is_file()]
     if not any((path / name).is_file() for name in EXPORT_WEIGHTS):
         missing.append(" or ".join(EXPORT_WEIGHTS))
     if missing:

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
-import types
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -15,9 +11,11 @@ from PIL import Image
 
 from rlhf_rrg import generate as gen
 from rlhf_rrg.data.images import load_image
-from rlhf_rrg.models.rrg import generate_reports, load_rrg, save_rrg
+from rlhf_rrg.inference import ReportGenerator
+from rlhf_rrg.models.generator import PromptingConfig
+from rlhf_rrg.retrieval.context import ContextConfig
 from rlhf_rrg.testing.fixtures import write_iu_xray_fixture
-from rlhf_rrg.testing.tiny_models import TINY_PROMPT, tiny_rrg
+from rlhf_rrg.testing.tiny_models import tiny_rrg
 
 
 class SpyGenerator:
@@ -41,59 +39,26 @@ def _png(path: Path, value: int, size: int = 20) -> Path:
     return path
 
 
-class ExportGenerator:
-    """The ReportGenerator contract over a ``save_rrg`` export, used while rlhf_rrg.inference is absent."""
-
-    views = 1
-
-    def __init__(self, path: Path, device: str) -> None:
-        self.model, self.processor = load_rrg(path, device)
-        self.image_size = self.processor.image_size
-        self.mean, self.std = self.processor.image_mean, self.processor.image_std
-
-    @classmethod
-    def from_export(cls, path: Path, device: str = "cpu") -> ExportGenerator:
-        return cls(path, device)
-
-    def generate(
-        self,
-        pixel_values: torch.Tensor,
-        ids: Sequence[str] | None = None,
-        max_new_tokens: int = 100,
-        num_beams: int = 1,
-    ) -> list[str]:
-        prompts = [TINY_PROMPT] * pixel_values.size(0)
-        return generate_reports(self.model, self.processor, pixel_values, prompts, max_new_tokens, num_beams)
-
-
 @pytest.fixture(scope="module")
 def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     tmp = tmp_path_factory.mktemp("export")
     tiny = tiny_rrg(tmp)
-    return save_rrg(tiny.model, tiny.processor, tmp / "export")
-
-
-@pytest.fixture
-def report_generator(monkeypatch: pytest.MonkeyPatch) -> type:
-    """rlhf_rrg.inference.ReportGenerator when it exists, else :class:`ExportGenerator` in its place."""
-    try:
-        return importlib.import_module("rlhf_rrg.inference").ReportGenerator
-    except ImportError:
-        module = types.ModuleType("rlhf_rrg.inference")
-        module.ReportGenerator = ExportGenerator
-        monkeypatch.setitem(sys.modules, "rlhf_rrg.inference", module)
-        return ExportGenerator
+    prompting = PromptingConfig(context=ContextConfig(mode="none"), views=1)
+    return ReportGenerator(tiny.model, tiny.processor, prompting).save(tmp / "export")
 
 
 def test_check_export_names_path_and_expected_files(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere"
-    with pytest.raises(gen.CheckpointError, match="nowhere.*config.json and one of model.safetensors"):
+    with pytest.raises(gen.CheckpointError, match="nowhere.*config.json, prompting/prompting.yaml and one of model"):
         gen.check_export(missing)
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(gen.CheckpointError, match="missing model.safetensors or model.safetensors.index.json"):
+    expected = "missing prompting/prompting.yaml, model.safetensors or model.safetensors.index.json"
+    with pytest.raises(gen.CheckpointError, match=expected):
         gen.check_export(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"")
+    (tmp_path / "prompting").mkdir()
+    (tmp_path / "prompting" / "prompting.yaml").write_text("views: 1\n")
     assert gen.check_export(tmp_path) == tmp_path
 
 
@@ -138,7 +103,7 @@ def test_annotation_studies_take_first_views(tmp_path: Path) -> None:
         gen.annotation_studies(paths.annotation_path, paths.image_root, "test", views=3)
 
 
-def test_cli_matches_direct_generation(tiny_export: Path, report_generator: type, tmp_path: Path) -> None:
+def test_cli_matches_direct_generation(tiny_export: Path, tmp_path: Path) -> None:
     images = [_png(tmp_path / f"img{i}.png", 30 * i) for i in range(3)]
     out = tmp_path / "reports.jsonl"
     argv = ["--checkpoint", str(tiny_export), "--images", *map(str, images), "--out", str(out)]
@@ -146,12 +111,12 @@ def test_cli_matches_direct_generation(tiny_export: Path, report_generator: type
 
     written = [json.loads(line) for line in out.read_text().splitlines()]
     assert written == rows and [r["images"] for r in rows] == [[str(p)] for p in images]
-    generator = report_generator.from_export(tiny_export, device="cpu")
+    generator = ReportGenerator.from_export(tiny_export, device="cpu")
     pixels = torch.stack([load_image(p, generator.image_size, generator.mean, generator.std)[None] for p in images])
     assert [r["report"] for r in rows] == generator.generate(pixels, max_new_tokens=6)
 
 
-def test_cli_errors_name_the_bad_input(tiny_export: Path, report_generator: type, tmp_path: Path) -> None:
+def test_cli_errors_name_the_bad_input(tiny_export: Path, tmp_path: Path) -> None:
     out = str(tmp_path / "r.jsonl")
     with pytest.raises(SystemExit, match=r"checkpoint .*missing_export does not exist.*config.json"):
         gen.main(["--checkpoint", str(tmp_path / "missing_export"), "--images", "x.png", "--out", out])
@@ -162,3 +127,33 @@ def test_cli_errors_name_the_bad_input(tiny_export: Path, report_generator: type
     with pytest.raises(SystemExit, match="--study-views 2 but checkpoint"):
         gen.main(["--checkpoint", str(tiny_export), "--images", str(broken), "--study-views", "2", "--out", out])
     assert not Path(out).exists()
+
+
+def test_cli_annotation_split_with_two_view_export(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    tiny = tiny_rrg(tmp_path)
+    prompting = PromptingConfig(context=ContextConfig(mode="none"), views=2)
+    export = ReportGenerator(tiny.model, tiny.processor, prompting).save(tmp_path / "export")
+    data = write_iu_xray_fixture(tmp_path)
+    out = tmp_path / "reports.jsonl"
+    argv = [
+        "--checkpoint",
+        str(export),
+        "--annotation",
+        str(data.annotation_path),
+        "--split",
+        "val",
+        "--out",
+        str(out),
+    ]
+    rows = gen.main([*argv, "--image-root", str(data.image_root), "--max-new-tokens", "4"])
+
+    records = json.loads(data.annotation_path.read_text())["val"]
+    assert [r["id"] for r in rows] == [r["id"] for r in records]
+    assert all(
+        r["images"] == [str(data.image_root / p) for p in rec["image_path"]]
+        for r, rec in zip(rows, records, strict=True)
+    )
+    assert all(isinstance(r["report"], str) for r in rows)
+    with pytest.raises(SystemExit):
+        gen.main(["--checkpoint", str(export), "--annotation", str(data.annotation_path), "--out", str(out)])
