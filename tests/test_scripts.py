@@ -1,0 +1,123 @@
+"""The reproduction scripts: syntax, per-dataset settings, and that missing inputs stop them with exit 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from rlhf_rrg.runroot import EXPORT_MARKER
+from rlhf_rrg.testing.fixtures import write_iu_xray_fixture
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "scripts"
+STEPS = ["01_prepare_data.sh", "02_pretrain.sh", "03_align.sh", "04_sft.sh", "05_ppo.sh", "06_eval.sh"]
+ALL = [*STEPS, "reproduce_all.sh"]
+
+
+def _run(script: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RRG_") and k != "ACCEL"}
+    return subprocess.run(
+        ["bash", str(SCRIPTS / script), *args], env={**base, **env}, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize("script", [*ALL, "lib/common.sh"])
+def test_syntax(script: str) -> None:
+    result = subprocess.run(["bash", "-n", str(SCRIPTS / script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("script", ALL)
+def test_requires_rrg_home_and_a_known_dataset(script: str, tmp_path: Path) -> None:
+    result = _run(script, "iu_xray")
+    assert result.returncode == 2 and "RRG_HOME is not set" in result.stderr
+    result = _run(script, "mimic", RRG_HOME=str(tmp_path))
+    assert result.returncode == 2 and "one of: iu_xray mimic_cxr chexpert_plus (got 'mimic')" in result.stderr
+
+
+@pytest.mark.parametrize("script", ALL)
+def test_missing_data_is_named_with_its_source(script: str, tmp_path: Path) -> None:
+    result = _run(script, "iu_xray", RRG_HOME=str(tmp_path), RRG_LLM_PATH=str(tmp_path / "llm"))
+    assert result.returncode == 2, result.stderr
+    assert "missing inputs, nothing was started" in result.stderr
+    assert f"{tmp_path}/data/iu_xray/annotation.json (download: R2Gen's preprocessed IU-Xray" in result.stderr
+    assert "accelerate" not in result.stdout
+
+
+@pytest.fixture
+def rrg_home(tmp_path: Path) -> Path:
+    write_iu_xray_fixture(tmp_path / "data")
+    return tmp_path
+
+
+def test_prepare_data_reads_every_split(rrg_home: Path) -> None:
+    result = _run("01_prepare_data.sh", "iu_xray", RRG_HOME=str(rrg_home))
+    assert result.returncode == 0, result.stderr
+    assert [line.split(":")[0] for line in result.stdout.splitlines()] == [
+        "iu_xray train",
+        "iu_xray val",
+        "iu_xray test",
+    ]
+    assert "iu_xray test: 3 studies" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("script", "previous", "producer"),
+    [
+        ("03_align.sh", "pretrain", "02_pretrain.sh"),
+        ("05_ppo.sh", "sft", "04_sft.sh"),
+        ("06_eval.sh", "sft", "04_sft.sh"),
+    ],
+)
+def test_stage_needs_the_previous_export(script: str, previous: str, producer: str, rrg_home: Path) -> None:
+    result = _run(script, "iu_xray", RRG_HOME=str(rrg_home))
+    assert result.returncode == 2
+    export = rrg_home / "runs" / "iu_xray" / previous / "export" / EXPORT_MARKER
+    assert f"{export} (run scripts/{producer} iu_xray first)" in result.stderr
+
+
+def test_sft_needs_the_llm(rrg_home: Path) -> None:
+    result = _run("04_sft.sh", "iu_xray", RRG_HOME=str(rrg_home))
+    assert result.returncode == 2 and "RRG_LLM_PATH is not set" in result.stderr
+    result = _run("04_sft.sh", "iu_xray", RRG_HOME=str(rrg_home), RRG_LLM_PATH=str(rrg_home / "qwen"))
+    assert result.returncode == 2 and f"{rrg_home}/qwen/config.json (the qwen2.5-1.5b checkpoint" in result.stderr
+
+
+def test_stage_config_and_accelerate_config_are_checked(rrg_home: Path) -> None:
+    result = _run("02_pretrain.sh", "mimic_cxr", RRG_HOME=str(rrg_home), ACCEL="nope.yaml")
+    assert result.returncode == 2
+    assert "accelerate_configs/nope.yaml (set ACCEL to a file in accelerate_configs/)" in result.stderr
+    if not (REPO / "stages/configs/pretrain/mimic_cxr.yaml").exists():
+        assert "stages/configs/pretrain/mimic_cxr.yaml (the stage config for mimic_cxr)" in result.stderr
+
+
+def test_reproduce_all_stops_at_the_first_failing_step(rrg_home: Path) -> None:
+    result = _run("reproduce_all.sh", "iu_xray", RRG_HOME=str(rrg_home), ACCEL="nope.yaml")
+    assert result.returncode == 2
+    assert "== 01_prepare_data iu_xray" in result.stdout and "== 02_pretrain iu_xray" in result.stdout
+    assert "== 03_align" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("dataset", "expected"),
+    [
+        ("iu_xray", "2 3 vim_small --data.dataset iu_xray --data.views 2 --data.max_words 60 --data.image_size 224"),
+        (
+            "mimic_cxr",
+            "1 3 vim_base --data.dataset mimic_cxr --data.views 1 --data.max_words 100 --data.image_size 224",
+        ),
+        (
+            "chexpert_plus",
+            "1 3 vim_base --data.dataset chexpert_plus --data.views 1 --data.max_words 100 --data.image_size 224 "
+            "--data.skip_empty_findings true --data.image_suffix .png",
+        ),
+    ],
+)
+def test_dataset_settings_follow_the_papers(dataset: str, expected: str) -> None:
+    env_file = SCRIPTS / "datasets" / f"{dataset}.env"
+    shown = 'echo "$RRG_VIEWS $RRG_NUM_BEAMS $RRG_VISION ${RRG_DATA_ARGS[*]}"'
+    result = subprocess.run(["bash", "-c", f". {env_file}; {shown}"], capture_output=True, text=True)
+    assert result.stdout.strip() == expected
