@@ -19,7 +19,6 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
@@ -36,7 +35,7 @@ from rlhf_rrg.models.llm_configs import TINY_LLMS
 from rlhf_rrg.models.rrg import RRGModelConfig, apply_lora, build_processor, build_rrg_model, build_vision_model
 from rlhf_rrg.models.tokenizer import build_word_tokenizer
 from rlhf_rrg.optim import OptimConfig, build_optimizer, build_scheduler
-from rlhf_rrg.retrieval.retriever import ContextRetriever, embed_studies
+from rlhf_rrg.retrieval.retriever import ContextRetriever, dataset_neighbours
 from rlhf_rrg.runroot import mark_export_complete, resolve_init
 from rlhf_rrg.stage_setup import RunConfig, setup_stage
 from rlhf_rrg.training import TrainConfig, fit, make_train_loader
@@ -92,11 +91,8 @@ def build_retriever(cfg: SFTStageConfig, vision, datasets: dict[str, object]):
     for name, dataset in datasets.items():
         if name == "bank":
             continue
-        emb, ids = [], []
-        for batch in DataLoader(dataset, batch_size=32, collate_fn=collate_context):
-            emb.append(embed_studies(vision, batch["pixel_values"]))
-            ids += batch["ids"]
-        neighbours[name] = retriever.neighbours(torch.cat(emb), ids, exclude_self=name == "train")
+        neighbours[name] = dataset_neighbours(retriever, vision, dataset, collate_context,
+                                              exclude_self=name == "train")
     return retriever, neighbours
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
 from rlhf_rrg.config import load_config, save_config
 from rlhf_rrg.data.images import load_image
@@ -132,3 +133,31 @@ class ContextRetriever:
         cfg = load_config(ContextConfig, directory / _CONTEXT_FILE)
         return cls(cfg, MemoryBank.load(directory), meta["bank_images"], meta["image_size"], meta["mean"],
                    meta["std"])
+
+
+def dataset_neighbours(
+    retriever: ContextRetriever,
+    vision_model: nn.Module,
+    dataset: Dataset,
+    collate_fn: Any,
+    exclude_self: bool,
+    batch_size: int = 32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Context rows of every study of ``dataset``, in dataset order (what ``ContextDataset`` takes).
+
+    Args:
+        retriever: the bank to search.
+        vision_model: the encoder that built the bank.
+        dataset: yields studies with ``pixel_values`` and ``id`` (a ``ContextDataset`` without context).
+        collate_fn: batches its items into ``{"ids", "pixel_values" (b, V, 3, H, W)}``.
+        exclude_self: never return a study's own bank row (training-set studies).
+        batch_size: studies encoded per forward.
+
+    Returns:
+        ``(pos (n, k_pos), neg (n, k_neg))`` bank indices.
+    """
+    emb, ids = [], []
+    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn):
+        emb.append(embed_studies(vision_model, batch["pixel_values"]))
+        ids += batch["ids"]
+    return retriever.neighbours(torch.cat(emb), ids, exclude_self=exclude_self)

@@ -1,0 +1,138 @@
+"""The module an RL loop trains (report generator + value head) and the frozen reference policy for the KL term.
+
+``PolicyWithValue`` is the one ``nn.Module`` given to ``accelerator.prepare``: every gradient-carrying
+computation (sampled-token log-probs, values, the SCST teacher-forcing NLL) runs in a single call of its
+``forward``, which is what DDP's gradient synchronisation and DeepSpeed's engine expect.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import torch
+from peft import PeftModel
+from torch import nn
+
+from rlhf_rrg.models.generator import ReportGenerator
+from rlhf_rrg.models.rrg import LoraSettings, RRGModelConfig, apply_lora
+from rlhf_rrg.rl.logprobs import entropy_from_logits, logprobs_from_logits, response_logits_slice
+from rlhf_rrg.rl.rollout import Rollout
+from rlhf_rrg.rl.value_head import ValueHead
+
+
+def _sequence_forward(
+    model: nn.Module, rollout: Rollout, output_hidden_states: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits ``(b, R, v)`` predicting each response token (and last hidden states ``(b, R, h)`` when asked)."""
+    input_ids = torch.cat([rollout.prompt_ids, rollout.response_ids], dim=1)
+    attention_mask = torch.cat([rollout.prompt_mask, rollout.response_mask], dim=1)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=rollout.pixel_values,
+                output_hidden_states=output_hidden_states)
+    prompt_len, response_len = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
+    logits = response_logits_slice(out.logits, prompt_len, response_len)
+    hidden = response_logits_slice(out.hidden_states[-1], prompt_len, response_len) if output_hidden_states else None
+    return logits, hidden
+
+
+def make_trainable(generator: ReportGenerator, lora: LoraSettings, freeze_vision: bool) -> ReportGenerator:
+    """Sets what RL trains on a generator loaded from an export (where every weight is trainable).
+
+    With ``lora.enabled`` a fresh adapter goes on the merged SFT weights (the projector, and the encoder when
+    not frozen, train fully through PEFT's ``modules_to_save``); otherwise the LLM and projector train. The
+    vision encoder follows ``freeze_vision``; the TRRG clue head never trains in RL (no reward reaches it).
+
+    Returns:
+        ``generator`` (its ``model`` replaced by the ``PeftModel`` with LoRA).
+    """
+    if generator.clue_head is not None:
+        generator.clue_head.requires_grad_(False)
+    if lora.enabled:
+        generator.model = apply_lora(generator.model, RRGModelConfig(lora=lora, freeze_vision=freeze_vision))
+    else:
+        generator.vision_tower.requires_grad_(not freeze_vision)
+    return generator
+
+
+class PolicyWithValue(nn.Module):
+    """The report generator with an optional value head on its last hidden states.
+
+    Args:
+        generator: The policy.
+        value_head: PPO's critic (shares the trunk); ``None`` for critic-free algorithms (SCST).
+    """
+
+    def __init__(self, generator: ReportGenerator, value_head: ValueHead | None = None) -> None:
+        super().__init__()
+        self.generator, self.value_head = generator, value_head
+
+    def forward(
+        self,
+        rollout: Rollout,
+        temperature: float = 1.0,
+        with_entropy: bool = False,
+        nll_batch: dict[str, Any] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Scores a rollout under the current weights.
+
+        Args:
+            rollout: Prompts and responses (on this module's device).
+            temperature: The sampling temperature (the ratio compares sampling distributions).
+            with_entropy: Also return per-token entropies (detached; for logging).
+            nll_batch: A collated batch whose reference reports are teacher-forced for SCST's NLL term.
+
+        Returns:
+            ``logprobs`` ``(b, R)``; ``values`` ``(b, R)`` with a value head; ``entropy`` ``(b, R)``;
+            ``nll`` scalar when ``nll_batch`` is given.
+        """
+        logits, hidden = _sequence_forward(self.generator.model, rollout, self.value_head is not None)
+        out = {"logprobs": logprobs_from_logits(logits, rollout.response_ids, temperature)}
+        if self.value_head is not None:
+            out["values"] = self.value_head(hidden)
+        if with_entropy:
+            with torch.no_grad():
+                out["entropy"] = entropy_from_logits(logits.detach(), temperature)
+        if nll_batch is not None:
+            out["nll"] = self._reference_nll(nll_batch)
+        return out
+
+    def _reference_nll(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Token-mean cross-entropy of the reference reports (the SFT LM loss, without clue or refine terms)."""
+        generator = self.generator
+        with torch.no_grad():
+            prompts = generator.prompts(batch, generator.clue_logits(batch["pixel_values"]))
+        inputs = generator.processor.build_sft_batch(prompts, batch["reports"], generator.images(batch),
+                                                     generator.prompting.max_report_tokens)
+        dtype = generator.model.get_input_embeddings().weight.dtype
+        device = generator.device
+        inputs = {k: v.to(device, dtype) if k == "pixel_values" else v.to(device) for k, v in inputs.items()}
+        return generator.model(**inputs).loss
+
+
+class ReferencePolicy:
+    """The frozen starting policy ``pi_ref`` of the KL penalty.
+
+    With LoRA the reference is the live model with its adapter disabled (no second copy of the weights, as
+    TRL does); otherwise a frozen deep copy of the starting model, taken at construction.
+
+    Args:
+        model: The policy's LLaVA model (``PeftModel`` or plain), before any RL update.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._live: PeftModel | None = model if isinstance(model, PeftModel) else None
+        self._copy: nn.Module | None = None
+        if self._live is None:
+            self._copy = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def _context(self) -> AbstractContextManager[Any]:
+        return self._live.disable_adapter() if self._live is not None else nullcontext()
+
+    @torch.no_grad()
+    def logprobs(self, rollout: Rollout, temperature: float = 1.0) -> torch.Tensor:
+        """``(b, R)`` reference log-probs of the rollout's response tokens."""
+        model = self._live if self._live is not None else self._copy
+        with self._context():
+            logits, _ = _sequence_forward(model, rollout, output_hidden_states=False)
+        return logprobs_from_logits(logits, rollout.response_ids, temperature)

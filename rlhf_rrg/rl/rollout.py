@@ -1,0 +1,131 @@
+"""Rollouts: sample reports from the policy and turn them into right-padded response tensors.
+
+Log-probabilities are not taken from ``generate``'s scores: the PPO ratio must compare two forward passes of
+the same function (:class:`rlhf_rrg.rl.policy.PolicyWithValue`), so old log-probs are recomputed after sampling,
+as in TRL and torchtune.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from rlhf_rrg.models.generator import ReportGenerator
+
+
+@dataclass
+class GenerationConfig:
+    """Sampling settings of the rollouts."""
+
+    max_new_tokens: int = field(default=100, metadata={"help": "generation budget per report"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (also used in log-probs)"})
+    top_k: int = field(default=0, metadata={"help": "top-k filtering while sampling; 0 disables it"})
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            raise ValueError(f"generation.temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"generation.top_k must be >= 0, got {self.top_k}")
+
+
+@dataclass
+class Rollout:
+    """One batch of prompts and their sampled responses.
+
+    Attributes:
+        prompt_ids: ``(b, P)`` left-padded prompt tokens.
+        prompt_mask: ``(b, P)`` 1 on real prompt tokens.
+        pixel_values: ``(b * images_per_prompt, 3, H, W)`` images in placeholder order.
+        response_ids: ``(b, R)`` right-padded response tokens (the EOS, when emitted, included).
+        response_mask: ``(b, R)`` 1 up to and including each row's first EOS.
+        texts: ``b`` decoded reports without special tokens.
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    pixel_values: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    texts: list[str]
+
+    def select(self, rows: torch.Tensor) -> Rollout:
+        """The rollout restricted to ``rows`` (a ``(m,)`` index tensor), e.g. one PPO minibatch."""
+        per_prompt = self.pixel_values.shape[0] // self.prompt_ids.shape[0]
+        image_rows = (rows.unsqueeze(1) * per_prompt + torch.arange(per_prompt, device=rows.device)).reshape(-1)
+        return Rollout(self.prompt_ids[rows], self.prompt_mask[rows], self.pixel_values[image_rows],
+                       self.response_ids[rows], self.response_mask[rows], [self.texts[i] for i in rows.tolist()])
+
+
+def response_mask(response_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """``(b, R)`` mask of real response tokens: everything up to and including the first EOS.
+
+    A row that stops immediately (EOS first, an empty report) keeps that one EOS token, so every row has a
+    token to carry its (worst) reward.
+
+    Args:
+        response_ids: ``(b, R)`` generated tokens, ``R >= 1``.
+        eos_token_id: The end-of-sequence id.
+    """
+    if response_ids.dim() != 2 or response_ids.shape[1] == 0:
+        raise ValueError(f"response_ids must be (b, R) with R >= 1, got {tuple(response_ids.shape)}")
+    is_eos = (response_ids == eos_token_id).long()
+    # Tokens before the first EOS see no EOS in their prefix; the EOS itself is the first with cumsum 1.
+    eos_before = is_eos.cumsum(1) - is_eos
+    return (eos_before == 0).long()
+
+
+def repeat_batch(batch: dict[str, Any], times: int) -> dict[str, Any]:
+    """Repeats every study of a collated batch ``times`` times, copies of a study adjacent (GRPO's layout)."""
+    if times == 1:
+        return batch
+    out: dict[str, Any] = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            out[key] = value.repeat_interleave(times, dim=0)
+        elif isinstance(value, list):
+            out[key] = [item for item in value for _ in range(times)]
+        else:
+            out[key] = value
+    return out
+
+
+@torch.no_grad()
+def generate_rollout(
+    generator: ReportGenerator,
+    batch: dict[str, Any],
+    max_new_tokens: int,
+    do_sample: bool,
+    temperature: float = 1.0,
+    top_k: int = 0,
+) -> Rollout:
+    """Samples (or greedily decodes) one report per study of a ``collate_context`` batch.
+
+    Args:
+        generator: The policy (unwrapped).
+        batch: Studies with their context.
+        max_new_tokens: Generation budget.
+        do_sample: Sample (PPO, SCST samples) or decode greedily (SCST baseline, evaluation).
+        temperature: Sampling temperature.
+        top_k: Top-k filter while sampling (0: off).
+
+    Returns:
+        The :class:`Rollout`; responses are at least one token long.
+    """
+    inputs = generator.generation_inputs(batch)
+    tokenizer = generator.processor.tokenizer
+    sampling = {"temperature": temperature, "top_k": top_k} if do_sample else {}
+    output = generator.model.generate(
+        **inputs, max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=1,
+        suppress_tokens=[generator.processor.image_token_id], pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, **sampling,
+    )
+    response_ids = output[:, inputs["input_ids"].shape[1]:]
+    mask = response_mask(response_ids, tokenizer.eos_token_id)
+    # Tokens after the first EOS are padding: make them pad ids so decoding and forwards never see them.
+    response_ids = torch.where(mask.bool(), response_ids, torch.full_like(response_ids, tokenizer.pad_token_id))
+    texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+    return Rollout(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], response_ids, mask, texts)

@@ -1,0 +1,154 @@
+"""GRPO and RLOO through TRL's trainers, with the stage's reward object and the SFT export as the policy.
+
+TRL renders each conversational prompt with the processor's chat template, takes images from the dataset's
+``image`` (one view) or ``images`` column, forwards the ``reference`` column to the reward, and (with
+``beta > 0``) builds its reference policy from the export path or by disabling the LoRA adapter. Prompts are
+built once per study by the generator (clue text included), so TRL prompts exactly like SFT did.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset
+from PIL import Image
+
+from rewards import Reward
+from rlhf_rrg.data.context_dataset import ContextDataset, collate_context
+from rlhf_rrg.models.generator import ReportGenerator
+from rlhf_rrg.models.rrg import LoraSettings
+from rlhf_rrg.optim import OptimConfig
+from rlhf_rrg.rl.policy import make_trainable
+from rlhf_rrg.rl.rollout import GenerationConfig
+from rlhf_rrg.rl.scoring import score_reports
+from rlhf_rrg.runroot import StageDirs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GroupConfig:
+    """Settings of the group-baseline algorithms run through TRL (GRPO, RLOO)."""
+
+    num_generations: int = field(default=4, metadata={"help": "completions per prompt (the group)"})
+    beta: float = field(default=0.04, metadata={"help": "KL coefficient to the reference policy (0: no reference)"})
+    epsilon: float = field(default=0.2, metadata={"help": "clip range of the importance ratio"})
+    logging_steps: int = field(default=1, metadata={"help": "TRL logging interval"})
+
+    def __post_init__(self) -> None:
+        if self.num_generations < 2:
+            raise ValueError(f"group.num_generations must be >= 2, got {self.num_generations}")
+        if self.beta < 0 or self.epsilon <= 0:
+            raise ValueError(f"group.beta must be >= 0 and group.epsilon > 0, got {self.beta}, {self.epsilon}")
+
+
+class TRLReward:
+    """A ``rewards`` object as a TRL reward function, with the loop's empty-report and NaN policies.
+
+    Args:
+        reward: The stage's reward.
+        worst: Reward of empty completions.
+    """
+
+    def __init__(self, reward: Reward, worst: float) -> None:
+        self.reward, self.worst = reward, worst
+        self.__name__ = reward.name
+
+    def __call__(self, completions: Sequence[Any], reference: Sequence[str],
+                 log_metric: Callable[[str, float], None] | None = None, **kwargs: Any) -> list[float]:
+        texts = [c if isinstance(c, str) else " ".join(m["content"] for m in c if m.get("role") == "assistant")
+                 for c in completions]
+        out = score_reports(self.reward, texts, list(reference), self.worst)
+        if log_metric is not None:
+            for key, value in out.log("sub").items():
+                if key != "sub":
+                    log_metric(key.replace("sub/", "reward/", 1), value)
+        return out.scores
+
+
+def trl_dataset(generator: ReportGenerator, data: ContextDataset) -> Dataset:
+    """One row per study: ``prompt`` (a user turn), the view image(s) and the ``reference`` report.
+
+    Raises:
+        ValueError: the export's prompts carry context images (``prompting.context.mode`` not ``none``), which
+            TRL's one-image-column datasets cannot place.
+    """
+    if generator.retriever is not None:
+        raise ValueError("algo grpo/rloo needs an SFT export with prompting.context.mode: none (TRL prompts hold "
+                         "the study's own views only); use algo ppo or scst for context prompts")
+    token = generator.processor.image_token
+    rows: dict[str, list[Any]] = {"prompt": [], "reference": [], "image" if generator.views == 1 else "images": []}
+    for index in range(len(data)):
+        item = collate_context([data[index]])
+        text = generator.prompts(item, generator.clue_logits(item["pixel_values"]))[0]
+        # The chat template places the image placeholders itself.
+        rows["prompt"].append([{"role": "user", "content": text.replace(token, "").strip()}])
+        rows["reference"].append(item["reports"][0])
+        images = [Image.open(p).convert("L") for p in data.base.studies[index].image_paths]
+        rows["image" if generator.views == 1 else "images"].append(images[0] if generator.views == 1 else images)
+    return Dataset.from_dict(rows)
+
+
+def run_trl(
+    algo: str,
+    generator: ReportGenerator,
+    export_dir: Path,
+    train_data: ContextDataset,
+    reward: Reward,
+    worst: float,
+    group: GroupConfig,
+    generation: GenerationConfig,
+    lora: LoraSettings,
+    freeze_vision: bool,
+    optim: OptimConfig,
+    max_steps: int,
+    batch_size: int,
+    seed: int,
+    dirs: StageDirs,
+) -> None:
+    """Trains ``generator.model`` in place with TRL's ``GRPOTrainer`` (``algo="grpo"``) or ``RLOOTrainer``.
+
+    Args:
+        algo: ``"grpo"`` or ``"rloo"``.
+        generator: The policy loaded from ``export_dir``.
+        export_dir: The SFT export (TRL loads its reference model from this path).
+        train_data: Training studies.
+        reward: The stage's reward.
+        worst: Reward of empty completions.
+        group: Group size, KL and clip settings.
+        generation: Completion length and temperature.
+        lora: Fresh LoRA on the export when enabled.
+        freeze_vision: Keep the encoder fixed.
+        optim: Learning rate, betas, weight decay, clipping, warmup.
+        max_steps: Optimizer steps.
+        batch_size: Completions per device per step (a multiple of ``group.num_generations``).
+        seed: TRL's seed.
+        dirs: The stage folders (TRL writes under ``<stage>/trl``).
+    """
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+    if batch_size % group.num_generations:
+        raise ValueError(f"train.batch_size={batch_size} must be a multiple of group.num_generations="
+                         f"{group.num_generations}")
+    dataset = trl_dataset(generator, train_data)
+    make_trainable(generator, lora, freeze_vision)
+    config_cls, trainer_cls = (GRPOConfig, GRPOTrainer) if algo == "grpo" else (RLOOConfig, RLOOTrainer)
+    args = config_cls(
+        output_dir=str(dirs.root / "trl"), per_device_train_batch_size=batch_size,
+        num_generations=group.num_generations, max_completion_length=generation.max_new_tokens,
+        temperature=generation.temperature, top_k=generation.top_k or None, beta=group.beta,
+        epsilon=group.epsilon, max_steps=max_steps, learning_rate=optim.lr, weight_decay=optim.weight_decay,
+        adam_beta1=optim.betas[0], adam_beta2=optim.betas[1], adam_epsilon=optim.eps, warmup_steps=optim.warmup_steps,
+        max_grad_norm=optim.grad_clip,
+        lr_scheduler_type="constant_with_warmup" if optim.schedule == "constant" else optim.schedule,
+        bf16=False, report_to="none", logging_steps=group.logging_steps, save_strategy="no",
+        gradient_checkpointing=False, seed=seed,
+    )
+    trainer = trainer_cls(model=generator.model, reward_funcs=TRLReward(reward, worst), args=args,
+                          train_dataset=dataset, processing_class=generator.processor)
+    trainer.train()
+    logger.info("%s: %d TRL steps, last log %s", algo, trainer.state.global_step, trainer.state.log_history[-1:])

@@ -1,0 +1,307 @@
+"""Stage 4: reinforcement learning of the report generator against a clinical reward.
+
+``--algo ppo``: sampled rollouts, per-token KL penalty to the frozen SFT policy (LoRA: adapter disabled), value
+head on the shared trunk, GAE, clipped policy/value losses over several epochs, fixed or adaptive KL
+coefficient. ``--algo scst``: greedy report as the baseline of sampled ones (Rennie et al. 2017), optional NLL
+term. ``--algo grpo|rloo``: TRL's trainers with the same reward objects. The reward is config only
+(``reward.funcs``/``reward.weights``: registry names, dotted paths to user functions, or weighted composites).
+
+    accelerate launch --config_file accelerate_configs/cpu_debug.yaml stages/ppo.py \
+        --config stages/configs/ppo/debug.yaml
+    accelerate launch --config_file accelerate_configs/cpu_debug.yaml stages/ppo.py \
+        --config stages/configs/ppo/debug_scst.yaml
+    accelerate launch --config_file accelerate_configs/zero2.yaml stages/ppo.py \
+        --config stages/configs/ppo/mimic_cxr.yaml --run.run_root $RRG_HOME/runs/mimic_cxr
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from rlhf_rrg.checkpoint import CheckpointConfig, CheckpointManager, TrainState
+from rlhf_rrg.config import load_config
+from rlhf_rrg.data.context_dataset import ContextDataset, collate_context
+from rlhf_rrg.data.dataset import DataConfig, build_dataset
+from rlhf_rrg.distributed import print0
+from rlhf_rrg.evaluation import EvalConfig, eval_subset, generate_and_score
+from rlhf_rrg.models.generator import ReportGenerator
+from rlhf_rrg.models.rrg import LoraSettings
+from rlhf_rrg.optim import OptimConfig, build_optimizer, build_scheduler
+from rlhf_rrg.retrieval.retriever import dataset_neighbours
+from rlhf_rrg.rl.advantages import RunningMeanStd, scst_advantages
+from rlhf_rrg.rl.kl import KLConfig, build_kl_controller
+from rlhf_rrg.rl.masked import masked_mean, masked_sum
+from rlhf_rrg.rl.policy import PolicyWithValue, ReferencePolicy, make_trainable
+from rlhf_rrg.rl.ppo_step import PPOConfig, ppo_targets, ppo_update
+from rlhf_rrg.rl.rollout import GenerationConfig, generate_rollout, repeat_batch
+from rlhf_rrg.rl.scoring import (
+    NonFiniteRewardError,
+    RewardConfig,
+    build_stage_reward,
+    empty_report_reward,
+    score_reports,
+    scores_tensor,
+)
+from rlhf_rrg.rl.scst import SCSTConfig, scst_update
+from rlhf_rrg.rl.trl_adapter import GroupConfig, run_trl
+from rlhf_rrg.rl.value_head import ValueHead
+from rlhf_rrg.runroot import mark_export_complete, resolve_init
+from rlhf_rrg.stage_setup import RunConfig, setup_stage
+from rlhf_rrg.training import NonFiniteLossError, make_train_loader
+
+
+@dataclass
+class RLTrainConfig:
+    max_steps: int = field(default=100, metadata={"help": "RL steps (one rollout batch each)"})
+    batch_size: int = field(default=16, metadata={"help": "prompts per step per process"})
+    log_every: int = field(default=1, metadata={"help": "log metrics every N steps"})
+    eval_every: int = field(default=0, metadata={"help": "evaluate every N steps; 0: before and after only"})
+    stop_at_step: int = field(default=0, metadata={"help": "end this invocation after this step (resume later)"})
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class PPOStageConfig:
+    run: RunConfig = field(default_factory=lambda: RunConfig(init_from="sft"))
+    data: DataConfig = field(default_factory=DataConfig)
+    algo: Literal["ppo", "scst", "grpo", "rloo"] = field(default="ppo", metadata={"help": "ppo|scst|grpo|rloo"})
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    kl: KLConfig = field(default_factory=KLConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    scst: SCSTConfig = field(default_factory=SCSTConfig)
+    group: GroupConfig = field(default_factory=GroupConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    lora: LoraSettings = field(default_factory=lambda: LoraSettings(enabled=False))
+    freeze_vision: bool = field(default=True, metadata={"help": "keep the vision encoder fixed"})
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, weight_decay=0.0, schedule="constant"))
+    train: RLTrainConfig = field(default_factory=RLTrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.algo not in ("ppo", "scst", "grpo", "rloo"):
+            raise ValueError(f"algo must be ppo, scst, grpo or rloo, got {self.algo!r}")
+        if self.run.init_from is None:
+            raise ValueError("run.init_from must name the SFT export (stage name 'sft' or a folder)")
+        if self.algo == "ppo" and self.train.batch_size % self.ppo.minibatch_size:
+            raise ValueError(f"train.batch_size={self.train.batch_size} must be a multiple of "
+                             f"ppo.minibatch_size={self.ppo.minibatch_size}")
+
+
+def context_dataset(generator: ReportGenerator, base, exclude_self: bool) -> ContextDataset:
+    """Studies with context from the export's memory bank (a training study never retrieves itself)."""
+    if generator.retriever is None:
+        return ContextDataset(base)
+    neighbours = dataset_neighbours(generator.retriever, generator.vision_tower, ContextDataset(base),
+                                    collate_context, exclude_self)
+    return ContextDataset(base, generator.retriever, neighbours)
+
+
+def prompt_batches(loader, sampler, state: TrainState, accelerator) -> Iterator[dict]:
+    """Batches in (seed, epoch) order, continuing where a resumed ``state`` left off."""
+    while True:
+        sampler.set_epoch(state.epoch)
+        batches = accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
+        for batch in batches:
+            state.batch_in_epoch += 1
+            yield batch
+        state.epoch += 1
+        state.batch_in_epoch = 0
+
+
+def evaluate(generator: ReportGenerator, dataset, cfg: PPOStageConfig, reward, worst: float) -> dict[str, float]:
+    """Greedy-report metrics of ``rlhf_rrg.evaluation`` plus the mean training reward of those reports."""
+    scores, rows = generate_and_score(generator, dataset, cfg.eval)
+    out = score_reports(reward, [r["prediction"] for r in rows], [r["reference"] for r in rows], worst)
+    return {**scores, "reward": sum(out.scores) / len(out.scores)}
+
+
+def main(cfg: PPOStageConfig) -> None:
+    ctx = setup_stage("ppo", cfg, cfg.run, 1, cfg.checkpoint.resume)
+    accelerator, dirs, metric_logger = ctx.accelerator, ctx.dirs, ctx.metric_logger
+    init = resolve_init(cfg.run.run_root, "ppo", cfg.run.init_from)
+
+    # 1. policy from the SFT export, data with context from its memory bank, reward
+    generator = ReportGenerator.from_export(init)
+    reward = build_stage_reward(cfg.reward.funcs, cfg.reward.weights)
+    worst = empty_report_reward(reward, cfg.reward.empty_reward)
+    train_data = context_dataset(generator, build_dataset(cfg.data, "train", train=False), exclude_self=True)
+    eval_data = eval_subset(context_dataset(generator, build_dataset(cfg.data, cfg.eval.split, train=False), False),
+                            cfg.eval)
+    if cfg.algo in ("grpo", "rloo"):
+        before = evaluate(generator, eval_data, cfg, reward, worst)
+        run_trl(cfg.algo, generator, init, train_data, reward, worst, cfg.group, cfg.generation, cfg.lora,
+                cfg.freeze_vision, cfg.optim, cfg.train.max_steps, cfg.train.batch_size, cfg.run.seed, dirs)
+        return finish(cfg, generator, dirs, metric_logger, accelerator, before,
+                      evaluate(generator, eval_data, cfg, reward, worst))
+
+    generator = make_trainable(generator, cfg.lora, cfg.freeze_vision).to(accelerator.device)
+    reference = ReferencePolicy(generator.model) if cfg.algo == "ppo" else None
+    value_head = ValueHead(generator.model.config.text_config.hidden_size) if cfg.algo == "ppo" else None
+    policy = PolicyWithValue(generator, value_head).to(accelerator.device)
+
+    # 2. optimisation and resumable state (KL controller, score statistics, lr schedule ride in checkpoints)
+    updates_per_step = cfg.ppo.ppo_epochs * cfg.train.batch_size // cfg.ppo.minibatch_size if cfg.algo == "ppo" else 1
+    optimizer = build_optimizer(policy, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps * updates_per_step)
+    loader = make_train_loader(train_data, cfg.train.batch_size, cfg.run.seed, collate_context)
+    sampler = loader.batch_sampler
+    policy, optimizer, loader = accelerator.prepare(policy, optimizer, loader)
+    state = TrainState()
+    kl_ctl = build_kl_controller(cfg.kl.controller, cfg.kl.init_kl_coef, cfg.kl.target, cfg.kl.horizon)
+    score_stats = RunningMeanStd()
+    for stateful in (state, kl_ctl, score_stats, scheduler):
+        accelerator.register_for_checkpointing(stateful)
+    ckpt = CheckpointManager(accelerator, dirs.checkpoints, cfg.checkpoint.keep)
+    if cfg.checkpoint.resume:
+        ckpt.resume()
+    unwrapped: PolicyWithValue = accelerator.unwrap_model(policy)
+    unwrapped.eval()  # dropout off: rollout-time and update-time log-probs must be the same function
+
+    def run_eval() -> dict[str, float]:
+        metrics = evaluate(unwrapped.generator, eval_data, cfg, reward, worst) if accelerator.is_main_process else {}
+        metric_logger.log_dict({f"eval/{k}": v for k, v in metrics.items()}, state.step)
+        accelerator.wait_for_everyone()
+        return metrics
+
+    if state.step == 0:
+        state.extra["before"] = run_eval()
+    batches = prompt_batches(loader, sampler, state, accelerator)
+    progress = tqdm(total=cfg.train.max_steps, initial=state.step, disable=not accelerator.is_main_process,
+                    desc=f"ppo[{cfg.algo}]")
+    while state.step < cfg.train.max_steps:
+        batch = next(batches)
+        try:
+            metrics = rl_step(cfg, accelerator, policy, unwrapped, optimizer, scheduler, reference, kl_ctl,
+                              score_stats, reward, worst, batch)
+        except (NonFiniteRewardError, NonFiniteLossError) as err:
+            failed = dirs.checkpoints / f"failed_step_{state.step:06d}"
+            accelerator.save_state(str(failed))
+            raise type(err)(f"ppo[{cfg.algo}] step {state.step}: {err}; state saved to {failed}; the last good "
+                            f"checkpoint is {ckpt.latest()}") from err
+        state.step += 1
+        progress.update(1)
+        if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
+            metrics["train/lr"] = scheduler.get_last_lr()[0]
+            metric_logger.log_dict(metrics, state.step)
+            progress.set_postfix(reward=f"{metrics['reward/mean']:.3f}")
+        if cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and state.step < cfg.train.max_steps:
+            run_eval()
+        if (cfg.checkpoint.save_every and state.step % cfg.checkpoint.save_every == 0) or \
+                state.step == cfg.train.stop_at_step:
+            ckpt.save(state.step)
+        if state.step == cfg.train.stop_at_step:
+            progress.close()
+            metric_logger.close()
+            return
+    progress.close()
+    after = run_eval()
+    if ckpt.latest() is None or ckpt.latest().name != f"step_{state.step:06d}":
+        ckpt.save(state.step)
+    finish(cfg, unwrapped.generator, dirs, metric_logger, accelerator, state.extra.get("before", {}), after)
+
+
+def rl_step(cfg, accelerator, policy, unwrapped, optimizer, scheduler, reference, kl_ctl, score_stats, reward,
+            worst, batch) -> dict[str, float]:
+    """One RL step (rollout -> reward -> advantage -> update); returns the metrics to log."""
+    gen, device = cfg.generation, accelerator.device
+    times: dict[str, float] = {}
+    # 1. rollout (SCST also decodes greedily: its baseline)
+    start = time.perf_counter()
+    k = cfg.scst.num_samples if cfg.algo == "scst" else 1
+    sampled_batch = repeat_batch(batch, k)
+    rollout = generate_rollout(unwrapped.generator, sampled_batch, gen.max_new_tokens, True, gen.temperature,
+                               gen.top_k)
+    greedy = generate_rollout(unwrapped.generator, batch, gen.max_new_tokens, False) if cfg.algo == "scst" else None
+    times["generate"] = time.perf_counter() - start
+
+    # 2. reward (NaN/inf on any process stops every process)
+    start = time.perf_counter()
+    try:
+        out = score_reports(reward, rollout.texts, sampled_batch["reports"], worst)
+        greedy_out = score_reports(reward, greedy.texts, batch["reports"], worst) if greedy is not None else None
+        error = None
+    except NonFiniteRewardError as err:
+        error = err
+    if bool(accelerator.gather(torch.tensor([error is not None], device=device)).any()):
+        raise error or NonFiniteRewardError("another process got a non-finite reward")
+    scores = scores_tensor(out, device)
+    times["reward"] = time.perf_counter() - start
+
+    # 3. advantage  4. update
+    start = time.perf_counter()
+    mask = rollout.response_mask
+    metrics: dict[str, float] = {}
+    if cfg.algo == "ppo":
+        with torch.no_grad():
+            scored = unwrapped(rollout, gen.temperature, with_entropy=True)
+        ref_logprobs = reference.logprobs(rollout, gen.temperature)
+        shaped = scores
+        if cfg.ppo.normalize_scores:
+            score_stats.update(accelerator.gather(scores))
+            shaped = score_stats.normalize(scores)
+        targets = ppo_targets(shaped, scored["logprobs"], ref_logprobs, scored["values"], mask, kl_ctl.value,
+                              cfg.kl.estimator, cfg.ppo.gamma, cfg.ppo.lam, cfg.ppo.whiten_rewards)
+        stats = ppo_update(accelerator, policy, optimizer, scheduler, rollout, targets, cfg.ppo, gen.temperature,
+                           cfg.optim.grad_clip)
+        sequence_kl = accelerator.reduce(masked_sum(targets.kl, mask, dim=1).mean(), "mean").item()
+        metrics.update({"rollout/kl": sequence_kl, "rollout/kl_coef": kl_ctl.value,
+                        "rollout/entropy": masked_mean(scored["entropy"], mask).item()})
+        kl_ctl.update(sequence_kl, scores.numel() * accelerator.num_processes)
+    else:
+        greedy_scores = scores_tensor(greedy_out, device)
+        advantages = scst_advantages(scores, greedy_scores.repeat_interleave(k))
+        stats = scst_update(accelerator, policy, optimizer, scheduler, rollout, advantages, cfg.scst,
+                            gen.temperature, cfg.optim.grad_clip, nll_batch=batch)
+        metrics["reward/greedy"] = greedy_scores.mean().item()
+        metrics["rollout/advantage_abs"] = advantages.abs().mean().item()
+    times["update"] = time.perf_counter() - start
+
+    metrics.update({"rollout/response_length": mask.sum(1).float().mean().item(),
+                    "rollout/empty_fraction": sum(not t.strip() for t in rollout.texts) / len(rollout.texts)})
+    metrics.update({f"reward/{key}": value for key, value in out.log("sub").items() if key != "sub"})
+    metrics.update({f"train/{key}": value for key, value in stats.items()})
+    metrics.update({f"perf/{key}_s": value for key, value in times.items()})
+    # Per-process means averaged over processes; the reward moments come from all scores.
+    metrics = {key: accelerator.reduce(torch.tensor(value, device=device), "mean").item()
+               for key, value in metrics.items()}
+    gathered = accelerator.gather(scores)
+    metrics["reward/mean"] = gathered.mean().item()
+    metrics["reward/std"] = gathered.std().item() if gathered.numel() > 1 else 0.0
+    return metrics
+
+
+def finish(cfg, generator: ReportGenerator, dirs, metric_logger, accelerator, before: dict, after: dict) -> None:
+    """Exports the policy (merged weights + prompting) and prints the before/after summary."""
+    if accelerator.is_main_process:
+        generator.save(dirs.export)
+        mark_export_complete(dirs.export, {"stage": "ppo", "algo": cfg.algo, "init_from": str(cfg.run.init_from)})
+        key = "ce/micro_f1_14"
+        nan = float("nan")
+        print0(f"{cfg.algo}: reward {before.get('reward', nan):.4f} -> {after.get('reward', nan):.4f}, "
+               f"CE-F1 {before.get(key, nan):.4f} -> {after.get(key, nan):.4f}")
+    accelerator.wait_for_everyone()
+    metric_logger.close()
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML config; further --section.key value pairs override it")
+    return parser
+
+
+if __name__ == "__main__":
+    args, overrides = make_parser().parse_known_args(sys.argv[1:])
+    main(load_config(PPOStageConfig, args.config, overrides))
