@@ -84,7 +84,10 @@ class EpochBatchSampler(Sampler[list[int]]):
 
 def make_train_loader(dataset: Dataset, batch_size: int, seed: int, collate_fn: Callable, num_workers: int = 0):
     sampler = EpochBatchSampler(dataset, batch_size, seed)
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=num_workers)
+    # Every new iterator draws a worker base seed; from the global RNG that would shift dropout after a resume
+    # (the resumed run creates one more iterator than the straight one), so it comes from its own generator.
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=num_workers,
+                      generator=torch.Generator().manual_seed(seed))
 
 
 def _epoch_sampler(loader: DataLoader) -> EpochBatchSampler:
@@ -149,6 +152,10 @@ def fit(
     model.train()
     while state.step < train_cfg.max_steps:
         sampler.set_epoch(state.epoch)
+        if hasattr(loader, "set_epoch"):
+            # Accelerate's loader re-sets the sampler's epoch from its own iteration count when iterated; that
+            # count restarts at 0 in a resumed process, so keep it equal to the loop's epoch.
+            loader.set_epoch(state.epoch)
         if hasattr(sampler.dataset, "set_epoch"):
             sampler.dataset.set_epoch(state.epoch, sampler.seed)
         batches = accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
