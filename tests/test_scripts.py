@@ -104,14 +104,14 @@ def test_reproduce_all_stops_at_the_first_failing_step(rrg_home: Path) -> None:
 @pytest.mark.parametrize(
     ("dataset", "expected"),
     [
-        ("iu_xray", "2 3 vim_small --data.dataset iu_xray --data.views 2 --data.max_words 60 --data.image_size 224"),
+        ("iu_xray", "2 3 arm_small --data.dataset iu_xray --data.views 2 --data.max_words 60 --data.image_size 192"),
         (
             "mimic_cxr",
-            "1 3 vim_base --data.dataset mimic_cxr --data.views 1 --data.max_words 100 --data.image_size 224",
+            "1 3 arm_base --data.dataset mimic_cxr --data.views 1 --data.max_words 100 --data.image_size 192",
         ),
         (
             "chexpert_plus",
-            "1 3 vim_base --data.dataset chexpert_plus --data.views 1 --data.max_words 100 --data.image_size 224 "
+            "1 3 arm_base --data.dataset chexpert_plus --data.views 1 --data.max_words 100 --data.image_size 192 "
             "--data.skip_empty_findings true --data.image_suffix .png",
         ),
     ],

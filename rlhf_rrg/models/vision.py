@@ -204,7 +204,12 @@ def arm_base() -> RRGVisionConfig:
     return RRGVisionConfig(encoder_type="arm", image_size=192, patch_size=16, hidden_size=768, num_hidden_layers=24)
 
 
-VISION_CONFIGS = {"vim_small": vim_small, "vim_base": vim_base, "arm_base": arm_base}
+def arm_small() -> RRGVisionConfig:
+    """ARM at Vim-S width (384, depth 24), 192 px: the smaller encoder for IU-Xray-sized data."""
+    return RRGVisionConfig(encoder_type="arm", image_size=192, patch_size=16, hidden_size=384, num_hidden_layers=24)
+
+
+VISION_CONFIGS = {"vim_small": vim_small, "vim_base": vim_base, "arm_small": arm_small, "arm_base": arm_base}
 
 AutoConfig.register(RRGVisionConfig.model_type, RRGVisionConfig, exist_ok=True)
 AutoModel.register(RRGVisionConfig, RRGVisionModel, exist_ok=True)
