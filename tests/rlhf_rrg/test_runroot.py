@@ -2,7 +2,14 @@ import json
 
 import pytest
 
-from rlhf_rrg.runroot import EXPORT_MARKER, STAGES, MissingStageOutputError, StageDirs, mark_export_complete, resolve_init
+from rlhf_rrg.runroot import (
+    EXPORT_MARKER,
+    STAGES,
+    MissingStageOutputError,
+    StageDirs,
+    mark_export_complete,
+    resolve_init,
+)
 
 
 def test_stage_dirs_layout(tmp_path):
@@ -28,7 +35,9 @@ def test_stage_name_needs_a_complete_export(tmp_path, previous):
     export = StageDirs(tmp_path, previous).export
     export.mkdir(parents=True)
     (export / "model.safetensors").write_bytes(b"")  # weights written, marker not yet: an interrupted export
-    with pytest.raises(MissingStageOutputError, match=rf"'{previous}' export.*{EXPORT_MARKER} missing.*stages/{previous}.py"):
+    with pytest.raises(
+        MissingStageOutputError, match=rf"'{previous}' export.*{EXPORT_MARKER} missing.*stages/{previous}.py"
+    ):
         resolve_init(tmp_path, "next", previous)
     mark_export_complete(export, {"stage": previous, "step": 3})
     assert resolve_init(tmp_path, "next", previous) == export

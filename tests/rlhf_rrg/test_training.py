@@ -94,11 +94,24 @@ def run_fit(
     loader = make_train_loader(Regression(), batch_size, seed=3, collate_fn=collate)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     logger = RecordingLogger()
-    train_cfg = TrainConfig(max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, log_every=1,
-                            **train_kwargs)
-    state = fit(accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader,
-                step_fn=step_fn, train_cfg=train_cfg, optim_cfg=optim_cfg, ckpt_cfg=ckpt or CheckpointConfig(),
-                dirs=StageDirs(root, "unit").make(), metric_logger=logger, eval_fn=eval_fn, export_fn=export_fn)
+    train_cfg = TrainConfig(
+        max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, log_every=1, **train_kwargs
+    )
+    state = fit(
+        accelerator=accelerator,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loader=loader,
+        step_fn=step_fn,
+        train_cfg=train_cfg,
+        optim_cfg=optim_cfg,
+        ckpt_cfg=ckpt or CheckpointConfig(),
+        dirs=StageDirs(root, "unit").make(),
+        metric_logger=logger,
+        eval_fn=eval_fn,
+        export_fn=export_fn,
+    )
     return accelerator.unwrap_model(model), state, logger
 
 
@@ -173,8 +186,13 @@ def test_select_metric_exports_the_best_evaluation(tmp_path):
 
 def test_select_mode_min_and_unknown_metric(tmp_path):
     scripted = iter([0.5, 0.1, 0.3])
-    _, state, _ = run_fit(tmp_path / "min", eval_every=2, select_metric="loss", select_mode="min",
-                          eval_fn=lambda model: {"loss": next(scripted)})
+    _, state, _ = run_fit(
+        tmp_path / "min",
+        eval_every=2,
+        select_metric="loss",
+        select_mode="min",
+        eval_fn=lambda model: {"loss": next(scripted)},
+    )
     assert (state.best_metric, state.best_step) == (0.1, 4)
     with pytest.raises(KeyError, match="'typo'.*available: \\['loss'\\]"):
         run_fit(tmp_path / "typo", select_metric="typo", eval_fn=lambda model: {"loss": 1.0})

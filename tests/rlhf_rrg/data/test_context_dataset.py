@@ -14,15 +14,16 @@ SIZE = 64
 
 def make_dataset(root, on_error="raise"):
     write_synthetic_dataset(root, SyntheticConfig(n_train=8, n_val=2, n_test=2, image_size=SIZE, seed=2))
-    cfg = DataConfig(annotation_path=root / "annotation.json", image_root=root / "images", image_size=SIZE,
-                     on_error=on_error)
+    cfg = DataConfig(
+        annotation_path=root / "annotation.json", image_root=root / "images", image_size=SIZE, on_error=on_error
+    )
     return build_dataset(cfg, "train", train=False)
 
 
 def make_retriever(base) -> ContextRetriever:
     n = len(base)
     labels = torch.zeros(n, len(CHEXPERT_14), dtype=torch.long)
-    labels[n // 2:, CHEXPERT_14.index("No Finding")] = POSITIVE
+    labels[n // 2 :, CHEXPERT_14.index("No Finding")] = POSITIVE
     bank = MemoryBank(torch.randn(n, 4), [s.id for s in base.studies], [f"report {i}" for i in range(n)], labels)
     paths = [[str(p) for p in s.image_paths] for s in base.studies]
     return ContextRetriever(ContextConfig(mode="retrieved", k_pos=1, k_neg=2), bank, paths, SIZE, base.mean, base.std)

@@ -22,8 +22,9 @@ MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 def train_set(tmp_path_factory):
     out = tmp_path_factory.mktemp("synthetic")
     write_synthetic_dataset(out, SyntheticConfig(n_train=16, n_val=2, n_test=2, image_size=SIZE, seed=1))
-    cfg = DataConfig(annotation_path=out / "annotation.json", image_root=out / "images", image_size=SIZE,
-                     mean=MEAN, std=STD)
+    cfg = DataConfig(
+        annotation_path=out / "annotation.json", image_root=out / "images", image_size=SIZE, mean=MEAN, std=STD
+    )
     return build_dataset(cfg, "train", train=False)
 
 
@@ -100,8 +101,11 @@ def test_save_load_round_trip(train_set, tmp_path):
     assert loaded.bank_images == retriever.bank_images
     assert (loaded.image_size, loaded.mean, loaded.std) == (SIZE, MEAN, STD)
     query = torch.randn(4, 16)
-    for a, b in zip(loaded.neighbours(query, ["a", "b", "c", "d"], False),
-                    retriever.neighbours(query, ["a", "b", "c", "d"], False), strict=True):
+    for a, b in zip(
+        loaded.neighbours(query, ["a", "b", "c", "d"], False),
+        retriever.neighbours(query, ["a", "b", "c", "d"], False),
+        strict=True,
+    ):
         assert torch.equal(a, b)
     torch.testing.assert_close(loaded.load([0], [3])["context_pixels"], retriever.load([0], [3])["context_pixels"])
     (tmp_path / "bank_images.json").unlink()
@@ -112,8 +116,10 @@ def test_save_load_round_trip(train_set, tmp_path):
 def test_built_bank_and_dataset_neighbours(train_set, vision):
     cfg = ContextConfig(mode="retrieved", k_pos=2, k_neg=1)
     data = ContextDataset(train_set)
-    batches = ({"pixel_values": b["pixel_values"], "id": b["ids"], "report": b["reports"], "labels": b["labels"]}
-               for b in DataLoader(data, batch_size=5, collate_fn=collate_context))
+    batches = (
+        {"pixel_values": b["pixel_values"], "id": b["ids"], "report": b["reports"], "labels": b["labels"]}
+        for b in DataLoader(data, batch_size=5, collate_fn=collate_context)
+    )
     retriever = ContextRetriever.build(cfg, vision, batches, image_paths(train_set), SIZE, MEAN, STD)
     assert retriever.bank.ids == [s.id for s in train_set.studies]
     assert retriever.num_context_images == 3

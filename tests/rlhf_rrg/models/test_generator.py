@@ -1,0 +1,243 @@
+"""ReportGenerator: prompt/image layout, the self-refine query mask, the SFT loss terms, export round trip."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from rewards.observations import CHEXPERT_14
+from rlhf_rrg.data.context_dataset import ContextDataset, collate_context
+from rlhf_rrg.data.dataset import DataConfig, ReportDataset, build_dataset
+from rlhf_rrg.data.synthetic import SyntheticConfig, write_synthetic_dataset
+from rlhf_rrg.losses.self_refine import SelfRefineConfig
+from rlhf_rrg.models.disease_clues import DiseaseClueConfig, DiseaseClueHead
+from rlhf_rrg.models.generator import PromptingConfig, ReportGenerator
+from rlhf_rrg.models.rrg import (
+    LoraSettings,
+    RRGModelConfig,
+    apply_lora,
+    build_processor,
+    build_rrg_model,
+    build_vision_model,
+)
+from rlhf_rrg.models.tokenizer import build_word_tokenizer
+from rlhf_rrg.retrieval.context import ContextConfig, PromptTemplate
+from rlhf_rrg.retrieval.retriever import ContextRetriever, dataset_neighbours
+
+SIZE = 64
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+K_POS, K_NEG = 2, 1
+INSTRUCTION = PromptTemplate().instruction
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    write_synthetic_dataset(root, SyntheticConfig(n_train=12, n_val=4, n_test=2, image_size=SIZE, views=2, seed=3))
+    return root
+
+
+def split(root, name: str, views: int) -> ReportDataset:
+    cfg = DataConfig(
+        annotation_path=root / "annotation.json",
+        image_root=root / "images",
+        image_size=SIZE,
+        views=views,
+        mean=MEAN,
+        std=STD,
+    )
+    return build_dataset(cfg, name, train=False)
+
+
+@dataclass
+class Built:
+    generator: ReportGenerator
+    train: ContextDataset
+    val: ReportDataset
+
+
+def build(root, tmp_path, views: int = 1, lora: bool = False, clues: bool = True) -> Built:
+    """A tiny generator wired like stages/sft.py: retrieved context with reports, optional clues and LoRA."""
+    torch.manual_seed(0)
+    train, val = split(root, "train", views), split(root, "val", views)
+    words = [train.report(i) for i in range(len(train))] + [
+        INSTRUCTION,
+        "note with disease normal report",
+        "findings suggest no finding",
+        *CHEXPERT_14,
+    ]
+    tokenizer = build_word_tokenizer(words, out_dir=tmp_path / "tokenizer")
+    vision = build_vision_model("tiny-vit").eval()
+    model_cfg = RRGModelConfig(vision="tiny-vit", lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    model = build_rrg_model(model_cfg, tokenizer, vision_model=vision)
+    processor = build_processor(model, tokenizer, MEAN, STD)
+    if lora:
+        model = apply_lora(model, model_cfg)
+    context = ContextConfig(mode="retrieved", k_pos=K_POS, k_neg=K_NEG, use_reports=True, max_context_words=5)
+    bank = ContextDataset(train)
+    batches = (
+        {"pixel_values": b["pixel_values"], "id": b["ids"], "report": b["reports"], "labels": b["labels"]}
+        for b in DataLoader(bank, batch_size=8, collate_fn=collate_context)
+    )
+    paths = [[str(p) for p in s.image_paths] for s in train.studies]
+    retriever = ContextRetriever.build(context, vision, batches, paths, SIZE, MEAN, STD)
+    neighbours = dataset_neighbours(retriever, vision, bank, collate_context, exclude_self=True)
+    clue_cfg = DiseaseClueConfig(enabled=clues, dropout=0.0, threshold=0.5)
+    clue_head = DiseaseClueHead(vision.config.hidden_size, 0, 0.0) if clues else None
+    prompting = PromptingConfig(context=context, clues=clue_cfg, views=views, max_report_tokens=40)
+    generator = ReportGenerator(model, processor, prompting, retriever, clue_head)
+    return Built(generator, ContextDataset(train, retriever, neighbours), val)
+
+
+def first_batch(built: Built, n: int = 4) -> dict:
+    return collate_context([built.train[i] for i in range(n)])
+
+
+def image_positions(input_ids: torch.Tensor, image_token_id: int) -> list[torch.Tensor]:
+    return [torch.nonzero(row == image_token_id).flatten() for row in input_ids]
+
+
+@pytest.mark.parametrize("views", [1, 2])
+def test_query_mask_is_the_last_views_images_tokens(data_root, tmp_path, views):
+    built = build(data_root, tmp_path, views=views)
+    gen, batch = built.generator, first_batch(built)
+    processor, n_img = gen.processor, gen.processor.num_image_tokens
+    prompts = gen.prompts(batch, gen.clue_logits(batch["pixel_values"]))
+    sft = processor.build_sft_batch(prompts, batch["reports"], gen.images(batch), 40)
+    generation = processor.build_generation_batch(prompts, gen.images(batch))
+    for input_ids in (sft["input_ids"], generation["input_ids"]):  # right- and left-padded
+        mask = gen._query_image_mask(input_ids)
+        for row, positions in enumerate(image_positions(input_ids, processor.image_token_id)):
+            assert len(positions) == (K_POS + K_NEG + views) * n_img
+            expected = torch.zeros_like(mask[row])
+            expected[positions[-views * n_img :]] = True
+            assert torch.equal(mask[row], expected)
+
+
+@pytest.mark.parametrize("views", [1, 2])
+def test_prompts_place_context_before_the_query_images(data_root, tmp_path, views):
+    built = build(data_root, tmp_path, views=views)
+    gen, batch = built.generator, first_batch(built)
+    image = gen.processor.image_token
+    for prompt, neg, pos in zip(gen.prompts(batch, None), batch["neg_reports"], batch["pos_reports"], strict=True):
+        assert prompt.count(image) == K_NEG + K_POS + views
+        assert prompt.endswith(image * views + " " + INSTRUCTION)
+        normal, disease = prompt.index(f"Note: {image} normal."), prompt.index(f"Note: {image} with disease.")
+        assert normal < disease < prompt.index(image * views + " " + INSTRUCTION)
+        assert len(neg) == K_NEG and len(pos) == K_POS
+        assert all(" ".join(r.split()[:5]) in prompt for r in neg + pos)
+    images = gen.images(batch)
+    assert images.shape[1] == K_NEG + K_POS + views
+    assert torch.equal(images[:, : K_NEG + K_POS], batch["context_pixels"])
+    assert torch.equal(images[:, K_NEG + K_POS :], batch["pixel_values"])
+
+
+def test_query_placeholders_receive_the_query_features(data_root, tmp_path):
+    built = build(data_root, tmp_path, views=2)
+    gen, batch = built.generator.eval(), first_batch(built)
+    llava = gen.model
+    captured = {}
+    hooks = [
+        llava.register_forward_pre_hook(lambda m, a, kw: captured.update(input_ids=kw["input_ids"]), with_kwargs=True),
+        llava.model.language_model.register_forward_pre_hook(
+            lambda m, a, kw: captured.update(embeds=kw["inputs_embeds"]), with_kwargs=True
+        ),
+    ]
+    with torch.no_grad():
+        gen(batch)
+        b, n, d = len(batch["ids"]), gen.processor.num_image_tokens, llava.config.text_config.hidden_size
+        query = torch.stack(
+            llava.model.get_image_features(pixel_values=batch["pixel_values"].flatten(0, 1)).pooler_output
+        )
+        context = torch.stack(
+            llava.model.get_image_features(pixel_values=batch["context_pixels"].flatten(0, 1)).pooler_output
+        )
+    for hook in hooks:
+        hook.remove()
+    mask = gen._query_image_mask(captured["input_ids"])
+    is_image = captured["input_ids"] == gen.processor.image_token_id
+    torch.testing.assert_close(captured["embeds"][mask].reshape(b, 2 * n, d), query.reshape(b, 2 * n, d))
+    torch.testing.assert_close(captured["embeds"][is_image & ~mask].reshape(b, -1, d), context.reshape(b, -1, d))
+
+
+def test_sft_loss_adds_clue_and_self_refine_terms(data_root, tmp_path):
+    built = build(data_root, tmp_path)
+    gen, batch = built.generator, first_batch(built)
+    refine = SelfRefineConfig(weight=0.3)
+    loss, metrics = gen(batch, refine)
+    assert set(metrics) == {"lm_loss", "clue_bce", "self_refine"}
+    expected = (
+        metrics["lm_loss"] + gen.prompting.clues.loss_weight * metrics["clue_bce"] + 0.3 * metrics["self_refine"]
+    )
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    loss.backward()
+    assert gen.clue_head.net[-1].weight.grad.abs().sum() > 0
+    assert gen.model.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
+    _, plain = gen(batch)
+    assert set(plain) == {"lm_loss", "clue_bce"}
+
+
+def test_clues_without_labels_raise(data_root, tmp_path):
+    built = build(data_root, tmp_path)
+    batch = {**first_batch(built), "labels": None}
+    with pytest.raises(ValueError, match="clues.enabled needs CheXpert labels"):
+        built.generator(batch)
+
+
+def test_attach_context_matches_the_dataset_context(data_root, tmp_path):
+    built = build(data_root, tmp_path)
+    gen = built.generator
+    val = ContextDataset(
+        built.val,
+        gen.retriever,
+        dataset_neighbours(
+            gen.retriever, gen.vision_tower, ContextDataset(built.val), collate_context, exclude_self=False
+        ),
+    )
+    batch = collate_context([val[i] for i in range(len(val))])
+    attached = gen.attach_context({"ids": batch["ids"], "pixel_values": batch["pixel_values"]})
+    torch.testing.assert_close(attached["context_pixels"], batch["context_pixels"])
+    assert attached["neg_reports"] == batch["neg_reports"] and attached["pos_reports"] == batch["pos_reports"]
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_export_round_trip_generates_the_same_reports(data_root, tmp_path, lora):
+    built = build(data_root, tmp_path, lora=lora)
+    gen = built.generator
+    with torch.no_grad():
+        for name, param in gen.named_parameters():
+            if "lora_B" in name or "clue_head" in name:
+                param.normal_(0.0, 0.5)  # non-trivial adapters (merged at export) and clue sentences
+    gen.eval()
+    batch = first_batch(built)
+    pixels = torch.stack([built.val[i]["pixel_values"] for i in range(len(built.val))])
+    ids = [s.id for s in built.val.studies]
+    with torch.no_grad():
+        expected_loss, _ = gen(batch)
+    expected = gen.generate(pixels, ids, max_new_tokens=12)
+    assert all(expected)
+    loaded = ReportGenerator.from_export(gen.save(tmp_path / "export"))
+    assert loaded.prompting == gen.prompting and not loaded.training
+    assert loaded.retriever.bank.ids == gen.retriever.bank.ids
+    assert (loaded.image_size, loaded.views, loaded.mean, loaded.std) == (SIZE, 1, MEAN, STD)
+    assert loaded.generate(pixels, ids, max_new_tokens=12) == expected
+    with torch.no_grad():
+        loaded_loss, _ = loaded(batch)
+    torch.testing.assert_close(loaded_loss, expected_loss, rtol=1e-4, atol=1e-5)
+
+
+def test_from_export_names_the_missing_file(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"prompting\.yaml is missing"):
+        ReportGenerator.from_export(tmp_path)
+
+
+def test_constructor_checks_retriever_and_clue_head(data_root, tmp_path):
+    gen = build(data_root, tmp_path).generator
+    with pytest.raises(ValueError, match="needs a retriever"):
+        ReportGenerator(gen.model, gen.processor, gen.prompting, None, gen.clue_head)
+    with pytest.raises(ValueError, match="clue head"):
+        ReportGenerator(gen.model, gen.processor, gen.prompting, gen.retriever, None)
