@@ -142,10 +142,14 @@ def main(cfg: PPOStageConfig) -> None:
                             cfg.eval)
     if cfg.algo in ("grpo", "rloo"):
         before = evaluate(generator, eval_data, cfg, reward, worst)
-        run_trl(cfg.algo, generator, init, train_data, reward, worst, cfg.group, cfg.generation, cfg.lora,
-                cfg.freeze_vision, cfg.optim, cfg.train.max_steps, cfg.train.batch_size, cfg.run.seed, dirs)
-        return finish(cfg, generator, dirs, metric_logger, accelerator, before,
-                      evaluate(generator, eval_data, cfg, reward, worst))
+        metric_logger.log_dict({f"eval/{k}": v for k, v in before.items()}, 0)
+        records = run_trl(cfg.algo, generator, init, train_data, reward, worst, cfg.group, cfg.generation, cfg.lora,
+                          cfg.freeze_vision, cfg.optim, cfg.train.max_steps, cfg.train.batch_size, cfg.run.seed, dirs)
+        for record in records:
+            metric_logger.log_dict({f"trl/{k}": v for k, v in record.items() if k != "step"}, int(record["step"]))
+        after = evaluate(generator, eval_data, cfg, reward, worst)
+        metric_logger.log_dict({f"eval/{k}": v for k, v in after.items()}, cfg.train.max_steps)
+        return finish(cfg, generator, dirs, metric_logger, accelerator, before, after)
 
     generator = make_trainable(generator, cfg.lora, cfg.freeze_vision).to(accelerator.device)
     reference = ReferencePolicy(generator.model) if cfg.algo == "ppo" else None

@@ -109,7 +109,7 @@ def run_trl(
     batch_size: int,
     seed: int,
     dirs: StageDirs,
-) -> None:
+) -> list[dict[str, float]]:
     """Trains ``generator.model`` in place with TRL's ``GRPOTrainer`` (``algo="grpo"``) or ``RLOOTrainer``.
 
     Args:
@@ -128,6 +128,9 @@ def run_trl(
         batch_size: Completions per device per step (a multiple of ``group.num_generations``).
         seed: TRL's seed.
         dirs: The stage folders (TRL writes under ``<stage>/trl``).
+
+    Returns:
+        TRL's per-step log records (``step`` plus its metrics: reward, sub-rewards, KL, entropy, ...).
     """
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
@@ -151,4 +154,5 @@ def run_trl(
     trainer = trainer_cls(model=generator.model, reward_funcs=TRLReward(reward, worst), args=args,
                           train_dataset=dataset, processing_class=generator.processor)
     trainer.train()
-    logger.info("%s: %d TRL steps, last log %s", algo, trainer.state.global_step, trainer.state.log_history[-1:])
+    logger.info("%s: %d TRL steps", algo, trainer.state.global_step)
+    return [record for record in trainer.state.log_history if "loss" in record]

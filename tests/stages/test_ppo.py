@@ -1,0 +1,107 @@
+"""Stage 4 integration: PPO/SCST learn a learnable reward, resume exactly, stop on NaN; GRPO/RLOO run via TRL."""
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhf_rrg.logging import read_jsonl
+from rlhf_rrg.rl.scoring import NonFiniteRewardError
+
+from .conftest import run_stage
+
+pytestmark = pytest.mark.integration
+
+SMALL = ["--train.batch_size", "8", "--ppo.minibatch_size", "4", "--ppo.ppo_epochs", "2", "--scst.num_samples", "4",
+         "--generation.max_new_tokens", "16", "--eval.max_samples", "4", "--eval.max_new_tokens", "16",
+         "--kl.controller", "fixed", "--kl.init_kl_coef", "0.01"]
+
+
+def negation_reward(completions, reference, **kwargs):
+    """Learnable within a few tokens: the share of words that are "no" (empty reports get reward.empty_reward)."""
+    return [sum(w == "no" for w in c.split()) / len(c.split()) for c in completions]
+
+
+def nan_reward(completions, reference, **kwargs):
+    """NaN on full rollout batches (8 non-empty reports) only, so the 4-report evaluation before training passes."""
+    return [float("nan") if len(completions) == 8 else 0.0 for _ in completions]
+
+
+def user_reward(name: str) -> list[str]:
+    return ["--reward.funcs", f"[{__name__}:{name}]", "--reward.empty_reward", "0.0"]
+
+
+@pytest.fixture(scope="module")
+def sft_export(synthetic_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sft_run")
+    run_stage("sft", synthetic_data, root, "--run.init_from", "null", "--model.vision", "tiny-vit",
+              "--prompting.context.mode", "none", "--prompting.clues.enabled", "false", "--self_refine.weight", "0",
+              "--train.max_steps", "40", "--train.eval_every", "0", "--checkpoint.save_every", "0",
+              "--eval.max_samples", "4", "--eval.max_new_tokens", "8")
+    return root / "sft" / "export"
+
+
+def run_ppo(synthetic_data, run_root, sft_export, *extra):
+    return run_stage("ppo", synthetic_data, run_root, "--run.init_from", str(sft_export), *SMALL, *extra)
+
+
+def metric(run_root, key):
+    return [r[key] for r in read_jsonl(run_root / "ppo" / "metrics.jsonl") if key in r]
+
+
+@pytest.mark.parametrize("algo", ["ppo", "scst"])
+def test_reward_rises_and_only_trainable_weights_move(synthetic_data, sft_export, tmp_path, algo):
+    run_ppo(synthetic_data, tmp_path, sft_export, "--algo", algo, "--train.max_steps", "12", "--optim.lr", "2e-3",
+            *user_reward("negation_reward"))
+    rewards = metric(tmp_path, "reward/mean")
+    assert len(rewards) == 12 and all(math.isfinite(r) for r in rewards)
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.05, rewards
+    before = load_file(sft_export / "model.safetensors")
+    after = load_file(tmp_path / "ppo" / "export" / "model.safetensors")
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert any("language_model" in n for n in changed) and any("multi_modal_projector" in n for n in changed)
+    # The vision encoder is frozen (freeze_vision) and must come out bit-identical.
+    assert not any("vision_tower" in n for n in changed)
+    for key in ("rollout/response_length", "perf/generate_s", "perf/reward_s", "perf/update_s", "train/policy_loss"):
+        assert metric(tmp_path, key), key
+    if algo == "ppo":
+        assert metric(tmp_path, "rollout/kl") and metric(tmp_path, "train/clipfrac")
+        assert metric(tmp_path, "rollout/entropy")
+
+
+def test_lora_reference_is_frozen_and_adapter_trains(synthetic_data, sft_export, tmp_path):
+    run_ppo(synthetic_data, tmp_path, sft_export, "--train.max_steps", "2", "--lora.enabled", "true",
+            "--lora.r", "4", "--lora.alpha", "8", "--lora.dropout", "0.0", "--optim.lr", "1e-2")
+    adapter = load_file(next((tmp_path / "ppo" / "export" / "adapter").glob("*.safetensors")))
+    assert any("lora_B" in n and v.abs().sum() > 0 for n, v in adapter.items())
+    kl = metric(tmp_path, "rollout/kl")
+    # Step 1 samples from the untouched adapter (B = 0): the policy equals its reference exactly.
+    assert kl[0] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_resume_continues_exactly(synthetic_data, sft_export, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    args = ("--train.max_steps", "4", "--kl.controller", "adaptive", "--kl.init_kl_coef", "0.1", "--kl.target",
+            "0.5", "--kl.horizon", "100", "--ppo.normalize_scores", "true")
+    run_ppo(synthetic_data, straight, sft_export, *args)
+    run_ppo(synthetic_data, resumed, sft_export, *args, "--train.stop_at_step", "2")
+    run_ppo(synthetic_data, resumed, sft_export, *args)
+    for key in ("reward/mean", "train/policy_loss", "train/value_loss", "rollout/kl_coef"):
+        torch.testing.assert_close(metric(resumed, key), metric(straight, key), rtol=1e-5, atol=1e-6)
+    assert len(metric(resumed, "reward/mean")) == 4
+
+
+def test_nan_reward_stops_with_saved_state(synthetic_data, sft_export, tmp_path):
+    with pytest.raises(NonFiniteRewardError, match="state saved to"):
+        run_ppo(synthetic_data, tmp_path, sft_export, "--train.max_steps", "2", *user_reward("nan_reward"))
+    assert list((tmp_path / "ppo" / "checkpoints").glob("failed_step_*"))
+
+
+@pytest.mark.parametrize("algo", ["grpo", "rloo"])
+def test_trl_algorithms_run_two_steps(synthetic_data, sft_export, tmp_path, algo):
+    run_ppo(synthetic_data, tmp_path, sft_export, "--algo", algo, "--train.max_steps", "2", "--train.batch_size", "4",
+            "--group.num_generations", "4", "--optim.lr", "1e-2", *user_reward("negation_reward"))
+    losses = metric(tmp_path, "trl/loss")
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    assert (tmp_path / "ppo" / "export" / "export_complete.json").is_file()
