@@ -22,6 +22,7 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
+from rewards.clinical import build_labeler
 from rewards.observations import CHEXPERT_14
 from rlhf_rrg.checkpoint import CheckpointConfig
 from rlhf_rrg.config import load_config
@@ -82,8 +83,12 @@ def build_retriever(cfg: SFTStageConfig, vision, datasets: dict[str, object]):
         return None, {name: None for name in datasets}
     bank_set = datasets["bank"]
     loader = DataLoader(bank_set, batch_size=32, collate_fn=collate_context)
-    batches = ({"pixel_values": b["pixel_values"], "id": b["ids"], "report": b["reports"], "labels": b["labels"]}
-               for b in loader)
+    # Normal/abnormal pools need labels; unlabelled datasets (R2Gen's MIMIC json) get them from the reports.
+    labeler = None
+    if any(s.labels is None for s in bank_set.base.studies):
+        labeler = build_labeler(cfg.prompting.context.bank_labeler)
+    batches = ({"pixel_values": b["pixel_values"], "id": b["ids"], "report": b["reports"],
+                "labels": b["labels"] if labeler is None else labeler.label(b["reports"])} for b in loader)
     paths = [[str(p) for p in s.image_paths] for s in bank_set.base.studies]
     retriever = ContextRetriever.build(cfg.prompting.context, vision, batches, paths, cfg.data.image_size,
                                        cfg.data.mean, cfg.data.std)

@@ -74,6 +74,10 @@ class ContextConfig:
         default=False, metadata={"help": "Add the context samples' reports as text (R2GenCSR: no)."}
     )
     max_context_words: int = field(default=60, metadata={"help": "Each context report is cut to this many words."})
+    bank_labeler: Literal["rule", "chexbert"] = field(
+        default="rule",
+        metadata={"help": "Labels the bank's reports when the dataset has no CheXpert labels (R2GenCSR: CheXbert)."},
+    )
     template: PromptTemplate = field(default_factory=PromptTemplate, metadata={"help": "Prompt wording."})
 
     def __post_init__(self) -> None:

@@ -188,13 +188,30 @@ def test_context_neighbours(synthetic_data, tmp_path, mode):
         assert len({tuple(r) for r in rows.tolist()}) > 1
 
 
-def test_clues_without_labels_raise(synthetic_data, tmp_path):
+def write_unlabeled(synthetic_data, tmp_path):
+    """The synthetic annotation without CheXpert labels, like R2Gen's MIMIC-CXR json."""
     annotation = json.loads((synthetic_data / "annotation.json").read_text())
     for records_ in annotation.values():
         for record in records_:
             record.pop("labels")
     unlabeled = tmp_path / "annotation.json"
     unlabeled.write_text(json.dumps(annotation))
+    return unlabeled
+
+
+def test_retrieval_on_unlabeled_data_labels_the_bank_from_reports(synthetic_data, tmp_path):
+    unlabeled = write_unlabeled(synthetic_data, tmp_path)
+    run_stage("sft", synthetic_data, tmp_path, *FAST, "--train.max_steps", "1", "--data.annotation_path",
+              str(unlabeled), "--prompting.clues.enabled", "false")
+    bank = ReportGenerator.from_export(tmp_path / "sft" / "export").retriever.bank
+    # The rule labeler's normal/abnormal split of the reports matches the synthetic ground truth for most studies.
+    truth = json.loads((synthetic_data / "annotation.json").read_text())["train"]
+    normal = torch.tensor([r["labels"].get("No Finding", 0) == 1 for r in truth])
+    assert (bank.is_normal == normal).float().mean() > 0.9
+
+
+def test_clues_without_labels_raise(synthetic_data, tmp_path):
+    unlabeled = write_unlabeled(synthetic_data, tmp_path)
     with pytest.raises(ValueError, match="clues.enabled needs CheXpert labels"):
         run_stage(
             "sft",
