@@ -162,6 +162,10 @@ def main(cfg: PPOStageConfig) -> None:
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps * updates_per_step)
     loader = make_train_loader(train_data, cfg.train.batch_size, cfg.run.seed, collate_context)
     sampler = loader.batch_sampler
+    if accelerator.state.deepspeed_plugin is not None:
+        # The batch sampler hides the batch size from DeepSpeed's config inference.
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = (
+            cfg.ppo.minibatch_size if cfg.algo == "ppo" else cfg.train.batch_size * cfg.scst.num_samples)
     policy, optimizer, loader = accelerator.prepare(policy, optimizer, loader)
     state = TrainState()
     kl_ctl = build_kl_controller(cfg.kl.controller, cfg.kl.init_kl_coef, cfg.kl.target, cfg.kl.horizon)
