@@ -77,11 +77,8 @@ def build_tokenizer(cfg: SFTStageConfig, train_reports: list[str], tokenizer_dir
     return build_word_tokenizer(train_reports + prompt_words, out_dir=tokenizer_dir)
 
 
-def build_retriever(cfg: SFTStageConfig, vision, datasets: dict[str, object]):
-    """Memory bank over the (un-augmented) training set, and each split's neighbours."""
-    if cfg.prompting.context.mode == "none":
-        return None, {name: None for name in datasets}
-    bank_set = datasets["bank"]
+def build_bank(cfg: SFTStageConfig, vision, bank_set: ContextDataset) -> ContextRetriever:
+    """Memory bank over the (un-augmented) training set."""
     loader = DataLoader(bank_set, batch_size=32, collate_fn=collate_context)
     # Normal/abnormal pools need labels; unlabelled datasets (R2Gen's MIMIC json) get them from the reports.
     labeler = None
@@ -90,14 +87,19 @@ def build_retriever(cfg: SFTStageConfig, vision, datasets: dict[str, object]):
     batches = ({"pixel_values": b["pixel_values"], "id": b["ids"], "report": b["reports"],
                 "labels": b["labels"] if labeler is None else labeler.label(b["reports"])} for b in loader)
     paths = [[str(p) for p in s.image_paths] for s in bank_set.base.studies]
-    retriever = ContextRetriever.build(cfg.prompting.context, vision, batches, paths, cfg.data.image_size,
-                                       cfg.data.mean, cfg.data.std)
-    neighbours = {}
-    for name, dataset in datasets.items():
-        if name == "bank":
-            continue
-        neighbours[name] = dataset_neighbours(retriever, vision, dataset, collate_context,
-                                              exclude_self=name == "train")
+    return ContextRetriever.build(cfg.prompting.context, vision, batches, paths, cfg.data.image_size,
+                                  cfg.data.mean, cfg.data.std)
+
+
+def build_retriever(cfg: SFTStageConfig, vision, datasets: dict[str, object]):
+    """Memory bank over the training set (``datasets["bank"]``), and each other split's neighbours."""
+    if cfg.prompting.context.mode == "none":
+        return None, {name: None for name in datasets}
+    retriever = build_bank(cfg, vision, datasets["bank"])
+    neighbours = {
+        name: dataset_neighbours(retriever, vision, dataset, collate_context, exclude_self=name == "train")
+        for name, dataset in datasets.items() if name != "bank"
+    }
     return retriever, neighbours
 
 
@@ -152,6 +154,10 @@ def main(cfg: SFTStageConfig) -> None:
 
     def export_fn(unwrapped: ReportGenerator) -> None:
         if accelerator.is_main_process:
+            if retriever is not None and not cfg.model.freeze_vision:
+                # Inference embeds queries with the tuned encoder, so the exported bank must come from it too;
+                # bank rows are the same studies in the same order, so training-time neighbours stay valid.
+                unwrapped.retriever = build_bank(cfg, unwrapped.vision_tower, ContextDataset(bank_set))
             unwrapped.save(dirs.export)
             mark_export_complete(dirs.export, {"stage": "sft", "vision": vision_source(cfg)})
 

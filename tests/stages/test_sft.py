@@ -23,6 +23,8 @@ pytestmark = pytest.mark.integration
 FAST = [
     "--run.init_from",
     "null",
+    "--model.freeze_vision",
+    "true",
     "--model.vision",
     "tiny-vit",
     "--train.batch_size",
