@@ -1,0 +1,73 @@
+import math
+
+import pytest
+
+from rewards import RewardOutput
+from rlhf_rrg.rl.scoring import (
+    NonFiniteRewardError,
+    RewardConfig,
+    build_stage_reward,
+    empty_report_reward,
+    score_reports,
+)
+
+
+class CountingReward:
+    name = __name__ = "words"
+    worst = -1.0
+
+    def __init__(self):
+        self.seen = []
+
+    def score(self, completions, references):
+        self.seen += list(completions)
+        chars = {"chars": [float(len(c)) for c in completions]}
+        return RewardOutput([float(len(c.split())) for c in completions], chars)
+
+
+def test_empty_reports_get_the_worst_reward_without_reaching_the_reward():
+    reward = CountingReward()
+    out = score_reports(reward, ["a b", "", "  ", "c"], ["r"] * 4, worst=-1.0)
+    assert out.scores == [2.0, -1.0, -1.0, 1.0]
+    assert reward.seen == ["a b", "c"]
+    assert out.sub_scores["chars"] == [3.0, -1.0, -1.0, 1.0]
+
+
+def test_nonfinite_reward_names_the_report():
+    class NaNReward(CountingReward):
+        def score(self, completions, references):
+            return RewardOutput([math.nan if c == "bad" else 1.0 for c in completions])
+
+    with pytest.raises(NonFiniteRewardError, match="'bad'"):
+        score_reports(NaNReward(), ["ok", "bad"], ["r", "r"], worst=0.0)
+
+
+def test_empty_reward_prefers_config_then_reward_worst():
+    assert empty_report_reward(CountingReward(), None) == -1.0
+    assert empty_report_reward(CountingReward(), 0.5) == 0.5
+
+    class NoWorst:
+        name = "user_fn"
+
+    with pytest.raises(ValueError, match="reward.empty_reward"):
+        empty_report_reward(NoWorst(), None)
+
+
+def test_config_swaps_rewards_and_falls_back_without_weights(monkeypatch, tmp_path):
+    composite = build_stage_reward(["chexpert_f1", "bleu2_radcliq"], [2.0, 1.0])
+    assert composite.weights == [2.0, 1.0]
+    out = composite.score(["moderate cardiomegaly ."], ["moderate cardiomegaly ."])
+    assert set(out.sub_scores) >= {"chexpert_f1", "bleu2_radcliq"}
+    assert out.scores[0] == pytest.approx(2.0 * out.sub_scores["chexpert_f1"][0] + out.sub_scores["bleu2_radcliq"][0])
+    # No RadCliQ model weights anywhere: the default reward falls back to the weight-free clinical composite.
+    for var in ("RADGRAPH_PATH", "CHEXBERT_PATH", "BERTSCORE_MODEL_PATH", "HF_HOME", "HF_HUB_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    assert build_stage_reward(["radcliq_v1"], None).name == "clinical_offline"
+    user = build_stage_reward([f"{CountingReward.__module__}:CountingReward"], None)
+    assert user.score(["a b c"], ["r"]).scores == [3.0]
+
+
+def test_reward_config_validates_weights():
+    with pytest.raises(ValueError, match="reward.weights"):
+        RewardConfig(funcs=["bleu"], weights=[1.0, 2.0])
