@@ -6,10 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from rlhf_rrg.config import load_config
 from rlhf_rrg.logging import read_jsonl
 from rlhf_rrg.rl.scoring import NonFiniteRewardError
 
-from .conftest import run_stage
+from .conftest import REPO, load_stage, run_stage
 
 pytestmark = pytest.mark.integration
 
@@ -105,3 +106,10 @@ def test_trl_algorithms_run_two_steps(synthetic_data, sft_export, tmp_path, algo
     losses = metric(tmp_path, "trl/loss")
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
     assert (tmp_path / "ppo" / "export" / "export_complete.json").is_file()
+
+
+@pytest.mark.parametrize("name", ["debug", "debug_scst", "iu_xray", "mimic_cxr", "chexpert_plus"])
+def test_configs_parse(name):
+    module = load_stage("ppo")
+    cfg = load_config(module.PPOStageConfig, REPO / "stages" / "configs" / "ppo" / f"{name}.yaml", [])
+    assert cfg.algo in ("ppo", "scst") and cfg.reward.funcs
