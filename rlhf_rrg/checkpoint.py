@@ -106,7 +106,8 @@ class CheckpointManager:
         if path is None:
             return None
         if not Path(path).is_dir():
-            raise FileNotFoundError(f"checkpoint {path} does not exist (found: {[p.name for p in self.checkpoints()]})")
+            found = [p.name for p in self.checkpoints()]
+            raise FileNotFoundError(f"checkpoint {path} does not exist (found: {found})")
         self.accelerator.load_state(str(path))
         logger.info("resumed from %s", path)
         return Path(path)

@@ -7,6 +7,7 @@ typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import types
 import typing
@@ -177,3 +178,16 @@ def save_config(cfg: Any, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def make_stage_parser(description: str | None) -> argparse.ArgumentParser:
+    """``--config FILE``; every other ``--section.key value`` pair is an override (see :func:`load_config`)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML config; further --section.key value pairs override it")
+    return parser
+
+
+def parse_stage_args(cls: type[T], description: str | None, argv: list[str] | None = None) -> T:
+    """The command line of a stage script as its root config dataclass."""
+    args, overrides = make_stage_parser(description).parse_known_args(argv)
+    return load_config(cls, args.config, overrides)

@@ -37,7 +37,9 @@ def eval_subset(dataset: Dataset, cfg: EvalConfig) -> Dataset:
 
 
 @torch.no_grad()
-def generate_and_score(generator: ReportGenerator, dataset: Dataset, cfg: EvalConfig) -> tuple[dict[str, float], list[dict[str, Any]]]:
+def generate_and_score(
+    generator: ReportGenerator, dataset: Dataset, cfg: EvalConfig
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Greedy/beam reports for every study of ``dataset`` (a ``ContextDataset``), scored against the references.
 
     Returns:

@@ -17,7 +17,7 @@ class OptimConfig:
     betas: tuple[float, float] = field(default=(0.9, 0.95), metadata={"help": "AdamW betas"})
     eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
     warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps"})
-    schedule: Literal["cosine", "linear", "constant"] = field(default="cosine", metadata={"help": "decay after warmup"})
+    schedule: Literal["cosine", "linear", "constant"] = field(default="cosine", metadata={"help": "decay shape"})
     min_lr_ratio: float = field(default=0.0, metadata={"help": "final lr as a fraction of lr"})
     grad_clip: float = field(default=1.0, metadata={"help": "max grad norm; 0 disables clipping"})
 

@@ -46,7 +46,7 @@ class TrainConfig:
         "help": "end this invocation after this step with a checkpoint, to be resumed later (wall-clock-limited "
                 "jobs); 0 runs to max_steps"})
     select_metric: str | None = field(default=None, metadata={"help": "eval metric that picks the exported model"})
-    select_mode: Literal["max", "min"] = field(default="max", metadata={"help": "whether higher select_metric is better"})
+    select_mode: Literal["max", "min"] = field(default="max", metadata={"help": "max: higher select_metric is better"})
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "log_every"):

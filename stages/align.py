@@ -16,8 +16,6 @@ and, last, ``export_complete.json``.
 
 from __future__ import annotations
 
-import argparse
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +24,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoModel, PreTrainedModel
 
 from rlhf_rrg.checkpoint import CheckpointConfig
-from rlhf_rrg.config import load_config
+from rlhf_rrg.config import parse_stage_args
 from rlhf_rrg.data.collate import ReportTextCollator
 from rlhf_rrg.data.dataset import DataConfig, build_dataset
 from rlhf_rrg.losses.contrastive import ClipLoss, ContrastiveConfig
@@ -140,12 +138,5 @@ def main(cfg: AlignStageConfig) -> None:
     ctx.metric_logger.close()
 
 
-def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config; further --section.key value pairs override it")
-    return parser
-
-
 if __name__ == "__main__":
-    args, overrides = make_parser().parse_known_args(sys.argv[1:])
-    main(load_config(AlignStageConfig, args.config, overrides))
+    main(parse_stage_args(AlignStageConfig, __doc__))

@@ -16,8 +16,6 @@ term. ``--algo grpo|rloo``: TRL's trainers with the same reward objects. The rew
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhf_rrg.checkpoint import CheckpointConfig, CheckpointManager, TrainState
-from rlhf_rrg.config import load_config
+from rlhf_rrg.config import parse_stage_args
 from rlhf_rrg.data.context_dataset import ContextDataset, collate_context
 from rlhf_rrg.data.dataset import DataConfig, build_dataset
 from rlhf_rrg.distributed import print0
@@ -304,12 +302,5 @@ def finish(cfg, generator: ReportGenerator, dirs, metric_logger, accelerator, be
     metric_logger.close()
 
 
-def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config; further --section.key value pairs override it")
-    return parser
-
-
 if __name__ == "__main__":
-    args, overrides = make_parser().parse_known_args(sys.argv[1:])
-    main(load_config(PPOStageConfig, args.config, overrides))
+    main(parse_stage_args(PPOStageConfig, __doc__))

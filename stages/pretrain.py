@@ -11,14 +11,12 @@ clusters 2..K. The exported encoder (``<run_root>/pretrain/export``) is what ``a
 
 from __future__ import annotations
 
-import argparse
-import sys
 from dataclasses import dataclass, field
 
 import torch
 
 from rlhf_rrg.checkpoint import CheckpointConfig
-from rlhf_rrg.config import load_config
+from rlhf_rrg.config import parse_stage_args
 from rlhf_rrg.data.dataset import DataConfig, build_dataset
 from rlhf_rrg.losses.ar_pretrain import ARPretrainConfig, build_ar_pretrainer
 from rlhf_rrg.models.rrg import build_vision_model
@@ -87,12 +85,5 @@ def main(cfg: PretrainStageConfig) -> None:
     ctx.metric_logger.close()
 
 
-def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config; further --section.key value pairs override it")
-    return parser
-
-
 if __name__ == "__main__":
-    args, overrides = make_parser().parse_known_args(sys.argv[1:])
-    main(load_config(PretrainStageConfig, args.config, overrides))
+    main(parse_stage_args(PretrainStageConfig, __doc__))

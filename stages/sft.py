@@ -14,8 +14,6 @@ with ``rewards``; the export (``<run_root>/sft/export``) is the model with the b
 
 from __future__ import annotations
 
-import argparse
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from transformers import AutoTokenizer
 from rewards.clinical import build_labeler
 from rewards.observations import CHEXPERT_14
 from rlhf_rrg.checkpoint import CheckpointConfig
-from rlhf_rrg.config import load_config
+from rlhf_rrg.config import parse_stage_args
 from rlhf_rrg.data.context_dataset import ContextDataset, collate_context
 from rlhf_rrg.data.dataset import DataConfig, build_dataset
 from rlhf_rrg.evaluation import EvalConfig, eval_subset, generate_and_score, majority_report_scores
@@ -129,8 +127,8 @@ def main(cfg: SFTStageConfig) -> None:
     retriever, neighbours = build_retriever(
         cfg, vision, {"bank": ContextDataset(bank_set), "train": ContextDataset(bank_set),
                       "val": ContextDataset(val_set)})
-    wrap = (lambda base, n: ContextDataset(base, retriever, n)) if retriever else (lambda base, n: ContextDataset(base))
-    train_data, val_data = wrap(train_set, neighbours["train"]), wrap(val_set, neighbours["val"])
+    train_data = ContextDataset(train_set, retriever, neighbours["train"])
+    val_data = ContextDataset(val_set, retriever, neighbours["val"])
     generator = ReportGenerator(model, processor, cfg.prompting, retriever, clue_head)
 
     # 4. optimisation
@@ -171,12 +169,5 @@ def main(cfg: SFTStageConfig) -> None:
     ctx.metric_logger.close()
 
 
-def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config; further --section.key value pairs override it")
-    return parser
-
-
 if __name__ == "__main__":
-    args, overrides = make_parser().parse_known_args(sys.argv[1:])
-    main(load_config(SFTStageConfig, args.config, overrides))
+    main(parse_stage_args(SFTStageConfig, __doc__))

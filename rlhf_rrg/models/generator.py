@@ -63,7 +63,7 @@ class ReportGenerator(nn.Module):
     ) -> None:
         super().__init__()
         if (prompting.context.mode != "none") != (retriever is not None):
-            raise ValueError(f"context.mode={prompting.context.mode!r} needs a retriever exactly when it is not 'none'")
+            raise ValueError(f"context.mode={prompting.context.mode!r} needs a retriever exactly when not 'none'")
         if prompting.clues.enabled != (clue_head is not None):
             raise ValueError("clues.enabled needs a clue head, and a clue head needs clues.enabled")
         self.model, self.clue_head = model, clue_head
@@ -185,7 +185,8 @@ class ReportGenerator(nn.Module):
         if self.clue_head is not None:
             save_file({k: v.detach().cpu().contiguous() for k, v in self.clue_head.state_dict().items()},
                       prompting_dir / _CLUE_HEAD_FILE)
-            (prompting_dir / "clue_head.json").write_text(json.dumps({"in_dim": self.clue_head.net[0].normalized_shape[0]}))
+            in_dim = self.clue_head.net[0].normalized_shape[0]
+            (prompting_dir / "clue_head.json").write_text(json.dumps({"in_dim": in_dim}))
         return out_dir
 
     @classmethod
