@@ -100,6 +100,29 @@ def _epoch_sampler(loader: DataLoader) -> EpochBatchSampler:
     raise TypeError("fit() needs a loader built by make_train_loader (an EpochBatchSampler)")
 
 
+def resumable_batches(accelerator: Accelerator, loader: DataLoader, state: TrainState) -> Iterator[Any]:
+    """Endless batches in (seed, epoch) order, starting where ``state`` left off.
+
+    ``state.epoch`` / ``state.batch_in_epoch`` count what has been handed out, so a checkpoint taken after
+    processing a batch resumes with the next one.
+    """
+    sampler = _epoch_sampler(loader)
+    while True:
+        sampler.set_epoch(state.epoch)
+        if hasattr(loader, "set_epoch"):
+            # Accelerate's loader re-sets the sampler's epoch from its own iteration count when iterated; that
+            # count restarts at 0 in a resumed process, so keep it equal to the loop's epoch.
+            loader.set_epoch(state.epoch)
+        if hasattr(sampler.dataset, "set_epoch"):
+            sampler.dataset.set_epoch(state.epoch, sampler.seed)
+        batches = accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
+        for batch in batches:
+            state.batch_in_epoch += 1
+            yield batch
+        state.epoch += 1
+        state.batch_in_epoch = 0
+
+
 def _is_better(value: float, best: float | None, mode: str) -> bool:
     return best is None or (value > best if mode == "max" else value < best)
 
@@ -148,65 +171,51 @@ def fit(
     progress = tqdm(total=train_cfg.max_steps, initial=state.step, disable=not accelerator.is_main_process,
                     desc=dirs.stage)
     window: dict[str, list[float]] = {}
-    sampler = _epoch_sampler(loader)
     model.train()
+    batches = resumable_batches(accelerator, loader, state)
     while state.step < train_cfg.max_steps:
-        sampler.set_epoch(state.epoch)
-        if hasattr(loader, "set_epoch"):
-            # Accelerate's loader re-sets the sampler's epoch from its own iteration count when iterated; that
-            # count restarts at 0 in a resumed process, so keep it equal to the loop's epoch.
-            loader.set_epoch(state.epoch)
-        if hasattr(sampler.dataset, "set_epoch"):
-            sampler.dataset.set_epoch(state.epoch, sampler.seed)
-        batches = accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
-        for batch in batches:
-            with accelerator.accumulate(model):
-                loss, metrics = step_fn(model, batch)
-                if not bool(torch.isfinite(accelerator.gather(loss.detach().reshape(1))).all()):
-                    failed = dirs.checkpoints / f"failed_step_{state.step:06d}"
-                    accelerator.save_state(str(failed))
-                    raise NonFiniteLossError(
-                        f"{dirs.stage}: loss is {loss.item()} at step {state.step} (epoch {state.epoch}, batch "
-                        f"{state.batch_in_epoch}); state saved to {failed}; the last good checkpoint is "
-                        f"{ckpt.latest()}. Lower optim.lr or check the inputs of this batch."
-                    )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and optim_cfg.grad_clip > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            state.batch_in_epoch += 1
-            for key, value in {"loss": loss.item(), **metrics}.items():
-                window.setdefault(key, []).append(float(value))
-            if not accelerator.sync_gradients:
-                continue
-            state.step += 1
-            progress.update(1)
-            if state.step % train_cfg.log_every == 0 or state.step == train_cfg.max_steps:
-                payload = {f"train/{k}": sum(v) / len(v) for k, v in window.items()}
-                payload = {k: accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean").item()
-                           for k, v in payload.items()}
-                payload["train/lr"] = scheduler.get_last_lr()[0]
-                payload["train/epoch"] = state.epoch
-                metric_logger.log_dict(payload, state.step)
-                progress.set_postfix(loss=f"{payload['train/loss']:.4f}")
-                window.clear()
-            if train_cfg.eval_every and state.step % train_cfg.eval_every == 0 and state.step < train_cfg.max_steps:
-                model.eval()
-                evaluate_and_export()
-                model.train()
-            if ckpt_cfg.save_every and state.step % ckpt_cfg.save_every == 0:
-                ckpt.save(state.step)
-            if state.step == train_cfg.stop_at_step:
-                progress.close()
-                ckpt.save(state.step)
-                return state
-            if state.step >= train_cfg.max_steps:
-                break
-        else:
-            state.epoch += 1
-            state.batch_in_epoch = 0
+        batch = next(batches)
+        with accelerator.accumulate(model):
+            loss, metrics = step_fn(model, batch)
+            if not bool(torch.isfinite(accelerator.gather(loss.detach().reshape(1))).all()):
+                failed = dirs.checkpoints / f"failed_step_{state.step:06d}"
+                accelerator.save_state(str(failed))
+                raise NonFiniteLossError(
+                    f"{dirs.stage}: loss is {loss.item()} at step {state.step} (epoch {state.epoch}, batch "
+                    f"{state.batch_in_epoch}); state saved to {failed}; the last good checkpoint is "
+                    f"{ckpt.latest()}. Lower optim.lr or check the inputs of this batch."
+                )
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and optim_cfg.grad_clip > 0:
+                accelerator.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        for key, value in {"loss": loss.item(), **metrics}.items():
+            window.setdefault(key, []).append(float(value))
+        if not accelerator.sync_gradients:
+            continue
+        state.step += 1
+        progress.update(1)
+        if state.step % train_cfg.log_every == 0 or state.step == train_cfg.max_steps:
+            payload = {f"train/{k}": sum(v) / len(v) for k, v in window.items()}
+            payload = {k: accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean").item()
+                       for k, v in payload.items()}
+            payload["train/lr"] = scheduler.get_last_lr()[0]
+            payload["train/epoch"] = state.epoch
+            metric_logger.log_dict(payload, state.step)
+            progress.set_postfix(loss=f"{payload['train/loss']:.4f}")
+            window.clear()
+        if train_cfg.eval_every and state.step % train_cfg.eval_every == 0 and state.step < train_cfg.max_steps:
+            model.eval()
+            evaluate_and_export()
+            model.train()
+        if ckpt_cfg.save_every and state.step % ckpt_cfg.save_every == 0:
+            ckpt.save(state.step)
+        if state.step == train_cfg.stop_at_step:
+            progress.close()
+            ckpt.save(state.step)
+            return state
     progress.close()
     model.eval()
     evaluate_and_export()

@@ -17,7 +17,6 @@ term. ``--algo grpo|rloo``: TRL's trainers with the same reward objects. The rew
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -53,7 +52,7 @@ from rlhf_rrg.rl.trl_adapter import GroupConfig, run_trl
 from rlhf_rrg.rl.value_head import ValueHead
 from rlhf_rrg.runroot import mark_export_complete, resolve_init
 from rlhf_rrg.stage_setup import RunConfig, setup_stage
-from rlhf_rrg.training import NonFiniteLossError, make_train_loader
+from rlhf_rrg.training import NonFiniteLossError, make_train_loader, resumable_batches
 
 
 @dataclass
@@ -107,18 +106,6 @@ def context_dataset(generator: ReportGenerator, base, exclude_self: bool) -> Con
     return ContextDataset(base, generator.retriever, neighbours)
 
 
-def prompt_batches(loader, sampler, state: TrainState, accelerator) -> Iterator[dict]:
-    """Batches in (seed, epoch) order, continuing where a resumed ``state`` left off."""
-    while True:
-        sampler.set_epoch(state.epoch)
-        batches = accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
-        for batch in batches:
-            state.batch_in_epoch += 1
-            yield batch
-        state.epoch += 1
-        state.batch_in_epoch = 0
-
-
 def evaluate(generator: ReportGenerator, dataset, cfg: PPOStageConfig, reward, worst: float) -> dict[str, float]:
     """Greedy-report metrics of ``rlhf_rrg.evaluation`` plus the mean training reward of those reports."""
     scores, rows = generate_and_score(generator, dataset, cfg.eval)
@@ -159,7 +146,6 @@ def main(cfg: PPOStageConfig) -> None:
     optimizer = build_optimizer(policy, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps * updates_per_step)
     loader = make_train_loader(train_data, cfg.train.batch_size, cfg.run.seed, collate_context)
-    sampler = loader.batch_sampler
     if accelerator.state.deepspeed_plugin is not None:
         # The batch sampler hides the batch size from DeepSpeed's config inference.
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = (
@@ -184,7 +170,7 @@ def main(cfg: PPOStageConfig) -> None:
 
     if state.step == 0:
         state.extra["before"] = run_eval()
-    batches = prompt_batches(loader, sampler, state, accelerator)
+    batches = resumable_batches(accelerator, loader, state)
     progress = tqdm(total=cfg.train.max_steps, initial=state.step, disable=not accelerator.is_main_process,
                     desc=f"ppo[{cfg.algo}]")
     while state.step < cfg.train.max_steps:
