@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import AutoModel, PreTrainedModel
 
 from rlhf_rrg.checkpoint import CheckpointConfig
 from rlhf_rrg.config import parse_stage_args
@@ -31,7 +30,6 @@ from rlhf_rrg.losses.contrastive import ClipLoss, ContrastiveConfig
 from rlhf_rrg.models.rrg import build_vision_model
 from rlhf_rrg.models.study_aligner import StudyAligner, StudyAlignerConfig, build_study_aligner, save_aligner
 from rlhf_rrg.models.text_encoder import TextEncoderConfig, build_text_encoder, tiny_text_encoder
-from rlhf_rrg.models.vision import VISION_CONFIGS
 from rlhf_rrg.optim import OptimConfig, build_optimizer, build_scheduler
 from rlhf_rrg.retrieval.alignment_eval import RetrievalEvalConfig, evaluate_retrieval
 from rlhf_rrg.runroot import EXPORT_MARKER, mark_export_complete, resolve_init
@@ -62,14 +60,6 @@ class AlignStageConfig:
                              f"{self.eval.metric_names} (set by eval.ks)")
 
 
-def build_vision(vision: str, init_dir: Path | None) -> PreTrainedModel:
-    if init_dir is not None:
-        return build_vision_model(str(init_dir))
-    if vision in VISION_CONFIGS:
-        return AutoModel.from_config(VISION_CONFIGS[vision]())
-    return build_vision_model(vision)
-
-
 def main(cfg: AlignStageConfig) -> None:
     ctx = setup_stage("align", cfg, cfg.run, cfg.train.grad_accum, cfg.checkpoint.resume)
     accelerator, dirs = ctx.accelerator, ctx.dirs
@@ -88,7 +78,7 @@ def main(cfg: AlignStageConfig) -> None:
             tiny_text_encoder([train_set.report(i) for i in range(len(train_set))], text_path, seed=cfg.run.seed)
     accelerator.wait_for_everyone()
     text_encoder, tokenizer = build_text_encoder(text_path)
-    vision_encoder = build_vision(cfg.vision, init_dir)
+    vision_encoder = build_vision_model(str(init_dir) if init_dir is not None else cfg.vision)
     if vision_encoder.config.image_size != cfg.data.image_size:
         raise ValueError(f"data.image_size={cfg.data.image_size} but the vision encoder expects "
                          f"{vision_encoder.config.image_size}")

@@ -20,7 +20,6 @@ from rlhf_rrg.config import parse_stage_args
 from rlhf_rrg.data.dataset import DataConfig, build_dataset
 from rlhf_rrg.losses.ar_pretrain import ARPretrainConfig, build_ar_pretrainer
 from rlhf_rrg.models.rrg import build_vision_model
-from rlhf_rrg.models.vision import VISION_CONFIGS
 from rlhf_rrg.optim import OptimConfig, build_optimizer, build_scheduler
 from rlhf_rrg.runroot import mark_export_complete, resolve_init
 from rlhf_rrg.stage_setup import RunConfig, setup_stage
@@ -43,23 +42,14 @@ def collate_images(items: list[dict]) -> dict[str, torch.Tensor]:
     return {"pixel_values": torch.cat([item["pixel_values"] for item in items])}
 
 
-def build_encoder(vision: str, init_dir):
-    if init_dir is not None:
-        return build_vision_model(str(init_dir))
-    if vision in VISION_CONFIGS:
-        from transformers import AutoModel
-
-        return AutoModel.from_config(VISION_CONFIGS[vision]())
-    return build_vision_model(vision)
-
-
 def main(cfg: PretrainStageConfig) -> None:
     ctx = setup_stage("pretrain", cfg, cfg.run, cfg.train.grad_accum, cfg.checkpoint.resume)
     accelerator, dirs = ctx.accelerator, ctx.dirs
 
     # 1. data and model
     dataset = build_dataset(cfg.data, "train", train=True)
-    encoder = build_encoder(cfg.vision, resolve_init(cfg.run.run_root, "pretrain", cfg.run.init_from))
+    init_dir = resolve_init(cfg.run.run_root, "pretrain", cfg.run.init_from)
+    encoder = build_vision_model(str(init_dir) if init_dir is not None else cfg.vision)
     if encoder.config.image_size != cfg.data.image_size:
         raise ValueError(f"data.image_size={cfg.data.image_size} but the encoder expects {encoder.config.image_size}")
     model = build_ar_pretrainer(encoder, cfg.arm)

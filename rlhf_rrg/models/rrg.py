@@ -32,7 +32,7 @@ from transformers import (
 from rlhf_rrg.models.llm_configs import DTYPES, LLM_NAMES, TINY_LLMS, load_pretrained_llm, tiny_text_config
 from rlhf_rrg.models.processor import ImageInput, RRGProcessor
 from rlhf_rrg.models.tokenizer import IMAGE_TOKEN, add_image_token
-from rlhf_rrg.models.vision import tiny_vision_config
+from rlhf_rrg.models.vision import VISION_CONFIGS, tiny_vision_config
 
 logger = logging.getLogger(__name__)
 
@@ -101,10 +101,9 @@ class RRGModelConfig:
             raise ValueError(f"llm_path is required for the pretrained LLM {self.llm!r}")
         if self.llm_dtype not in DTYPES:
             raise ValueError(f"llm_dtype must be one of {sorted(DTYPES)}, got {self.llm_dtype!r}")
-        if self.vision not in TINY_VISIONS and not (Path(self.vision) / "config.json").is_file():
-            raise ValueError(
-                f"vision {self.vision!r} is neither one of {sorted(TINY_VISIONS)} nor a directory with config.json"
-            )
+        names = sorted(TINY_VISIONS) + sorted(VISION_CONFIGS)
+        if self.vision not in names and not (Path(self.vision) / "config.json").is_file():
+            raise ValueError(f"vision {self.vision!r} is neither one of {names} nor a directory with config.json")
 
 
 def num_image_tokens(vision_config: PretrainedConfig, vision_feature_select_strategy: str) -> int:
@@ -114,9 +113,11 @@ def num_image_tokens(vision_config: PretrainedConfig, vision_feature_select_stra
 
 
 def build_vision_model(vision: str) -> PreTrainedModel:
-    """A random-init tiny encoder (a ``TINY_VISIONS`` name) or the encoder exported in directory ``vision``."""
+    """A random-init encoder (a ``TINY_VISIONS`` or ``VISION_CONFIGS`` name) or the one exported in dir ``vision``."""
     if vision in TINY_VISIONS:
         return AutoModel.from_config(tiny_vision_config(TINY_VISIONS[vision]))
+    if vision in VISION_CONFIGS:
+        return AutoModel.from_config(VISION_CONFIGS[vision]())
     logger.info("loading vision encoder from %s", vision)
     return AutoModel.from_pretrained(vision, local_files_only=True)
 
