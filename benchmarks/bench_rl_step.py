@@ -66,7 +66,8 @@ def main() -> None:
             "--run.run_root", str(tmp_dir / "run"), "--run.init_from", str(export), "--algo", args.algo,
             "--data.annotation_path", str(data / "annotation.json"), "--data.image_root", str(data / "images"),
             "--train.max_steps", str(args.steps), "--train.batch_size", str(args.batch_size),
-            "--generation.max_new_tokens", str(args.max_new_tokens), "--reward.funcs", f"[{args.reward}]",
+            "--generation.max_new_tokens", str(args.max_new_tokens),
+            "--reward.funcs", f"[{args.reward}]", "--reward.weights", "[1.0]",
             "--eval.max_samples", "1", "--eval.max_new_tokens", "1", "--checkpoint.save_every", "0"])
         start = time.perf_counter()
         stage.main(cfg)

@@ -59,8 +59,7 @@ def test_accelerate_launch_runs_ppo(data_and_export, tmp_path, launch):
         "--ppo.minibatch_size", "2", "--ppo.ppo_epochs", "1", "--generation.max_new_tokens", "8",
         "--eval.max_samples", "2", "--eval.max_new_tokens", "4",
     ]
-    # The repo root on PYTHONPATH: an editable install made before rewards/__init__.py existed maps
-    # ``rewards`` to a namespace package, which hides its public names from scripts run outside the repo root.
+    # The repo root on PYTHONPATH: the launched script sees this checkout whatever install the venv holds.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

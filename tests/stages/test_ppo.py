@@ -30,7 +30,7 @@ def nan_reward(completions, reference, **kwargs):
 
 
 def user_reward(name: str) -> list[str]:
-    return ["--reward.funcs", f"[{__name__}:{name}]", "--reward.empty_reward", "0.0"]
+    return ["--reward.funcs", f"[{__name__}:{name}]", "--reward.weights", "[1.0]", "--reward.empty_reward", "0.0"]
 
 
 @pytest.fixture(scope="module")
