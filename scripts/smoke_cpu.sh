@@ -18,6 +18,9 @@ for stage in pretrain align sft ppo; do
   echo "=== stage: $stage"
   "${LAUNCH[@]}" stages/$stage.py --config stages/configs/$stage/debug.yaml "${DATA_ARGS[@]}"
 done
+echo "=== stage: ppo with --algo scst, from the same SFT export (separate run root)"
+"${LAUNCH[@]}" stages/ppo.py --config stages/configs/ppo/debug_scst.yaml "${DATA_ARGS[@]}" \
+  --run.run_root "$RRG_HOME/runs/demo_scst" --run.init_from "$RUN/sft/export"
 echo "=== evaluation on the test split"
 python -m rlhf_rrg.evaluate_run --run-root "$RUN" --split test \
   --data.annotation_path "$DATA/annotation.json" --data.image_root "$DATA/images"
