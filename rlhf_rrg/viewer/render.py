@@ -28,7 +28,7 @@ from rlhf_rrg.viewer.plots import bar_panels, line_plot
 
 logger = logging.getLogger(__name__)
 
-REWARD_KEY = "reward/total"
+REWARD_KEY = "reward/mean"  # what stages/ppo.py logs every RL step
 BAR_COLUMNS: tuple[str, ...] = ("B4", "R-L", "CIDEr", "CE-F1", "RadGraph")
 # Evaluated stage folders are shown in pipeline order; any other folder under eval/ follows, sorted.
 STAGE_ORDER: tuple[str, ...] = (MAJORITY, *STAGES)
@@ -42,7 +42,7 @@ class RunEval:
         stages: evaluated stages in display order.
         predictions: stage -> study id -> prediction row (see :func:`rlhf_rrg.evaluate_run.per_report_rows`).
         scores: stage -> ``scores.json`` content.
-        reward_curve: ``(steps, rewards)`` of ``reward/total`` from ``ppo/metrics.jsonl`` (empty when absent).
+        reward_curve: ``(steps, rewards)`` of ``reward/mean`` from ``ppo/metrics.jsonl`` (empty when absent).
     """
 
     stages: list[str]
@@ -176,7 +176,7 @@ def _summary_html(data: RunEval) -> str:
     if steps:
         curve = line_plot(steps, rewards, "RL reward over training", "step", REWARD_KEY, css_id="reward-curve")
     else:
-        curve = '<p class="absent">no RL reward curve (ppo/metrics.jsonl missing or without reward/total)</p>'
+        curve = '<p class="absent">no RL reward curve (ppo/metrics.jsonl missing or without reward/mean)</p>'
     columns = dict(TABLE_COLUMNS)
     panels = {}
     for name in BAR_COLUMNS:

@@ -52,7 +52,7 @@ def _write_eval(root: Path) -> Path:
         scores = {"bleu_4": 0.2 if stage == "sft" else 0.25, "rouge_l": 0.4, "cider": 1.7, "ce/micro_f1_14": 0.3}
         (out / "scores.json").write_text(json.dumps({"n": 3, "scores": scores, "skipped": {"radgraph": "no weights"}}))
     (run / "ppo").mkdir()
-    metrics = [{"step": s + 1, "reward/total": r, "rollout/kl": 0.01} for s, r in enumerate(REWARDS)]
+    metrics = [{"step": s + 1, "reward/mean": r, "rollout/kl": 0.01} for s, r in enumerate(REWARDS)]
     (run / "ppo" / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in [{"step": 0}, *metrics]))
     return run
 
