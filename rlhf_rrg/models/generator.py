@@ -21,6 +21,7 @@ from rlhf_rrg.config import load_config, save_config
 from rlhf_rrg.losses.self_refine import SelfRefineConfig, self_refining_loss
 from rlhf_rrg.models.disease_clues import DiseaseClueConfig, DiseaseClueHead, clue_bce_loss, clue_text
 from rlhf_rrg.models.processor import RRGProcessor
+from rlhf_rrg.models.residual_context import attach_residual_context
 from rlhf_rrg.models.rrg import load_rrg, save_rrg
 from rlhf_rrg.retrieval.context import ContextConfig, build_context_prompt
 from rlhf_rrg.retrieval.retriever import ContextRetriever, embed_studies
@@ -68,12 +69,18 @@ class ReportGenerator(nn.Module):
             raise ValueError("clues.enabled needs a clue head, and a clue head needs clues.enabled")
         self.model, self.clue_head = model, clue_head
         self.processor, self.prompting, self.retriever = processor, prompting, retriever
+        if retriever is not None and prompting.context.residual:
+            attach_residual_context(self._llava.model.multi_modal_projector, retriever.num_context_images,
+                                    prompting.views)
 
     # ----------------------------------------------------------------------------------------------- pieces
     @property
+    def _llava(self) -> nn.Module:
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    @property
     def vision_tower(self) -> nn.Module:
-        llava = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        return llava.model.vision_tower
+        return self._llava.model.vision_tower
 
     @property
     def device(self) -> torch.device:

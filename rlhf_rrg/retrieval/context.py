@@ -74,6 +74,10 @@ class ContextConfig:
         default=False, metadata={"help": "Add the context samples' reports as text (R2GenCSR: no)."}
     )
     max_context_words: int = field(default=60, metadata={"help": "Each context report is cut to this many words."})
+    residual: bool = field(
+        default=False,
+        metadata={"help": "R2GenCSR: context image slots carry (query - context) visual features."},
+    )
     bank_labeler: Literal["rule", "chexbert"] = field(
         default="rule",
         metadata={"help": "Labels the bank's reports when the dataset has no CheXpert labels (R2GenCSR: CheXbert)."},
@@ -87,6 +91,8 @@ class ContextConfig:
             raise ValueError(f"k_pos and k_neg must be >= 0, got {self.k_pos} and {self.k_neg}")
         if self.mode != "none" and self.k_pos + self.k_neg == 0:
             raise ValueError(f"mode {self.mode!r} needs k_pos + k_neg > 0")
+        if self.residual and self.mode == "none":
+            raise ValueError("residual needs context samples: set mode 'retrieved' or 'fixed'")
         if self.max_context_words < 1:
             raise ValueError(f"max_context_words must be >= 1, got {self.max_context_words}")
 

@@ -59,7 +59,7 @@ class Built:
     val: ReportDataset
 
 
-def build(root, tmp_path, views: int = 1, lora: bool = False, clues: bool = True) -> Built:
+def build(root, tmp_path, views: int = 1, lora: bool = False, clues: bool = True, residual: bool = False) -> Built:
     """A tiny generator wired like stages/sft.py: retrieved context with reports, optional clues and LoRA."""
     torch.manual_seed(0)
     train, val = split(root, "train", views), split(root, "val", views)
@@ -76,7 +76,8 @@ def build(root, tmp_path, views: int = 1, lora: bool = False, clues: bool = True
     processor = build_processor(model, tokenizer, MEAN, STD)
     if lora:
         model = apply_lora(model, model_cfg)
-    context = ContextConfig(mode="retrieved", k_pos=K_POS, k_neg=K_NEG, use_reports=True, max_context_words=5)
+    context = ContextConfig(mode="retrieved", k_pos=K_POS, k_neg=K_NEG, use_reports=True, max_context_words=5,
+                            residual=residual)
     bank = ContextDataset(train)
     batches = (
         {"pixel_values": b["pixel_values"], "id": b["ids"], "report": b["reports"], "labels": b["labels"]}
@@ -161,6 +162,56 @@ def test_query_placeholders_receive_the_query_features(data_root, tmp_path):
     is_image = captured["input_ids"] == gen.processor.image_token_id
     torch.testing.assert_close(captured["embeds"][mask].reshape(b, 2 * n, d), query.reshape(b, 2 * n, d))
     torch.testing.assert_close(captured["embeds"][is_image & ~mask].reshape(b, -1, d), context.reshape(b, -1, d))
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_residual_context_slots_carry_query_minus_context(data_root, tmp_path, lora):
+    built = build(data_root, tmp_path, views=2, lora=lora, residual=True)
+    gen, batch = built.generator.eval(), first_batch(built)
+    llava = gen._llava
+    captured = {}
+    hooks = [
+        llava.register_forward_pre_hook(lambda m, a, kw: captured.update(input_ids=kw["input_ids"]), with_kwargs=True),
+        llava.model.language_model.register_forward_pre_hook(
+            lambda m, a, kw: captured.update(embeds=kw["inputs_embeds"]), with_kwargs=True
+        ),
+    ]
+    with torch.no_grad():
+        gen(batch)
+        b, n, d = len(batch["ids"]), gen.processor.num_image_tokens, llava.config.text_config.hidden_size
+        tower = llava.model.vision_tower
+
+        def encoder_features(pixels):  # LLaVA's "default" selection: last hidden state without the cls token
+            return tower(pixels.flatten(0, 1), output_hidden_states=True).hidden_states[-1][:, 1:]
+
+        query = encoder_features(batch["pixel_values"]).reshape(b, 2, n, -1)
+        context = encoder_features(batch["context_pixels"]).reshape(b, K_NEG + K_POS, n, -1)
+        # ``forward`` skips the module's hooks: the plain projector applied to hand-made residuals.
+        projector = llava.model.multi_modal_projector
+        expected_context = projector.forward((query.mean(1, keepdim=True) - context).flatten(0, 1))
+        expected_query = projector.forward(query.flatten(0, 1))
+    for hook in hooks:
+        hook.remove()
+    mask = gen._query_image_mask(captured["input_ids"])
+    is_image = captured["input_ids"] == gen.processor.image_token_id
+    torch.testing.assert_close(captured["embeds"][mask].reshape(b, 2 * n, d), expected_query.reshape(b, 2 * n, d))
+    torch.testing.assert_close(captured["embeds"][is_image & ~mask].reshape(b, -1, d),
+                               expected_context.reshape(b, -1, d))
+
+
+def test_residual_context_survives_export(data_root, tmp_path):
+    built = build(data_root, tmp_path, residual=True)
+    gen, batch = built.generator.eval(), first_batch(built)
+    with torch.no_grad():
+        loss, _ = gen(batch)
+    loaded = ReportGenerator.from_export(gen.save(tmp_path / "export")).eval()
+    with torch.no_grad():
+        reloaded, _ = loaded(batch)
+    torch.testing.assert_close(reloaded, loss)
+    loaded._llava.model.multi_modal_projector._forward_pre_hooks.clear()
+    with torch.no_grad():
+        without, _ = loaded(batch)
+    assert not torch.allclose(without, loss)
 
 
 def test_sft_loss_adds_clue_and_self_refine_terms(data_root, tmp_path):
