@@ -136,11 +136,9 @@ def test_prompts_place_context_before_the_query_images(data_root, tmp_path, view
     assert torch.equal(images[:, K_NEG + K_POS :], batch["pixel_values"])
 
 
-def test_query_placeholders_receive_the_query_features(data_root, tmp_path):
-    built = build(data_root, tmp_path, views=2)
-    gen, batch = built.generator.eval(), first_batch(built)
-    llava = gen.model
-    captured = {}
+def image_slot_embeddings(gen: ReportGenerator, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LLM's input embeddings at the query and at the context image placeholders, ``(b, tokens, d)`` each."""
+    llava, captured = gen._llava, {}
     hooks = [
         llava.register_forward_pre_hook(lambda m, a, kw: captured.update(input_ids=kw["input_ids"]), with_kwargs=True),
         llava.model.language_model.register_forward_pre_hook(
@@ -149,36 +147,34 @@ def test_query_placeholders_receive_the_query_features(data_root, tmp_path):
     ]
     with torch.no_grad():
         gen(batch)
-        b, n, d = len(batch["ids"]), gen.processor.num_image_tokens, llava.config.text_config.hidden_size
-        query = torch.stack(
-            llava.model.get_image_features(pixel_values=batch["pixel_values"].flatten(0, 1)).pooler_output
-        )
-        context = torch.stack(
-            llava.model.get_image_features(pixel_values=batch["context_pixels"].flatten(0, 1)).pooler_output
-        )
     for hook in hooks:
         hook.remove()
-    mask = gen._query_image_mask(captured["input_ids"])
+    b, d = len(batch["ids"]), llava.config.text_config.hidden_size
+    query_mask = gen._query_image_mask(captured["input_ids"])
     is_image = captured["input_ids"] == gen.processor.image_token_id
-    torch.testing.assert_close(captured["embeds"][mask].reshape(b, 2 * n, d), query.reshape(b, 2 * n, d))
-    torch.testing.assert_close(captured["embeds"][is_image & ~mask].reshape(b, -1, d), context.reshape(b, -1, d))
+    embeds = captured["embeds"]
+    return embeds[query_mask].reshape(b, -1, d), embeds[is_image & ~query_mask].reshape(b, -1, d)
+
+
+def test_query_placeholders_receive_the_query_features(data_root, tmp_path):
+    built = build(data_root, tmp_path, views=2)
+    gen, batch = built.generator.eval(), first_batch(built)
+    query_slots, context_slots = image_slot_embeddings(gen, batch)
+    with torch.no_grad():
+        features = gen.model.model.get_image_features
+        query = torch.stack(features(pixel_values=batch["pixel_values"].flatten(0, 1)).pooler_output)
+        context = torch.stack(features(pixel_values=batch["context_pixels"].flatten(0, 1)).pooler_output)
+    torch.testing.assert_close(query_slots, query.reshape(query_slots.shape))
+    torch.testing.assert_close(context_slots, context.reshape(context_slots.shape))
 
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_residual_context_slots_carry_query_minus_context(data_root, tmp_path, lora):
     built = build(data_root, tmp_path, views=2, lora=lora, residual=True)
     gen, batch = built.generator.eval(), first_batch(built)
-    llava = gen._llava
-    captured = {}
-    hooks = [
-        llava.register_forward_pre_hook(lambda m, a, kw: captured.update(input_ids=kw["input_ids"]), with_kwargs=True),
-        llava.model.language_model.register_forward_pre_hook(
-            lambda m, a, kw: captured.update(embeds=kw["inputs_embeds"]), with_kwargs=True
-        ),
-    ]
+    query_slots, context_slots = image_slot_embeddings(gen, batch)
+    llava, b, n = gen._llava, len(batch["ids"]), gen.processor.num_image_tokens
     with torch.no_grad():
-        gen(batch)
-        b, n, d = len(batch["ids"]), gen.processor.num_image_tokens, llava.config.text_config.hidden_size
         tower = llava.model.vision_tower
 
         def encoder_features(pixels):  # LLaVA's "default" selection: last hidden state without the cls token
@@ -190,13 +186,8 @@ def test_residual_context_slots_carry_query_minus_context(data_root, tmp_path, l
         projector = llava.model.multi_modal_projector
         expected_context = projector.forward((query.mean(1, keepdim=True) - context).flatten(0, 1))
         expected_query = projector.forward(query.flatten(0, 1))
-    for hook in hooks:
-        hook.remove()
-    mask = gen._query_image_mask(captured["input_ids"])
-    is_image = captured["input_ids"] == gen.processor.image_token_id
-    torch.testing.assert_close(captured["embeds"][mask].reshape(b, 2 * n, d), expected_query.reshape(b, 2 * n, d))
-    torch.testing.assert_close(captured["embeds"][is_image & ~mask].reshape(b, -1, d),
-                               expected_context.reshape(b, -1, d))
+    torch.testing.assert_close(query_slots, expected_query.reshape(query_slots.shape))
+    torch.testing.assert_close(context_slots, expected_context.reshape(context_slots.shape))
 
 
 def test_residual_context_survives_export(data_root, tmp_path):
