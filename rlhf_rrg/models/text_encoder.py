@@ -30,8 +30,10 @@ _SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 class TextEncoderConfig:
     """Where the report encoder lives and how its token states become one vector."""
 
-    path: str = field(
-        default="", metadata={"help": "Local directory of a Hugging Face encoder (config + weights + tokenizer)."}
+    path: str | None = field(
+        default=None,
+        metadata={"help": "Local directory of a Hugging Face encoder (config + weights + tokenizer); null builds a "
+                          "tiny random one from the training reports (demo and tests)."},
     )
     pooling: Pooling = field(
         default="cls", metadata={"help": "'cls': first token state; 'mean': mean over real tokens."}

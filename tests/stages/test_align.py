@@ -104,7 +104,7 @@ def test_configs_load(name):
     cfg = load_config(module.AlignStageConfig, REPO / "stages" / "configs" / "align" / f"{name}.yaml")
     assert cfg.train.select_metric in cfg.eval.metric_names
     if name == "debug":
-        assert cfg.text.path == "" and cfg.data.image_size == 64
+        assert cfg.text.path is None and cfg.data.image_size == 64
     else:
         assert cfg.run.init_from == "pretrain" and cfg.text.path and cfg.data.dataset == name
         assert cfg.train.batch_size >= 32
