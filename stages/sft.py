@@ -110,6 +110,10 @@ def main(cfg: SFTStageConfig) -> None:
     val_set = build_dataset(cfg.data, cfg.eval.split, train=False)
     bank_set = build_dataset(cfg.data, "train", train=False)
     train_reports = [train_set.report(i) for i in range(len(train_set))]
+    if cfg.prompting.clues.enabled and any(s.labels is None for s in train_set.studies):
+        # Fail before any model or memory bank is built, not at the first step.
+        raise ValueError(f"prompting.clues.enabled needs CheXpert labels for every study: {cfg.data.annotation_path} "
+                         "has training studies without 'labels' (add them or set prompting.clues.enabled false)")
 
     # 2. model: encoder from the previous stage, LLM (+LoRA), projector, optional clue head
     vision = build_vision_model(vision_source(cfg)).eval()
