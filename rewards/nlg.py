@@ -9,19 +9,14 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import shutil
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
 from rewards.base import RewardOutput, TextCache, score_nonempty, trl_call
+from rlhf_rrg.data.cleaning import clean_report_mimic_cxr
 
 logger = logging.getLogger(__name__)
-
-# R2Gen's ``sent_cleaner`` class is written ``[.,?;*!%^&_+():-\[\]{}]``; the ``:-\[`` in it is a character
-# range, so it also strips ``;<=>?@`` (and capitals, already lowercased) but keeps hyphens. Spelled out here.
-_R2GEN_STRIP = re.compile(r"[.,?;*!%^&_+():;<=>?@\[\]{}]")
-_R2GEN_DELETE = str.maketrans("", "", "\"/\\'")
 
 
 def r2gen_tokenize(report: str) -> str:
@@ -34,22 +29,9 @@ def r2gen_tokenize(report: str) -> str:
         Lowercase space-separated tokens, sentences separated by ``" . "`` and ending in ``" ."``;
         ``""`` when the report has no words.
     """
-    text = report.replace("\n", " ")
-    text = re.sub(r"_{2,}", "_", text)
-    text = re.sub(r"\.{2,}", ".", text)
-    text = re.sub(r" {2,}", " ", text)
-    # R2Gen drops list numbering before splitting sentences, with these exact replacements in this order.
-    text = text.replace("1. ", "")
-    for k in range(2, 6):
-        text = text.replace(f". {k}. ", ". ")
-    for k in range(2, 6):
-        text = text.replace(f" {k}. ", ". ")
-    sentences = []
-    for sentence in text.strip().lower().split(". "):
-        cleaned = _R2GEN_STRIP.sub("", sentence.translate(_R2GEN_DELETE).strip())
-        cleaned = " ".join(cleaned.split())
-        if cleaned:
-            sentences.append(cleaned)
+    # R2Gen's cleaner keeps empty sentences and stray double spaces; as scoring tokens they would add "." tokens.
+    sentences = [" ".join(part.split()) for part in clean_report_mimic_cxr(report).split(" .")]
+    sentences = [sentence for sentence in sentences if sentence]
     return " . ".join(sentences) + " ." if sentences else ""
 
 
