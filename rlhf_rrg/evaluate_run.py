@@ -16,7 +16,6 @@ import argparse
 import json
 import logging
 import sys
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from rewards.observations import BLANK, CHEXPERT_14
 from rlhf_rrg.config import ConfigError, load_config, save_config
 from rlhf_rrg.data.annotation import DataError
 from rlhf_rrg.data.dataset import DataConfig, ReportDataset, build_dataset
+from rlhf_rrg.evaluation import most_common_report
 from rlhf_rrg.generate import CheckpointError, StudyImages, generate_for_studies, load_generator, write_jsonl
 from rlhf_rrg.runroot import EXPORT_MARKER, STAGES, StageDirs
 
@@ -95,8 +95,7 @@ def resolve_data_config(run_root: Path, overrides: Sequence[str]) -> DataConfig:
 
 def majority_report(train: ReportDataset) -> str:
     """The most frequent cleaned training report (the first seen among equally frequent ones)."""
-    counts = Counter(train.report(i) for i in range(len(train)))
-    return counts.most_common(1)[0][0]
+    return most_common_report(train.report(i) for i in range(len(train)))
 
 
 def _label_dict(codes: Sequence[int]) -> dict[str, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -57,7 +58,12 @@ def generate_and_score(
     return dict(result["scores"]), rows
 
 
+def most_common_report(reports: Iterable[str]) -> str:
+    """The most frequent report (the first seen among equally frequent ones): the majority baseline's output."""
+    return Counter(reports).most_common(1)[0][0]
+
+
 def majority_report_scores(train_reports: list[str], references: list[str], metrics: list[str]) -> dict[str, float]:
     """Scores of the trivial baseline that writes the most common training report for every study."""
-    majority = Counter(train_reports).most_common(1)[0][0]
+    majority = most_common_report(train_reports)
     return dict(evaluate_reports([majority] * len(references), references, metrics)["scores"])
