@@ -89,16 +89,15 @@ def build_bank(cfg: SFTStageConfig, vision, bank_set: ContextDataset) -> Context
                                   cfg.data.mean, cfg.data.std)
 
 
-def build_retriever(cfg: SFTStageConfig, vision, datasets: dict[str, object]):
-    """Memory bank over the training set (``datasets["bank"]``), and each other split's neighbours."""
+def build_retriever(cfg: SFTStageConfig, vision, bank_set: ContextDataset, val_set: ContextDataset):
+    """Memory bank over the (un-augmented) training set, and the neighbours of training and validation studies."""
     if cfg.prompting.context.mode == "none":
-        return None, {name: None for name in datasets}
-    retriever = build_bank(cfg, vision, datasets["bank"])
-    neighbours = {
-        name: dataset_neighbours(retriever, vision, dataset, collate_context, exclude_self=name == "train")
-        for name, dataset in datasets.items() if name != "bank"
-    }
-    return retriever, neighbours
+        return None, {"train": None, "val": None}
+    retriever = build_bank(cfg, vision, bank_set)
+    # Training studies are the bank's own rows: query with the bank's embeddings instead of encoding them again.
+    train = retriever.neighbours(retriever.bank.embeddings, retriever.bank.ids, exclude_self=True)
+    val = dataset_neighbours(retriever, vision, val_set, collate_context, exclude_self=False)
+    return retriever, {"train": train, "val": val}
 
 
 def main(cfg: SFTStageConfig) -> None:
@@ -128,9 +127,7 @@ def main(cfg: SFTStageConfig) -> None:
                                     cfg.prompting.clues.dropout)
 
     # 3. context retrieval (R2GenCSR): bank of training studies, neighbours of every study
-    retriever, neighbours = build_retriever(
-        cfg, vision, {"bank": ContextDataset(bank_set), "train": ContextDataset(bank_set),
-                      "val": ContextDataset(val_set)})
+    retriever, neighbours = build_retriever(cfg, vision, ContextDataset(bank_set), ContextDataset(val_set))
     train_data = ContextDataset(train_set, retriever, neighbours["train"])
     val_data = ContextDataset(val_set, retriever, neighbours["val"])
     generator = ReportGenerator(model, processor, cfg.prompting, retriever, clue_head)

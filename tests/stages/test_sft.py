@@ -172,11 +172,7 @@ def test_context_neighbours(synthetic_data, tmp_path, mode):
     bank_set = build_dataset(cfg.data, "train", train=False)
     val_set = build_dataset(cfg.data, "val", train=False)
     vision = build_vision_model("tiny-vit").eval()
-    retriever, neighbours = module.build_retriever(
-        cfg,
-        vision,
-        {"bank": ContextDataset(bank_set), "train": ContextDataset(bank_set), "val": ContextDataset(val_set)},
-    )
+    retriever, neighbours = module.build_retriever(cfg, vision, ContextDataset(bank_set), ContextDataset(val_set))
     assert retriever.bank.ids == [s.id for s in bank_set.studies]
     (train_pos, train_neg), (val_pos, val_neg) = neighbours["train"], neighbours["val"]
     assert train_pos.shape == (len(bank_set), 2) and train_neg.shape == (len(bank_set), 1)
