@@ -22,7 +22,7 @@ from rlhf_rrg.losses.self_refine import SelfRefineConfig, self_refining_loss
 from rlhf_rrg.models.disease_clues import DiseaseClueConfig, DiseaseClueHead, clue_bce_loss, clue_text
 from rlhf_rrg.models.processor import RRGProcessor
 from rlhf_rrg.models.residual_context import attach_residual_context
-from rlhf_rrg.models.rrg import load_rrg, save_rrg
+from rlhf_rrg.models.rrg import generate_response_ids, load_rrg, save_rrg, to_model_device
 from rlhf_rrg.retrieval.context import ContextConfig, build_context_prompt
 from rlhf_rrg.retrieval.retriever import ContextRetriever, embed_studies
 
@@ -115,12 +115,7 @@ class ReportGenerator(nn.Module):
     def generation_inputs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Left-padded ``input_ids``, ``attention_mask`` and ``pixel_values`` for ``generate`` (on this device)."""
         prompts = self.prompts(batch, self.clue_logits(batch["pixel_values"]))
-        inputs = self.processor.build_generation_batch(prompts, self.images(batch))
-        return self._to_device(inputs)
-
-    def _to_device(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        dtype = self.model.get_input_embeddings().weight.dtype
-        return {k: v.to(self.device, dtype) if k == "pixel_values" else v.to(self.device) for k, v in inputs.items()}
+        return to_model_device(self.model, self.processor.build_generation_batch(prompts, self.images(batch)))
 
     def attach_context(self, batch: dict[str, Any], exclude_self: bool = False) -> dict[str, Any]:
         """Adds context images/reports to a batch that only has ``ids`` and ``pixel_values`` (inference, RL)."""
@@ -141,7 +136,7 @@ class ReportGenerator(nn.Module):
         clue_logits = self.clue_logits(batch["pixel_values"])
         inputs = self.processor.build_sft_batch(self.prompts(batch, clue_logits), batch["reports"],
                                                 self.images(batch), self.prompting.max_report_tokens)
-        inputs = self._to_device(inputs)
+        inputs = to_model_device(self.model, inputs)
         refine = self_refine is not None and self_refine.weight > 0
         out = self.model(**inputs, output_hidden_states=refine)
         loss, metrics = out.loss, {"lm_loss": out.loss.item()}
@@ -171,14 +166,9 @@ class ReportGenerator(nn.Module):
     def generate_batch(self, batch: dict[str, Any], max_new_tokens: int = 100, num_beams: int = 1,
                        do_sample: bool = False) -> list[str]:
         """Reports for a batch from ``collate_context`` (or one passed through :meth:`attach_context`)."""
-        inputs = self.generation_inputs(batch)
-        tokenizer = self.processor.tokenizer
-        output = self.model.generate(
-            **inputs, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample,
-            suppress_tokens=[self.processor.image_token_id], pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        return tokenizer.batch_decode(output[:, inputs["input_ids"].size(1):], skip_special_tokens=True)
+        ids = generate_response_ids(self.model, self.processor, self.generation_inputs(batch),
+                                    max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample)
+        return self.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
     # ----------------------------------------------------------------------------------------------- export
     def save(self, out_dir: str | Path) -> Path:

@@ -15,10 +15,11 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
 from transformers import (
     AutoModel,
     AutoModelForImageTextToText,
@@ -265,7 +266,40 @@ def load_rrg(
     return model.to(device), processor
 
 
+def to_model_device(model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Moves a processor batch to ``model``'s device; images also take its embedding dtype (bf16 runs)."""
+    device = next(model.parameters()).device
+    dtype = model.get_input_embeddings().weight.dtype
+    return {k: v.to(device, dtype) if k == "pixel_values" else v.to(device) for k, v in inputs.items()}
+
+
 @torch.no_grad()
+def generate_response_ids(
+    model: LlavaForConditionalGeneration | PeftModel, processor: RRGProcessor, inputs: dict[str, torch.Tensor],
+    **generate_kwargs: Any,
+) -> torch.Tensor:
+    """``model.generate`` on a left-padded batch with the image token suppressed; returns only the new tokens.
+
+    Args:
+        model: the report generator (plain or LoRA-wrapped).
+        processor: its processor.
+        inputs: ``input_ids``, ``attention_mask``, ``pixel_values`` on the model's device.
+        **generate_kwargs: e.g. ``max_new_tokens``, ``num_beams``, ``do_sample``, ``temperature``.
+
+    Returns:
+        ``(B, new_tokens)`` token ids (padding after each row's EOS).
+    """
+    tokenizer = processor.tokenizer
+    output = model.generate(
+        **inputs,
+        suppress_tokens=[processor.image_token_id],
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **generate_kwargs,
+    )
+    return output[:, inputs["input_ids"].size(1) :]
+
+
 def generate_reports(
     model: LlavaForConditionalGeneration | PeftModel,
     processor: RRGProcessor,
@@ -289,18 +323,7 @@ def generate_reports(
     Returns:
         B decoded reports without special tokens.
     """
-    batch = processor.build_generation_batch(prompts, pixel_values)
-    device = next(model.parameters()).device
-    dtype = model.get_input_embeddings().weight.dtype
-    batch = {k: v.to(device, dtype) if k == "pixel_values" else v.to(device) for k, v in batch.items()}
-    tokenizer = processor.tokenizer
-    output = model.generate(
-        **batch,
-        max_new_tokens=max_new_tokens,
-        num_beams=num_beams,
-        do_sample=do_sample,
-        suppress_tokens=[processor.image_token_id],
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    return tokenizer.batch_decode(output[:, batch["input_ids"].size(1) :], skip_special_tokens=True)
+    inputs = to_model_device(model, processor.build_generation_batch(prompts, pixel_values))
+    ids = generate_response_ids(model, processor, inputs, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                                do_sample=do_sample)
+    return processor.tokenizer.batch_decode(ids, skip_special_tokens=True)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from rlhf_rrg.models.generator import ReportGenerator
+from rlhf_rrg.models.rrg import generate_response_ids
 
 
 @dataclass
@@ -118,12 +119,8 @@ def generate_rollout(
     inputs = generator.generation_inputs(batch)
     tokenizer = generator.processor.tokenizer
     sampling = {"temperature": temperature, "top_k": top_k} if do_sample else {}
-    output = generator.model.generate(
-        **inputs, max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=1,
-        suppress_tokens=[generator.processor.image_token_id], pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, **sampling,
-    )
-    response_ids = output[:, inputs["input_ids"].shape[1]:]
+    response_ids = generate_response_ids(generator.model, generator.processor, inputs,
+                                         max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=1, **sampling)
     mask = response_mask(response_ids, tokenizer.eos_token_id)
     # Tokens after the first EOS are padding: make them pad ids so decoding and forwards never see them.
     response_ids = torch.where(mask.bool(), response_ids, torch.full_like(response_ids, tokenizer.pad_token_id))
