@@ -11,8 +11,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from rewards.evaluate import METRICS, evaluate_reports
-from rlhf_rrg.data.context_dataset import collate_context
+from rlhf_rrg.data.context_dataset import ContextDataset, collate_context
 from rlhf_rrg.models.generator import ReportGenerator
+from rlhf_rrg.retrieval.retriever import dataset_neighbours
 
 
 @dataclass
@@ -31,6 +32,15 @@ class EvalConfig:
             raise ValueError(f"eval.metrics: unknown {unknown}; valid: {list(METRICS)}")
         if self.max_samples < 0 or self.batch_size < 1 or self.max_new_tokens < 1 or self.num_beams < 1:
             raise ValueError("eval.max_samples must be >= 0 and batch_size, max_new_tokens, num_beams >= 1")
+
+
+def with_context(generator: ReportGenerator, base: Dataset, exclude_self: bool) -> ContextDataset:
+    """Studies with their context from the generator's memory bank (a training study never retrieves itself)."""
+    if generator.retriever is None:
+        return ContextDataset(base)
+    neighbours = dataset_neighbours(generator.retriever, generator.vision_tower, ContextDataset(base),
+                                    collate_context, exclude_self)
+    return ContextDataset(base, generator.retriever, neighbours)
 
 
 def eval_subset(dataset: Dataset, cfg: EvalConfig) -> Dataset:

@@ -1,15 +1,19 @@
 """Stage 4: reinforcement learning of the report generator against a clinical reward.
 
-``--algo ppo``: sampled rollouts, per-token KL penalty to the frozen SFT policy (LoRA: adapter disabled), value
-head on the shared trunk, GAE, clipped policy/value losses over several epochs, fixed or adaptive KL
-coefficient. ``--algo scst``: greedy report as the baseline of sampled ones (Rennie et al. 2017), optional NLL
-term. ``--algo grpo|rloo``: TRL's trainers with the same reward objects. The reward is config only
+Every algorithm samples ``generation.num_samples`` (k) reports per study. ``--algo ppo``: per-token KL penalty
+to the frozen SFT policy (LoRA: adapter disabled), value head on the shared trunk, GAE, clipped policy/value
+losses over several epochs, fixed or adaptive KL coefficient; with k > 1 the other samples' mean reward is
+subtracted first (``ppo.group_baseline``). ``--algo scst | rloo | grpo``: one REINFORCE step per batch whose
+baseline is the greedy report (Rennie et al. 2017), the leave-one-out mean (Ahmadian et al. 2024) or the
+normalised group mean (Shao et al. 2024), prompted with context exactly as in SFT; ``--group.backend trl`` runs
+GRPO/RLOO through TRL's trainers instead (exports without retrieved context). The reward is config only
 (``reward.funcs``/``reward.weights``: registry names, dotted paths to user functions, or weighted composites).
+Held-out evaluations log degeneration statistics and warn when the reward rises while CE-F1 falls.
 
     accelerate launch --config_file accelerate_configs/cpu_debug.yaml stages/ppo.py \
         --config stages/configs/ppo/debug.yaml
     accelerate launch --config_file accelerate_configs/cpu_debug.yaml stages/ppo.py \
-        --config stages/configs/ppo/debug_scst.yaml
+        --config stages/configs/ppo/debug.yaml --algo scst
     accelerate launch --config_file accelerate_configs/zero2.yaml stages/ppo.py \
         --config stages/configs/ppo/mimic_cxr.yaml --run.run_root $RRG_HOME/runs/mimic_cxr
 """
@@ -25,17 +29,19 @@ from tqdm.auto import tqdm
 
 from rlhf_rrg.checkpoint import CheckpointConfig, CheckpointManager, TrainState
 from rlhf_rrg.config import parse_stage_args
-from rlhf_rrg.data.context_dataset import ContextDataset, collate_context
+from rlhf_rrg.data.context_dataset import collate_context
 from rlhf_rrg.data.dataset import DataConfig, build_dataset
 from rlhf_rrg.distributed import print0
-from rlhf_rrg.evaluation import EvalConfig, eval_subset, generate_and_score
+from rlhf_rrg.evaluation import EvalConfig, eval_subset, generate_and_score, with_context
 from rlhf_rrg.models.generator import ReportGenerator
 from rlhf_rrg.models.rrg import LoraSettings
 from rlhf_rrg.optim import OptimConfig, build_optimizer, build_scheduler
-from rlhf_rrg.retrieval.retriever import dataset_neighbours
-from rlhf_rrg.rl.advantages import RunningMeanStd, scst_advantages
+from rlhf_rrg.rl.advantages import RunningMeanStd
 from rlhf_rrg.rl.kl import KLConfig, build_kl_controller
 from rlhf_rrg.rl.masked import masked_mean, masked_sum
+from rlhf_rrg.rl.monitors import HackingMonitor, MonitorConfig, text_statistics
+from rlhf_rrg.rl.pg import PGConfig, pg_update
+from rlhf_rrg.rl.pg import advantages as pg_advantages
 from rlhf_rrg.rl.policy import PolicyWithValue, ReferencePolicy, make_trainable
 from rlhf_rrg.rl.ppo_step import PPOConfig, ppo_targets, ppo_update
 from rlhf_rrg.rl.rollout import GenerationConfig, generate_rollout, repeat_batch
@@ -47,7 +53,6 @@ from rlhf_rrg.rl.scoring import (
     score_reports,
     scores_tensor,
 )
-from rlhf_rrg.rl.scst import SCSTConfig, scst_update
 from rlhf_rrg.rl.trl_adapter import GroupConfig, run_trl
 from rlhf_rrg.rl.value_head import ValueHead
 from rlhf_rrg.runroot import mark_export_complete, resolve_init
@@ -77,8 +82,9 @@ class PPOStageConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     kl: KLConfig = field(default_factory=KLConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
-    scst: SCSTConfig = field(default_factory=SCSTConfig)
+    pg: PGConfig = field(default_factory=PGConfig)
     group: GroupConfig = field(default_factory=GroupConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     lora: LoraSettings = field(default_factory=lambda: LoraSettings(enabled=False))
     freeze_vision: bool = field(default=True, metadata={"help": "keep the vision encoder fixed"})
@@ -92,25 +98,22 @@ class PPOStageConfig:
             raise ValueError(f"algo must be ppo, scst, grpo or rloo, got {self.algo!r}")
         if self.run.init_from is None:
             raise ValueError("run.init_from must name the SFT export (stage name 'sft' or a folder)")
-        if self.algo == "ppo" and self.train.batch_size % self.ppo.minibatch_size:
-            raise ValueError(f"train.batch_size={self.train.batch_size} must be a multiple of "
+        rollouts = self.train.batch_size * self.generation.num_samples
+        if self.algo == "ppo" and rollouts % self.ppo.minibatch_size:
+            raise ValueError(f"train.batch_size * generation.num_samples = {rollouts} must be a multiple of "
                              f"ppo.minibatch_size={self.ppo.minibatch_size}")
-
-
-def context_dataset(generator: ReportGenerator, base, exclude_self: bool) -> ContextDataset:
-    """Studies with context from the export's memory bank (a training study never retrieves itself)."""
-    if generator.retriever is None:
-        return ContextDataset(base)
-    neighbours = dataset_neighbours(generator.retriever, generator.vision_tower, ContextDataset(base),
-                                    collate_context, exclude_self)
-    return ContextDataset(base, generator.retriever, neighbours)
+        if self.algo in ("grpo", "rloo") and self.generation.num_samples < 2:
+            raise ValueError(f"algo {self.algo} needs generation.num_samples >= 2 (its group), "
+                             f"got {self.generation.num_samples}")
 
 
 def evaluate(generator: ReportGenerator, dataset, cfg: PPOStageConfig, reward, worst: float) -> dict[str, float]:
-    """Greedy-report metrics of ``rlhf_rrg.evaluation`` plus the mean training reward of those reports."""
+    """Greedy-report metrics of ``rlhf_rrg.evaluation``, the mean training reward of those reports and their
+    degeneration statistics (distinct-n, repeated sentences, length)."""
     scores, rows = generate_and_score(generator, dataset, cfg.eval)
-    out = score_reports(reward, [r["prediction"] for r in rows], [r["reference"] for r in rows], worst)
-    return {**scores, "reward": sum(out.scores) / len(out.scores)}
+    predictions, references = [r["prediction"] for r in rows], [r["reference"] for r in rows]
+    out = score_reports(reward, predictions, references, worst)
+    return {**scores, **text_statistics(predictions, references), "reward": sum(out.scores) / len(out.scores)}
 
 
 def main(cfg: PPOStageConfig) -> None:
@@ -122,10 +125,10 @@ def main(cfg: PPOStageConfig) -> None:
     generator = ReportGenerator.from_export(init)
     reward = build_stage_reward(cfg.reward.funcs, cfg.reward.weights)
     worst = empty_report_reward(reward, cfg.reward.empty_reward)
-    train_data = context_dataset(generator, build_dataset(cfg.data, "train", train=False), exclude_self=True)
-    eval_data = eval_subset(context_dataset(generator, build_dataset(cfg.data, cfg.eval.split, train=False), False),
+    train_data = with_context(generator, build_dataset(cfg.data, "train", train=False), exclude_self=True)
+    eval_data = eval_subset(with_context(generator, build_dataset(cfg.data, cfg.eval.split, train=False), False),
                             cfg.eval)
-    if cfg.algo in ("grpo", "rloo"):
+    if cfg.algo in ("grpo", "rloo") and cfg.group.backend == "trl":
         before = evaluate(generator, eval_data, cfg, reward, worst)
         metric_logger.log_dict({f"eval/{k}": v for k, v in before.items()}, 0)
         records = run_trl(cfg.algo, generator, init, train_data, reward, worst, cfg.group, cfg.generation, cfg.lora,
@@ -137,24 +140,26 @@ def main(cfg: PPOStageConfig) -> None:
         return finish(cfg, generator, dirs, metric_logger, accelerator, before, after)
 
     generator = make_trainable(generator, cfg.lora, cfg.freeze_vision).to(accelerator.device)
-    reference = ReferencePolicy(generator.model) if cfg.algo == "ppo" else None
+    reference = ReferencePolicy(generator.model) if cfg.algo == "ppo" or cfg.pg.kl_coef > 0 else None
     value_head = ValueHead(generator.model.config.text_config.hidden_size) if cfg.algo == "ppo" else None
     policy = PolicyWithValue(generator, value_head).to(accelerator.device)
 
     # 2. optimisation and resumable state (KL controller, score statistics, lr schedule ride in checkpoints)
-    updates_per_step = cfg.ppo.ppo_epochs * cfg.train.batch_size // cfg.ppo.minibatch_size if cfg.algo == "ppo" else 1
+    rollouts = cfg.train.batch_size * cfg.generation.num_samples
+    updates_per_step = cfg.ppo.ppo_epochs * rollouts // cfg.ppo.minibatch_size if cfg.algo == "ppo" else 1
     optimizer = build_optimizer(policy, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps * updates_per_step)
     loader = make_train_loader(train_data, cfg.train.batch_size, cfg.run.seed, collate_context)
     if accelerator.state.deepspeed_plugin is not None:
         # The batch sampler hides the batch size from DeepSpeed's config inference.
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = (
-            cfg.ppo.minibatch_size if cfg.algo == "ppo" else cfg.train.batch_size * cfg.scst.num_samples)
+            cfg.ppo.minibatch_size if cfg.algo == "ppo" else cfg.train.batch_size * cfg.generation.num_samples)
     policy, optimizer, loader = accelerator.prepare(policy, optimizer, loader)
     state = TrainState()
     kl_ctl = build_kl_controller(cfg.kl.controller, cfg.kl.init_kl_coef, cfg.kl.target, cfg.kl.horizon)
     score_stats = RunningMeanStd()
-    for stateful in (state, kl_ctl, score_stats, scheduler):
+    monitor = HackingMonitor(cfg.monitor)
+    for stateful in (state, kl_ctl, score_stats, monitor, scheduler):
         accelerator.register_for_checkpointing(stateful)
     ckpt = CheckpointManager(accelerator, dirs.checkpoints, cfg.checkpoint.keep)
     if cfg.checkpoint.resume:
@@ -164,7 +169,8 @@ def main(cfg: PPOStageConfig) -> None:
 
     def run_eval() -> dict[str, float]:
         metrics = evaluate(unwrapped.generator, eval_data, cfg, reward, worst) if accelerator.is_main_process else {}
-        metric_logger.log_dict({f"eval/{k}": v for k, v in metrics.items()}, state.step)
+        flags = monitor.check(state.step, metrics) if accelerator.is_main_process else {}
+        metric_logger.log_dict({**{f"eval/{k}": v for k, v in metrics.items()}, **flags}, state.step)
         accelerator.wait_for_everyone()
         return metrics
 
@@ -208,18 +214,18 @@ def main(cfg: PPOStageConfig) -> None:
 def rl_step(cfg, accelerator, policy, unwrapped, optimizer, scheduler, reference, kl_ctl, score_stats, reward,
             worst, batch) -> dict[str, float]:
     """One RL step (rollout -> reward -> advantage -> update); returns the metrics to log."""
-    gen, device = cfg.generation, accelerator.device
+    gen, device, k = cfg.generation, accelerator.device, cfg.generation.num_samples
+    eos = unwrapped.generator.processor.tokenizer.eos_token_id
     times: dict[str, float] = {}
-    # 1. rollout (SCST also decodes greedily: its baseline)
+    # 1. rollout: k samples per study, adjacent (SCST also decodes greedily: its baseline)
     start = time.perf_counter()
-    k = cfg.scst.num_samples if cfg.algo == "scst" else 1
     sampled_batch = repeat_batch(batch, k)
     rollout = generate_rollout(unwrapped.generator, sampled_batch, gen.max_new_tokens, True, gen.temperature,
                                gen.top_k)
     greedy = generate_rollout(unwrapped.generator, batch, gen.max_new_tokens, False) if cfg.algo == "scst" else None
     times["generate"] = time.perf_counter() - start
 
-    # 2. reward (NaN/inf on any process stops every process)
+    # 2. reward (NaN/inf on any process stops every process); reports cut off at the budget may be penalised
     start = time.perf_counter()
     try:
         out = score_reports(reward, rollout.texts, sampled_batch["reports"], worst)
@@ -229,7 +235,8 @@ def rl_step(cfg, accelerator, policy, unwrapped, optimizer, scheduler, reference
         error = err
     if bool(accelerator.gather(torch.tensor([error is not None], device=device)).any()):
         raise error or NonFiniteRewardError("another process got a non-finite reward")
-    scores = scores_tensor(out, device)
+    truncated = ~rollout.ended(eos)
+    scores = scores_tensor(out, device) - cfg.reward.missing_eos_penalty * truncated.to(device)
     times["reward"] = time.perf_counter() - start
 
     # 3. advantage  4. update
@@ -244,6 +251,8 @@ def rl_step(cfg, accelerator, policy, unwrapped, optimizer, scheduler, reference
         if cfg.ppo.normalize_scores:
             score_stats.update(accelerator.gather(scores))
             shaped = score_stats.normalize(scores)
+        if k > 1 and cfg.ppo.group_baseline:
+            shaped = pg_advantages("rloo", shaped, k)
         targets = ppo_targets(shaped, scored["logprobs"], ref_logprobs, scored["values"], mask, kl_ctl.value,
                               cfg.kl.estimator, cfg.ppo.gamma, cfg.ppo.lam, cfg.ppo.whiten_rewards)
         stats = ppo_update(accelerator, policy, optimizer, scheduler, rollout, targets, cfg.ppo, gen.temperature,
@@ -253,16 +262,20 @@ def rl_step(cfg, accelerator, policy, unwrapped, optimizer, scheduler, reference
                         "rollout/entropy": masked_mean(scored["entropy"], mask).item()})
         kl_ctl.update(sequence_kl, scores.numel() * accelerator.num_processes)
     else:
-        greedy_scores = scores_tensor(greedy_out, device)
-        advantages = scst_advantages(scores, greedy_scores.repeat_interleave(k))
-        stats = scst_update(accelerator, policy, optimizer, scheduler, rollout, advantages, cfg.scst,
-                            gen.temperature, cfg.optim.grad_clip, nll_batch=batch)
-        metrics["reward/greedy"] = greedy_scores.mean().item()
-        metrics["rollout/advantage_abs"] = advantages.abs().mean().item()
+        greedy_scores = scores_tensor(greedy_out, device) if greedy_out is not None else None
+        advantage = pg_advantages(cfg.algo, scores, k, greedy_scores)
+        ref_logprobs = reference.logprobs(rollout, gen.temperature) if reference is not None else None
+        stats = pg_update(accelerator, policy, optimizer, scheduler, rollout, advantage, cfg.pg, gen.temperature,
+                          cfg.optim.grad_clip, ref_logprobs, nll_batch=batch)
+        if greedy_scores is not None:
+            metrics["reward/greedy"] = greedy_scores.mean().item()
+        metrics["rollout/advantage_abs"] = advantage.abs().mean().item()
     times["update"] = time.perf_counter() - start
 
     metrics.update({"rollout/response_length": mask.sum(1).float().mean().item(),
-                    "rollout/empty_fraction": sum(not t.strip() for t in rollout.texts) / len(rollout.texts)})
+                    "rollout/empty_fraction": sum(not t.strip() for t in rollout.texts) / len(rollout.texts),
+                    "rollout/truncated_fraction": truncated.float().mean().item()})
+    metrics.update({f"rollout/{key}": value for key, value in text_statistics(rollout.texts).items()})
     metrics.update({f"reward/{key}": value for key, value in out.log("sub").items() if key != "sub"})
     metrics.update({f"train/{key}": value for key, value in stats.items()})
     metrics.update({f"perf/{key}_s": value for key, value in times.items()})

@@ -34,6 +34,8 @@ class PPOConfig:
     vf_coef: float = field(default=0.1, metadata={"help": "weight of the value loss"})
     whiten_rewards: bool = field(default=False, metadata={
         "help": "scale the per-token rewards of each batch to unit variance (mean kept) before GAE"})
+    group_baseline: bool = field(default=True, metadata={
+        "help": "with generation.num_samples > 1, subtract the study's other samples' mean score before GAE"})
     normalize_scores: bool = field(default=False, metadata={
         "help": "divide sequence scores by a running std and subtract the running mean (state is checkpointed)"})
 

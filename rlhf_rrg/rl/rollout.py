@@ -23,8 +23,12 @@ class GenerationConfig:
     max_new_tokens: int = field(default=100, metadata={"help": "generation budget per report"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (also used in log-probs)"})
     top_k: int = field(default=0, metadata={"help": "top-k filtering while sampling; 0 disables it"})
+    num_samples: int = field(default=1, metadata={
+        "help": "sampled reports per study (k), adjacent in the batch; grpo/rloo need >= 2 (their group)"})
 
     def __post_init__(self) -> None:
+        if self.num_samples < 1:
+            raise ValueError(f"generation.num_samples must be >= 1, got {self.num_samples}")
         if self.max_new_tokens < 1:
             raise ValueError(f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature <= 0:
@@ -52,6 +56,10 @@ class Rollout:
     response_ids: torch.Tensor
     response_mask: torch.Tensor
     texts: list[str]
+
+    def ended(self, eos_token_id: int) -> torch.Tensor:
+        """``(b,)`` bool: the response emitted EOS (False for reports cut off at the generation budget)."""
+        return (self.response_ids == eos_token_id).any(1)
 
     def select(self, rows: torch.Tensor) -> Rollout:
         """The rollout restricted to ``rows`` (a ``(m,)`` index tensor), e.g. one PPO minibatch."""

@@ -30,7 +30,12 @@ class RewardConfig:
         "help": "reward of empty reports; None uses the reward's own worst value (required for rewards without "
                 "one, e.g. user functions)"})
 
+    missing_eos_penalty: float = field(default=0.0, metadata={
+        "help": "subtracted from the reward of sampled reports cut off at generation.max_new_tokens (no EOS)"})
+
     def __post_init__(self) -> None:
+        if self.missing_eos_penalty < 0:
+            raise ValueError(f"reward.missing_eos_penalty must be >= 0, got {self.missing_eos_penalty}")
         if not self.funcs:
             raise ValueError("reward.funcs must name at least one reward")
         if self.weights is not None and len(self.weights) != len(self.funcs):

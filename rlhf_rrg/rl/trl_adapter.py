@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from datasets import Dataset
 from PIL import Image
@@ -32,16 +32,18 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class GroupConfig:
-    """Settings of the group-baseline algorithms run through TRL (GRPO, RLOO)."""
+    """Settings of GRPO and RLOO when run through TRL (``backend: trl``); the group is ``generation.num_samples``."""
 
-    num_generations: int = field(default=4, metadata={"help": "completions per prompt (the group)"})
+    backend: Literal["ours", "trl"] = field(default="ours", metadata={
+        "help": "ours: the stage's loop (context prompts, pg.* settings); trl: TRL's GRPOTrainer/RLOOTrainer "
+                "(exports without retrieved context)"})
     beta: float = field(default=0.04, metadata={"help": "KL coefficient to the reference policy (0: no reference)"})
     epsilon: float = field(default=0.2, metadata={"help": "clip range of the importance ratio"})
     logging_steps: int = field(default=1, metadata={"help": "TRL logging interval"})
 
     def __post_init__(self) -> None:
-        if self.num_generations < 2:
-            raise ValueError(f"group.num_generations must be >= 2, got {self.num_generations}")
+        if self.backend not in ("ours", "trl"):
+            raise ValueError(f"group.backend must be 'ours' or 'trl', got {self.backend!r}")
         if self.beta < 0 or self.epsilon <= 0:
             raise ValueError(f"group.beta must be >= 0 and group.epsilon > 0, got {self.beta}, {self.epsilon}")
 
@@ -125,7 +127,7 @@ def run_trl(
         freeze_vision: Keep the encoder fixed.
         optim: Learning rate, betas, weight decay, clipping, warmup.
         max_steps: Optimizer steps.
-        batch_size: Completions per device per step (a multiple of ``group.num_generations``).
+        batch_size: Completions per device per step (a multiple of ``generation.num_samples``).
         seed: TRL's seed.
         dirs: The stage folders (TRL writes under ``<stage>/trl``).
 
@@ -134,15 +136,15 @@ def run_trl(
     """
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
-    if batch_size % group.num_generations:
-        raise ValueError(f"train.batch_size={batch_size} must be a multiple of group.num_generations="
-                         f"{group.num_generations}")
+    if batch_size % generation.num_samples:
+        raise ValueError(f"train.batch_size={batch_size} must be a multiple of generation.num_samples="
+                         f"{generation.num_samples}")
     dataset = trl_dataset(generator, train_data)
     make_trainable(generator, lora, freeze_vision)
     config_cls, trainer_cls = (GRPOConfig, GRPOTrainer) if algo == "grpo" else (RLOOConfig, RLOOTrainer)
     args = config_cls(
         output_dir=str(dirs.root / "trl"), per_device_train_batch_size=batch_size,
-        num_generations=group.num_generations, max_completion_length=generation.max_new_tokens,
+        num_generations=generation.num_samples, max_completion_length=generation.max_new_tokens,
         temperature=generation.temperature, top_k=generation.top_k or None, beta=group.beta,
         epsilon=group.epsilon, max_steps=max_steps, learning_rate=optim.lr, weight_decay=optim.weight_decay,
         adam_beta1=optim.betas[0], adam_beta2=optim.betas[1], adam_epsilon=optim.eps, warmup_steps=optim.warmup_steps,

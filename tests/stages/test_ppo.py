@@ -1,5 +1,6 @@
 """Stage 4 integration: PPO/SCST learn a learnable reward, resume exactly, stop on NaN; GRPO/RLOO run via TRL."""
 
+import json
 import math
 
 import pytest
@@ -14,7 +15,7 @@ from .conftest import REPO, load_stage, run_stage
 
 pytestmark = pytest.mark.integration
 
-SMALL = ["--train.batch_size", "8", "--ppo.minibatch_size", "4", "--ppo.ppo_epochs", "2", "--scst.num_samples", "4",
+SMALL = ["--train.batch_size", "8", "--ppo.minibatch_size", "4", "--ppo.ppo_epochs", "2",
          "--generation.max_new_tokens", "16", "--eval.max_samples", "4", "--eval.max_new_tokens", "16",
          "--kl.controller", "fixed", "--kl.init_kl_coef", "0.01"]
 
@@ -51,10 +52,12 @@ def metric(run_root, key):
     return [r[key] for r in read_jsonl(run_root / "ppo" / "metrics.jsonl") if key in r]
 
 
-@pytest.mark.parametrize("algo", ["ppo", "scst"])
+@pytest.mark.parametrize("algo", ["ppo", "scst", "rloo", "grpo"])
 def test_reward_rises_and_only_trainable_weights_move(synthetic_data, sft_export, tmp_path, algo):
+    # Group baselines need k >= 2 samples per study; 8 studies x 2 keeps the step as cheap as PPO's.
+    group = ["--train.batch_size", "4", "--generation.num_samples", "2"] if algo in ("rloo", "grpo") else []
     run_ppo(synthetic_data, tmp_path, sft_export, "--algo", algo, "--train.max_steps", "16", "--optim.lr", "2e-3",
-            *user_reward("negation_reward"))
+            *group, *user_reward("negation_reward"))
     rewards = metric(tmp_path, "reward/mean")
     assert len(rewards) == 16 and all(math.isfinite(r) for r in rewards)
     first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
@@ -65,8 +68,11 @@ def test_reward_rises_and_only_trainable_weights_move(synthetic_data, sft_export
     assert any("language_model" in n for n in changed) and any("multi_modal_projector" in n for n in changed)
     # The vision encoder is frozen (freeze_vision) and must come out bit-identical.
     assert not any("vision_tower" in n for n in changed)
-    for key in ("rollout/response_length", "perf/generate_s", "perf/reward_s", "perf/update_s", "train/policy_loss"):
+    for key in ("rollout/response_length", "perf/generate_s", "perf/reward_s", "perf/update_s", "train/policy_loss",
+                "rollout/distinct_2", "rollout/repeated_sentence_rate", "eval/length_ratio", "eval/distinct_2"):
         assert metric(tmp_path, key), key
+    # Evaluations before and after training are compared by the hacking monitor.
+    assert len(metric(tmp_path, "monitor/reward_up_metric_down")) == 2
     if algo == "ppo":
         assert metric(tmp_path, "rollout/kl") and metric(tmp_path, "train/clipfrac")
         assert metric(tmp_path, "rollout/entropy")
@@ -101,9 +107,10 @@ def test_nan_reward_stops_with_saved_state(synthetic_data, sft_export, tmp_path)
 
 
 @pytest.mark.parametrize("algo", ["grpo", "rloo"])
-def test_trl_algorithms_run_two_steps(synthetic_data, sft_export, tmp_path, algo):
+def test_trl_backend_runs_two_steps(synthetic_data, sft_export, tmp_path, algo):
     run_ppo(synthetic_data, tmp_path, sft_export, "--algo", algo, "--train.max_steps", "2", "--train.batch_size", "4",
-            "--group.num_generations", "4", "--optim.lr", "1e-2", *user_reward("negation_reward"))
+            "--group.backend", "trl", "--generation.num_samples", "4", "--optim.lr", "1e-2",
+            *user_reward("negation_reward"))
     losses = metric(tmp_path, "trl/loss")
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
     assert (tmp_path / "ppo" / "export" / "export_complete.json").is_file()
@@ -114,3 +121,15 @@ def test_configs_parse(name):
     module = load_stage("ppo")
     cfg = load_config(module.PPOStageConfig, REPO / "stages" / "configs" / "ppo" / f"{name}.yaml", [])
     assert cfg.algo in ("ppo", "scst") and cfg.reward.funcs
+
+
+def test_probe_cli_prints_what_it_sees_vs_what_it_writes(sft_export, tmp_path, capsys):
+    from rlhf_rrg import probe
+
+    out = tmp_path / "probe.json"
+    report = probe.main(["--run-root", str(sft_export.parent.parent), "--split", "test", "--max-samples", "8",
+                         "--max-new-tokens", "8", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "what it sees vs what it writes" in printed
+    assert "probe F1" in printed and "reports F1" in printed and "clue head F1" not in printed  # clues are off
+    assert report.n == 8 and set(json.loads(out.read_text())["micro"]) == {"probe", "reports"}

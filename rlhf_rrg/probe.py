@@ -1,0 +1,229 @@
+"""What the model sees vs what it writes: a linear probe on an export's frozen vision features.
+
+    python -m rlhf_rrg.probe --run-root runs/demo --stage sft
+    python -m rlhf_rrg.probe --run-root runs/demo --stage ppo --split test --data.image_root /data/x/images
+
+A logistic-regression probe per CheXpert-14 observation is fit on the export's frozen pooled vision features of
+the training split (labels: the dataset's gold labels where every study has them, else the rule labeler's labels
+of the references), its thresholds are chosen on the validation split, and it is scored on ``--split``. Next to
+it: the export's TRRG clue head (at its own prompt threshold) and the export's greedy reports, labelled by the rule
+labeler. All three are scored as CE is (positive = code 1) against the same targets, so the table reads as "the
+features carry X, the prompt states Y, the report writes Z". The probe is the ceiling RL is measured against.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from rewards.clinical import ce_metrics
+from rewards.labeler import RuleLabeler
+from rewards.observations import BLANK, CHEXPERT_14, POSITIVE
+from rlhf_rrg.config import ConfigError
+from rlhf_rrg.data.annotation import DataError
+from rlhf_rrg.data.context_dataset import ContextDataset, collate_context
+from rlhf_rrg.data.dataset import build_dataset
+from rlhf_rrg.evaluate_run import resolve_data_config
+from rlhf_rrg.evaluation import EvalConfig, generate_and_score, with_context
+from rlhf_rrg.generate import CheckpointError, check_export
+from rlhf_rrg.models.generator import ReportGenerator
+from rlhf_rrg.retrieval.retriever import embed_studies
+from rlhf_rrg.runroot import StageDirs
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def study_features(generator: ReportGenerator, dataset: Dataset, batch_size: int = 32,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled vision features ``(n, d)`` (views averaged) and the reference reports' targets ``(n, 14)`` bool.
+
+    Targets are the dataset's gold labels (code 1) when every study has them, else the rule labeler's codes of the
+    cleaned references.
+    """
+    features, gold, reports = [], [], []
+    for batch in DataLoader(ContextDataset(dataset), batch_size=batch_size, collate_fn=collate_context):
+        features.append(embed_studies(generator.vision_tower, batch["pixel_values"]))
+        gold.append(batch["labels"])
+        reports += batch["reports"]
+    codes = torch.cat(gold) if all(g is not None for g in gold) else RuleLabeler().label(reports)
+    return torch.cat(features), codes == POSITIVE
+
+
+def fit_logistic_probe(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-3, max_iter: int = 200,
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """L2-regularised logistic regression per column of ``y`` on standardised features (full-batch L-BFGS).
+
+    Args:
+        x: ``(n, d)`` features.
+        y: ``(n, k)`` bool targets.
+        l2: Weight decay on the weights (not the biases), relative to the mean log-loss.
+        max_iter: L-BFGS iterations.
+
+    Returns:
+        ``(mean (d,), std (d,), weight (d, k), bias (k,))``: the probe is ``sigmoid(((x - mean) / std) @ w + b)``.
+    """
+    x = x.double()
+    mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
+    z, t = (x - mean) / std, y.double()
+    weight = torch.zeros(x.shape[1], y.shape[1], dtype=torch.float64, requires_grad=True)
+    # Start from the prior log-odds so columns without positives stay (correctly) near-silent.
+    prior = t.mean(0).clamp(1e-4, 1 - 1e-4)
+    bias = torch.log(prior / (1 - prior)).clone().requires_grad_(True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ weight + bias, t)
+        loss = loss + l2 * weight.pow(2).sum() / 2
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return mean, std, weight.detach(), bias.detach()
+
+
+def probe_probabilities(x: torch.Tensor, probe: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """``(n, k)`` probabilities of a probe from :func:`fit_logistic_probe`."""
+    mean, std, weight, bias = probe
+    return torch.sigmoid(((x.double() - mean) / std) @ weight + bias)
+
+
+def best_thresholds(probs: torch.Tensor, targets: torch.Tensor, grid: int = 99) -> torch.Tensor:
+    """Per-column threshold maximising F1 on held-out ``probs (n, k)`` vs ``targets (n, k)``.
+
+    Columns without positives keep 0.5 (any F1 there is 0). Ties go to the threshold nearest 0.5.
+    """
+    thresholds = torch.linspace(0.01, 0.99, grid, dtype=probs.dtype)
+    pred = probs.unsqueeze(0) >= thresholds.view(-1, 1, 1)  # (g, n, k)
+    ref = targets.unsqueeze(0)
+    tp = (pred & ref).sum(1).double()
+    f1 = 2 * tp / (pred.sum(1) + ref.sum(1)).double().clamp(min=1)
+    tie_break = -(thresholds - 0.5).abs().view(-1, 1) * 1e-9
+    best = thresholds[(f1 + tie_break).argmax(0)]
+    return torch.where(targets.any(0), best, torch.full_like(best, 0.5))
+
+
+def _codes(present: torch.Tensor) -> torch.Tensor:
+    return torch.where(present, POSITIVE, BLANK)
+
+
+@dataclass
+class ProbeReport:
+    """Per-observation and micro CE of the probe, the clue head and the reports on one split."""
+
+    rows: dict[str, dict[str, float]]
+    micro: dict[str, dict[str, float]]
+    n: int
+
+    def table(self) -> str:
+        sources = list(self.micro)
+        lines = [f"{'observation':<28}{'support':>8}" + "".join(f"{s + ' F1':>14}" for s in sources)]
+        for obs in CHEXPERT_14:
+            row = self.rows[obs]
+            lines.append(f"{obs:<28}{int(row['support']):>8d}" + "".join(f"{row[s]:>14.3f}" for s in sources))
+        for kind in ("precision", "recall", "f1"):
+            lines.append(f"{'micro ' + kind:<36}" + "".join(f"{self.micro[s][kind]:>14.3f}" for s in sources))
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {"n": self.n, "micro": self.micro, "per_observation": self.rows}
+
+
+def compare(targets: torch.Tensor, predictions: dict[str, torch.Tensor]) -> ProbeReport:
+    """CE of each named ``(n, 14)`` bool prediction against ``targets``, positives only (R2Gen's convention)."""
+    ref = _codes(targets)
+    rows = {obs: {"support": float(targets[:, i].sum())} for i, obs in enumerate(CHEXPERT_14)}
+    micro = {}
+    for name, present in predictions.items():
+        metrics = ce_metrics(_codes(present), ref)
+        micro[name] = {k: metrics.scores[f"micro_{k}_14"] for k in ("precision", "recall", "f1")}
+        for obs in CHEXPERT_14:
+            rows[obs][name] = metrics.per_observation[obs]["f1"]
+    return ProbeReport(rows, micro, int(targets.shape[0]))
+
+
+@torch.no_grad()
+def clue_predictions(generator: ReportGenerator, features: torch.Tensor) -> torch.Tensor | None:
+    """``(n, 14)`` observations the clue head states in the prompt (None without a clue head)."""
+    if generator.clue_head is None:
+        return None
+    was_training = generator.clue_head.training
+    generator.clue_head.eval()
+    logits = generator.clue_head(features.to(generator.device))
+    generator.clue_head.train(was_training)
+    return torch.sigmoid(logits.float()).cpu() >= generator.prompting.clues.threshold
+
+
+def probe_export(generator: ReportGenerator, train: Dataset, val: Dataset, split: Dataset,
+                 eval_cfg: EvalConfig, l2: float = 1e-3) -> tuple[ProbeReport, list[dict]]:
+    """Probe (fit on ``train``, thresholds from ``val``), clue head and greedy reports, scored on ``split``.
+
+    Returns:
+        The report and the generated rows ``{id, reference, prediction}``.
+    """
+    x_train, y_train = study_features(generator, train)
+    x_val, y_val = study_features(generator, val)
+    x_split, y_split = study_features(generator, split)
+    probe = fit_logistic_probe(x_train, y_train, l2)
+    thresholds = best_thresholds(probe_probabilities(x_val, probe), y_val)
+    predictions = {"probe": probe_probabilities(x_split, probe) >= thresholds}
+    clues = clue_predictions(generator, x_split)
+    if clues is not None:
+        predictions["clue head"] = clues
+    _, rows = generate_and_score(generator, with_context(generator, split, exclude_self=False), eval_cfg)
+    predictions["reports"] = RuleLabeler().label([r["prediction"] for r in rows]) == POSITIVE
+    return compare(y_split, predictions), rows
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-root", required=True, help="run root holding <stage>/export")
+    parser.add_argument("--stage", default="sft", choices=("sft", "ppo"), help="whose export is probed")
+    parser.add_argument("--export", default=None, help="probe this export folder instead of <run-root>/<stage>")
+    parser.add_argument("--split", default="test", choices=("val", "test"))
+    parser.add_argument("--max-samples", type=int, default=0, help="first N studies of --split; 0 = all")
+    parser.add_argument("--max-new-tokens", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--l2", type=float, default=1e-3, help="probe weight decay")
+    parser.add_argument("--out", default=None, help="also write the result as JSON here")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> ProbeReport:
+    parser = make_parser()
+    args, overrides = parser.parse_known_args(argv)
+    bad = [a for a in overrides if a.startswith("--") and not a.startswith("--data.")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)} (only --data.* config overrides are accepted)")
+    try:
+        run_root = Path(args.run_root)
+        export = check_export(args.export or StageDirs(run_root, args.stage).export)
+        data = resolve_data_config(run_root, overrides)
+        generator = ReportGenerator.from_export(export)
+        split = build_dataset(data, args.split, train=False)
+        if args.max_samples:  # a prefix keeps dataset positions equal to study indices (context lookup)
+            split = Subset(split, range(min(args.max_samples, len(split))))
+        eval_cfg = EvalConfig(split=args.split, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+        report, _ = probe_export(generator, build_dataset(data, "train", train=False),
+                                 build_dataset(data, "val", train=False), split, eval_cfg, args.l2)
+    except (ConfigError, DataError, CheckpointError, ValueError, FileNotFoundError) as err:
+        sys.exit(f"rlhf_rrg.probe: error: {err}")
+    sys.stdout.write(f"{export} on {args.split} ({report.n} studies): what it sees vs what it writes\n")
+    sys.stdout.write(report.table() + "\n")
+    if args.out:
+        Path(args.out).write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
+    return report
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    main()

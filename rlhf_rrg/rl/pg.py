@@ -1,0 +1,116 @@
+"""Sequence-level policy gradient with a baseline: SCST, RLOO and GRPO in our own loop.
+
+All three sample ``k`` reports per study and take one REINFORCE step ``L = -A * log p(report) / len`` on them;
+they differ only in the baseline that turns rewards into advantages (:func:`advantages`):
+
+- ``scst``: the greedy report of the same study (Rennie et al. 2017; Miura et al. 2021 / ViLMedic);
+- ``rloo``: the mean reward of the study's other ``k - 1`` samples (Ahmadian et al. 2024);
+- ``grpo``: the group mean, divided by the group std (Shao et al. 2024; with one update per batch the clipped
+  ratio is 1, so GRPO's surrogate has this gradient).
+
+Optional terms: a per-token KL penalty to the frozen starting policy (GRPO's k3 estimator, ``kl_coef``) and the
+teacher-forced NLL of the reference report (``nll_weight``) that keeps the policy fluent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from rlhf_rrg.rl.advantages import group_normalized_advantages, rloo_advantages, scst_advantages
+from rlhf_rrg.rl.kl import kl_per_token
+from rlhf_rrg.rl.losses import scst_loss
+from rlhf_rrg.rl.masked import masked_mean
+from rlhf_rrg.rl.ppo_step import optimizer_step
+from rlhf_rrg.rl.rollout import Rollout
+
+Baseline = Literal["scst", "rloo", "grpo"]
+
+
+@dataclass
+class PGConfig:
+    """The REINFORCE-with-baseline update of ``algo: scst | rloo | grpo``."""
+
+    nll_weight: float = field(default=0.0, metadata={"help": "weight of the reference-report NLL term"})
+    length_normalize: bool = field(default=True, metadata={"help": "divide each report's log-prob by its length"})
+    kl_coef: float = field(default=0.0, metadata={
+        "help": "weight of the per-token k3 KL to the starting policy in the loss (0: no reference forward)"})
+
+    def __post_init__(self) -> None:
+        if self.nll_weight < 0 or self.kl_coef < 0:
+            raise ValueError(f"pg.nll_weight and pg.kl_coef must be >= 0, got {self.nll_weight}, {self.kl_coef}")
+
+
+@torch.no_grad()
+def advantages(baseline: Baseline, scores: torch.Tensor, k: int, greedy_scores: torch.Tensor | None = None,
+               ) -> torch.Tensor:
+    """``(b*k,)`` advantages of ``(b*k,)`` sample rewards (the ``k`` samples of a study adjacent).
+
+    Args:
+        baseline: ``scst`` (needs ``greedy_scores (b,)``), ``rloo`` or ``grpo`` (need ``k >= 2``).
+        scores: Sample rewards.
+        k: Samples per study.
+        greedy_scores: Rewards of each study's greedy report (SCST only).
+    """
+    if baseline == "scst":
+        if greedy_scores is None:
+            raise ValueError("the scst baseline needs the greedy reports' rewards")
+        return scst_advantages(scores, greedy_scores.repeat_interleave(k))
+    if baseline == "rloo":
+        return rloo_advantages(scores, k)
+    if baseline == "grpo":
+        return group_normalized_advantages(scores, k)
+    raise ValueError(f"baseline must be scst, rloo or grpo, got {baseline!r}")
+
+
+def pg_update(
+    accelerator: Accelerator,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    rollout: Rollout,
+    advantage: torch.Tensor,
+    cfg: PGConfig,
+    temperature: float,
+    grad_clip: float,
+    ref_logprobs: torch.Tensor | None = None,
+    nll_batch: dict[str, Any] | None = None,
+) -> dict[str, float]:
+    """One on-policy gradient step on the sampled reports.
+
+    Args:
+        accelerator: The stage's accelerator.
+        model: The prepared :class:`rlhf_rrg.rl.policy.PolicyWithValue` (no value head needed).
+        optimizer: Its optimizer.
+        scheduler: Stepped once.
+        rollout: ``b`` sampled responses.
+        advantage: ``(b,)`` from :func:`advantages`.
+        cfg: Loss settings.
+        temperature: Sampling temperature.
+        grad_clip: Max gradient norm (0: off).
+        ref_logprobs: ``(b, R)`` starting-policy log-probs (required when ``cfg.kl_coef > 0``).
+        nll_batch: The studies whose reference reports give the NLL term (required when ``cfg.nll_weight > 0``).
+
+    Returns:
+        ``policy_loss`` and, with those terms, ``kl`` and ``nll`` (tensors: one host transfer per step, later).
+    """
+    if cfg.nll_weight > 0 and nll_batch is None:
+        raise ValueError("pg.nll_weight > 0 needs the batch of reference reports")
+    if cfg.kl_coef > 0 and ref_logprobs is None:
+        raise ValueError("pg.kl_coef > 0 needs the reference policy's log-probs")
+    out = model(rollout, temperature, nll_batch=nll_batch if cfg.nll_weight > 0 else None)
+    policy_loss = scst_loss(out["logprobs"], rollout.response_mask, advantage, cfg.length_normalize)
+    loss, stats = policy_loss, {"policy_loss": policy_loss.detach()}
+    if cfg.kl_coef > 0:
+        kl = masked_mean(kl_per_token(out["logprobs"], ref_logprobs, "k3"), rollout.response_mask)
+        loss = loss + cfg.kl_coef * kl
+        stats["kl"] = kl.detach()
+    if "nll" in out:
+        loss = loss + cfg.nll_weight * out["nll"]
+        stats["nll"] = out["nll"].detach()
+    optimizer_step(accelerator, model, optimizer, scheduler, loss, grad_clip)
+    return {key: value.item() for key, value in stats.items()}

@@ -1,0 +1,75 @@
+import pytest
+import torch
+from accelerate import Accelerator
+from test_ppo_step import ToyPolicy
+
+from rlhf_rrg.rl.pg import PGConfig, advantages, pg_update
+from rlhf_rrg.rl.rollout import Rollout
+
+
+def test_advantages_per_baseline_hand_computed():
+    scores = torch.tensor([1.0, 0.0, 0.5, 0.5])  # two studies, k = 2
+    torch.testing.assert_close(advantages("rloo", scores, 2), torch.tensor([1.0, -1.0, 0.0, 0.0]))
+    grpo = advantages("grpo", scores, 2)
+    std = torch.tensor([1.0, 0.0]).std()
+    torch.testing.assert_close(grpo, torch.tensor([0.5 / (std + 1e-4), -0.5 / (std + 1e-4), 0.0, 0.0]))
+    scst = advantages("scst", scores, 2, greedy_scores=torch.tensor([0.25, 1.0]))
+    torch.testing.assert_close(scst, torch.tensor([0.75, -0.25, -0.5, -0.5]))
+
+
+def test_advantages_errors():
+    with pytest.raises(ValueError, match="greedy"):
+        advantages("scst", torch.zeros(2), 1)
+    with pytest.raises(ValueError, match=">= 2"):
+        advantages("rloo", torch.zeros(2), 1)
+    with pytest.raises(ValueError, match="baseline"):
+        advantages("ppo", torch.zeros(2), 2)
+
+
+class PGToy(ToyPolicy):
+    def forward(self, rollout: Rollout, temperature: float = 1.0, nll_batch=None) -> dict[str, torch.Tensor]:
+        return super().forward(rollout, temperature)
+
+
+def _toy(b=4, r=3):
+    rollout = Rollout(torch.arange(b).view(b, 1), torch.ones(b, 1), torch.zeros(b, 3, 2, 2),
+                      torch.ones(b, r, dtype=torch.long), torch.ones(b, r), ["x"] * b)
+    model = PGToy(b, r)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return model, optimizer, scheduler, rollout
+
+
+def test_update_follows_the_advantage_sign():
+    model, optimizer, scheduler, rollout = _toy()
+    before = model(rollout)["logprobs"].detach()
+    advantage = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    stats = pg_update(Accelerator(cpu=True), model, optimizer, scheduler, rollout, advantage, PGConfig(), 1.0, 0.0)
+    after = model(rollout)["logprobs"].detach()
+    assert (after[0::2] > before[0::2]).all() and (after[1::2] < before[1::2]).all()
+    assert set(stats) == {"policy_loss"} and scheduler.last_epoch == 1
+
+
+def test_kl_term_pulls_back_to_the_reference_and_is_zero_at_the_start():
+    model, optimizer, scheduler, rollout = _toy()
+    ref = model(rollout)["logprobs"].detach()
+    cfg = PGConfig(kl_coef=1.0)
+    stats = pg_update(Accelerator(cpu=True), model, optimizer, scheduler, rollout, torch.zeros(4), cfg, 1.0, 0.0,
+                      ref_logprobs=ref)
+    assert stats["kl"] == 0.0
+    # Move away from the reference, then a zero-advantage step with the KL term moves back towards it.
+    with torch.no_grad():
+        model.logits[:, :, 1] += 1.0
+    away = (model(rollout)["logprobs"].detach() - ref).abs().sum()
+    pg_update(Accelerator(cpu=True), model, optimizer, scheduler, rollout, torch.zeros(4), cfg, 1.0, 0.0,
+              ref_logprobs=ref)
+    assert (model(rollout)["logprobs"].detach() - ref).abs().sum() < away
+
+
+def test_missing_terms_are_errors():
+    model, optimizer, scheduler, rollout = _toy()
+    with pytest.raises(ValueError, match="reference"):
+        pg_update(Accelerator(cpu=True), model, optimizer, scheduler, rollout, torch.zeros(4), PGConfig(kl_coef=0.1),
+                  1.0, 0.0)
+    with pytest.raises(ValueError, match="pg.nll_weight"):
+        PGConfig(nll_weight=-1)

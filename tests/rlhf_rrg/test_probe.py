@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from rewards.observations import CHEXPERT_14
+from rlhf_rrg.probe import best_thresholds, compare, fit_logistic_probe, probe_probabilities
+
+
+def _separable(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column j of the target is positive iff feature j > 0.5 (features uniform in [0, 1]); 2 noise features."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 16, generator=g)
+    y = x[:, :14] > 0.5
+    y[:, 13] = False  # one observation never present: the probe must stay silent on it
+    return x, y
+
+
+def test_probe_recovers_a_linear_rule_and_thresholds_come_from_heldout_data():
+    x, y = _separable(400, 0)
+    xv, yv = _separable(200, 1)
+    xt, yt = _separable(200, 2)
+    probe = fit_logistic_probe(x, y, l2=1e-4)
+    thresholds = best_thresholds(probe_probabilities(xv, probe), yv)
+    assert thresholds[13] == 0.5  # no positives in val: default kept
+    report = compare(yt, {"probe": probe_probabilities(xt, probe) >= thresholds, "silent": torch.zeros_like(yt)})
+    assert report.micro["probe"]["f1"] > 0.9
+    assert report.micro["silent"]["f1"] == 0.0
+    assert report.rows[CHEXPERT_14[0]]["support"] == float(yt[:, 0].sum())
+    assert "micro f1" in report.table() and report.to_json()["n"] == 200
+
+
+def test_best_threshold_hand_computed():
+    probs = torch.tensor([[0.9], [0.6], [0.3], [0.2]])
+    targets = torch.tensor([[True], [True], [False], [False]])
+    # Any threshold in (0.3, 0.6] separates perfectly; ties go to the one nearest 0.5.
+    assert best_thresholds(probs, targets).item() == pytest.approx(0.5)
+    targets = torch.tensor([[True], [False], [True], [False]])
+    # F1 at t <= 0.2: 2*2/(4+2) = 0.667; at t in (0.2, 0.3]: 2*2/(3+2) = 0.8 -> best; above 0.3: 2/(2+2) = 0.5
+    assert 0.2 < best_thresholds(probs, targets).item() <= 0.3
+
+
+def test_compare_matches_ce_micro_f1():
+    targets = torch.zeros(2, 14, dtype=torch.bool)
+    targets[0, 1] = targets[1, 9] = True
+    pred = torch.zeros(2, 14, dtype=torch.bool)
+    pred[0, 1] = pred[1, 2] = True  # one TP, one FP, one FN -> P = R = F1 = 0.5
+    micro = compare(targets, {"x": pred}).micro["x"]
+    assert micro == pytest.approx({"precision": 0.5, "recall": 0.5, "f1": 0.5})
