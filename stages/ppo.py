@@ -102,6 +102,8 @@ class PPOStageConfig:
         if self.algo == "ppo" and rollouts % self.ppo.minibatch_size:
             raise ValueError(f"train.batch_size * generation.num_samples = {rollouts} must be a multiple of "
                              f"ppo.minibatch_size={self.ppo.minibatch_size}")
+        if self.algo == "ppo" and self.pg.train_clues:
+            raise ValueError("pg.train_clues applies to algo scst, rloo or grpo (PPO keeps the clue head fixed)")
         if self.algo in ("grpo", "rloo") and self.generation.num_samples < 2:
             raise ValueError(f"algo {self.algo} needs generation.num_samples >= 2 (its group), "
                              f"got {self.generation.num_samples}")
@@ -139,7 +141,7 @@ def main(cfg: PPOStageConfig) -> None:
         metric_logger.log_dict({f"eval/{k}": v for k, v in after.items()}, cfg.train.max_steps)
         return finish(cfg, generator, dirs, metric_logger, accelerator, before, after)
 
-    generator = make_trainable(generator, cfg.lora, cfg.freeze_vision).to(accelerator.device)
+    generator = make_trainable(generator, cfg.lora, cfg.freeze_vision, cfg.pg.train_clues).to(accelerator.device)
     reference = ReferencePolicy(generator.model) if cfg.algo == "ppo" or cfg.pg.kl_coef > 0 else None
     value_head = ValueHead(generator.model.config.text_config.hidden_size) if cfg.algo == "ppo" else None
     policy = PolicyWithValue(generator, value_head).to(accelerator.device)
@@ -220,8 +222,13 @@ def rl_step(cfg, accelerator, policy, unwrapped, optimizer, scheduler, reference
     # 1. rollout: k samples per study, adjacent (SCST also decodes greedily: its baseline)
     start = time.perf_counter()
     sampled_batch = repeat_batch(batch, k)
+    clues = None
+    if cfg.pg.train_clues:
+        with torch.no_grad():
+            logits = unwrapped.generator.clue_logits(sampled_batch["pixel_values"]).float()
+        clues = torch.bernoulli(torch.sigmoid(logits / cfg.pg.clue_temperature)).bool()
     rollout = generate_rollout(unwrapped.generator, sampled_batch, gen.max_new_tokens, True, gen.temperature,
-                               gen.top_k)
+                               gen.top_k, clues)
     greedy = generate_rollout(unwrapped.generator, batch, gen.max_new_tokens, False) if cfg.algo == "scst" else None
     times["generate"] = time.perf_counter() - start
 

@@ -94,13 +94,21 @@ class ReportGenerator(nn.Module):
         pooled = self.vision_tower(pixel_values.flatten(0, 1).to(self.device)).pooler_output
         return self.clue_head(pooled.reshape(b, v, -1).mean(1))
 
-    def prompts(self, batch: dict[str, Any], clue_logits: torch.Tensor | None) -> list[str]:
-        ctx, clues = self.prompting.context, self.prompting.clues
-        probs = torch.sigmoid(clue_logits.detach().float()) if clue_logits is not None else None
+    def clue_presence(self, clue_logits: torch.Tensor | None) -> torch.Tensor | None:
+        """``(b, 14)`` bool: the observations the clue head states (probability >= ``clues.threshold``)."""
+        if clue_logits is None:
+            return None
+        return torch.sigmoid(clue_logits.detach().float()) >= self.prompting.clues.threshold
+
+    def prompts(self, batch: dict[str, Any], clues: torch.Tensor | None) -> list[str]:
+        """One prompt per study; ``clues`` ``(b, 14)`` bool are the observations its clue sentence states (the
+        head's :meth:`clue_presence`, or RL's samples), None for no clue sentence."""
+        ctx = self.prompting.context
+        stated = clues.float().cpu() if clues is not None else None  # one host transfer per batch
         return [
             build_context_prompt(
                 batch["pos_reports"][i], batch["neg_reports"][i],
-                clue_text(probs[i].cpu(), clues.threshold) if probs is not None else None,
+                clue_text(stated[i], 0.5) if stated is not None else None,
                 ctx.template, ctx.use_reports, ctx.max_context_words, self.prompting.views,
                 self.processor.image_token,
             )
@@ -112,9 +120,14 @@ class ReportGenerator(nn.Module):
         """All images of each prompt in placeholder order: context (negatives, positives), then the query views."""
         return torch.cat([batch["context_pixels"], batch["pixel_values"]], dim=1)
 
-    def generation_inputs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Left-padded ``input_ids``, ``attention_mask`` and ``pixel_values`` for ``generate`` (on this device)."""
-        prompts = self.prompts(batch, self.clue_logits(batch["pixel_values"]))
+    def generation_inputs(self, batch: dict[str, Any], clues: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Left-padded ``input_ids``, ``attention_mask`` and ``pixel_values`` for ``generate`` (on this device).
+
+        ``clues`` ``(b, 14)`` bool replaces the clue head's statements (RL samples them); default: the head's.
+        """
+        if clues is None:
+            clues = self.clue_presence(self.clue_logits(batch["pixel_values"]))
+        prompts = self.prompts(batch, clues)
         return to_model_device(self.model, self.processor.build_generation_batch(prompts, self.images(batch)))
 
     def attach_context(self, batch: dict[str, Any], exclude_self: bool = False) -> dict[str, Any]:
@@ -134,7 +147,7 @@ class ReportGenerator(nn.Module):
                 ) -> tuple[torch.Tensor, dict[str, float]]:
         """SFT loss: LM cross-entropy + TRRG clue BCE + SERPENT-VLM self-refining term (each when enabled)."""
         clue_logits = self.clue_logits(batch["pixel_values"])
-        inputs = self.processor.build_sft_batch(self.prompts(batch, clue_logits), batch["reports"],
+        inputs = self.processor.build_sft_batch(self.prompts(batch, self.clue_presence(clue_logits)), batch["reports"],
                                                 self.images(batch), self.prompting.max_report_tokens)
         inputs = to_model_device(self.model, inputs)
         refine = self_refine is not None and self_refine.weight > 0

@@ -8,6 +8,10 @@ they differ only in the baseline that turns rewards into advantages (:func:`adva
 - ``grpo``: the group mean, divided by the group std (Shao et al. 2024; with one update per batch the clipped
   ratio is 1, so GRPO's surrogate has this gradient).
 
+With ``train_clues`` the TRRG clue sentence of each prompt is sampled from the clue head and is part of the action:
+the head gets the same advantage times the log-probability of its sampled statements, so the reward teaches it
+which findings to state (a linear head on frozen features: the same function class as a linear probe).
+
 Optional terms: a per-token KL penalty to the frozen starting policy (GRPO's k3 estimator, ``kl_coef``) and the
 teacher-forced NLL of the reference report (``nll_weight``) that keeps the policy fluent.
 """
@@ -39,10 +43,18 @@ class PGConfig:
     length_normalize: bool = field(default=True, metadata={"help": "divide each report's log-prob by its length"})
     kl_coef: float = field(default=0.0, metadata={
         "help": "weight of the per-token k3 KL to the starting policy in the loss (0: no reference forward)"})
+    train_clues: bool = field(default=False, metadata={
+        "help": "sample each prompt's TRRG clue statements from the clue head (a Bernoulli per observation) and "
+                "train the head with the same advantage: the clue sentence becomes part of the action"})
+    clue_temperature: float = field(default=1.0, metadata={"help": "temperature of the sampled clue statements"})
+    clue_weight: float = field(default=1.0, metadata={"help": "weight of the clue policy-gradient term"})
 
     def __post_init__(self) -> None:
-        if self.nll_weight < 0 or self.kl_coef < 0:
-            raise ValueError(f"pg.nll_weight and pg.kl_coef must be >= 0, got {self.nll_weight}, {self.kl_coef}")
+        if self.nll_weight < 0 or self.kl_coef < 0 or self.clue_weight < 0:
+            raise ValueError(f"pg.nll_weight, pg.kl_coef and pg.clue_weight must be >= 0, got {self.nll_weight}, "
+                             f"{self.kl_coef}, {self.clue_weight}")
+        if self.clue_temperature <= 0:
+            raise ValueError(f"pg.clue_temperature must be > 0, got {self.clue_temperature}")
 
 
 @torch.no_grad()
@@ -96,15 +108,20 @@ def pg_update(
         nll_batch: The studies whose reference reports give the NLL term (required when ``cfg.nll_weight > 0``).
 
     Returns:
-        ``policy_loss`` and, with those terms, ``kl`` and ``nll`` (tensors: one host transfer per step, later).
+        ``policy_loss`` and, with those terms, ``clue_loss``, ``kl`` and ``nll``.
     """
     if cfg.nll_weight > 0 and nll_batch is None:
         raise ValueError("pg.nll_weight > 0 needs the batch of reference reports")
     if cfg.kl_coef > 0 and ref_logprobs is None:
         raise ValueError("pg.kl_coef > 0 needs the reference policy's log-probs")
-    out = model(rollout, temperature, nll_batch=nll_batch if cfg.nll_weight > 0 else None)
+    out = model(rollout, temperature, nll_batch=nll_batch if cfg.nll_weight > 0 else None,
+                clue_temperature=cfg.clue_temperature)
     policy_loss = scst_loss(out["logprobs"], rollout.response_mask, advantage, cfg.length_normalize)
     loss, stats = policy_loss, {"policy_loss": policy_loss.detach()}
+    if "clue_logprobs" in out:
+        clue_loss = -(advantage.detach().to(out["clue_logprobs"]) * out["clue_logprobs"]).mean()
+        loss = loss + cfg.clue_weight * clue_loss
+        stats["clue_loss"] = clue_loss.detach()
     if cfg.kl_coef > 0:
         kl = masked_mean(kl_per_token(out["logprobs"], ref_logprobs, "k3"), rollout.response_mask)
         loss = loss + cfg.kl_coef * kl

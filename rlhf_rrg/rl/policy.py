@@ -12,6 +12,7 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from peft import PeftModel
 from torch import nn
 
@@ -36,18 +37,22 @@ def _sequence_forward(
     return logits, hidden
 
 
-def make_trainable(generator: ReportGenerator, lora: LoraSettings, freeze_vision: bool) -> ReportGenerator:
+def make_trainable(generator: ReportGenerator, lora: LoraSettings, freeze_vision: bool, train_clues: bool = False,
+                   ) -> ReportGenerator:
     """Sets what RL trains on a generator loaded from an export (where every weight is trainable).
 
     With ``lora.enabled`` a fresh adapter goes on the merged SFT weights (the projector, and the encoder when
     not frozen, train fully through PEFT's ``modules_to_save``); otherwise the LLM and projector train. The
-    vision encoder follows ``freeze_vision``; the TRRG clue head never trains in RL (no reward reaches it).
+    vision encoder follows ``freeze_vision``; the TRRG clue head trains only with ``train_clues`` (the reward
+    reaches it through the clue statements sampled from it, see :mod:`rlhf_rrg.rl.pg`).
 
     Returns:
         ``generator`` (its ``model`` replaced by the ``PeftModel`` with LoRA).
     """
+    if train_clues and generator.clue_head is None:
+        raise ValueError("pg.train_clues needs an SFT export with a clue head (prompting.clues.enabled)")
     if generator.clue_head is not None:
-        generator.clue_head.requires_grad_(False)
+        generator.clue_head.requires_grad_(train_clues)
     if lora.enabled:
         generator.model = apply_lora(generator.model, RRGModelConfig(lora=lora, freeze_vision=freeze_vision))
     else:
@@ -73,6 +78,7 @@ class PolicyWithValue(nn.Module):
         temperature: float = 1.0,
         with_entropy: bool = False,
         nll_batch: dict[str, Any] | None = None,
+        clue_temperature: float = 1.0,
     ) -> dict[str, torch.Tensor]:
         """Scores a rollout under the current weights.
 
@@ -81,10 +87,12 @@ class PolicyWithValue(nn.Module):
             temperature: The sampling temperature (the ratio compares sampling distributions).
             with_entropy: Also return per-token entropies (detached; for logging).
             nll_batch: A collated batch whose reference reports are teacher-forced for SCST's NLL term.
+            clue_temperature: Temperature the rollout's clue statements were sampled at.
 
         Returns:
             ``logprobs`` ``(b, R)``; ``values`` ``(b, R)`` with a value head; ``entropy`` ``(b, R)``;
-            ``nll`` scalar when ``nll_batch`` is given.
+            ``nll`` scalar when ``nll_batch`` is given; ``clue_logprobs`` ``(b,)`` (mean over the 14
+            observations of the sampled statements' Bernoulli log-probs) when the rollout carries sampled clues.
         """
         logits, hidden = _sequence_forward(self.generator.model, rollout, self.value_head is not None)
         out = {"logprobs": logprobs_from_logits(logits, rollout.response_ids, temperature)}
@@ -95,13 +103,23 @@ class PolicyWithValue(nn.Module):
                 out["entropy"] = entropy_from_logits(logits.detach(), temperature)
         if nll_batch is not None:
             out["nll"] = self._reference_nll(nll_batch)
+        if rollout.clues is not None:
+            out["clue_logprobs"] = self._clue_logprobs(rollout, clue_temperature)
         return out
+
+    def _clue_logprobs(self, rollout: Rollout, temperature: float) -> torch.Tensor:
+        """``(b,)`` mean log-probability of each prompt's sampled clue statements under the clue head."""
+        b = rollout.prompt_ids.shape[0]
+        per_prompt = rollout.pixel_values.shape[0] // b
+        images = rollout.pixel_values.view(b, per_prompt, *rollout.pixel_values.shape[1:])
+        logits = self.generator.clue_logits(images[:, per_prompt - self.generator.views:]).float() / temperature
+        return -F.binary_cross_entropy_with_logits(logits, rollout.clues.to(logits), reduction="none").mean(1)
 
     def _reference_nll(self, batch: dict[str, Any]) -> torch.Tensor:
         """Token-mean cross-entropy of the reference reports (the SFT LM loss, without clue or refine terms)."""
         generator = self.generator
         with torch.no_grad():
-            prompts = generator.prompts(batch, generator.clue_logits(batch["pixel_values"]))
+            prompts = generator.prompts(batch, generator.clue_presence(generator.clue_logits(batch["pixel_values"])))
         inputs = generator.processor.build_sft_batch(prompts, batch["reports"], generator.images(batch),
                                                      generator.prompting.max_report_tokens)
         dtype = generator.model.get_input_embeddings().weight.dtype

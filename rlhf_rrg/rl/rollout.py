@@ -48,6 +48,7 @@ class Rollout:
         response_ids: ``(b, R)`` right-padded response tokens (the EOS, when emitted, included).
         response_mask: ``(b, R)`` 1 up to and including each row's first EOS.
         texts: ``b`` decoded reports without special tokens.
+        clues: ``(b, 14)`` bool clue statements sampled for the prompts (None: the clue head's own, or no clues).
     """
 
     prompt_ids: torch.Tensor
@@ -56,6 +57,7 @@ class Rollout:
     response_ids: torch.Tensor
     response_mask: torch.Tensor
     texts: list[str]
+    clues: torch.Tensor | None = None
 
     def ended(self, eos_token_id: int) -> torch.Tensor:
         """``(b,)`` bool: the response emitted EOS (False for reports cut off at the generation budget)."""
@@ -66,7 +68,8 @@ class Rollout:
         per_prompt = self.pixel_values.shape[0] // self.prompt_ids.shape[0]
         image_rows = (rows.unsqueeze(1) * per_prompt + torch.arange(per_prompt, device=rows.device)).reshape(-1)
         return Rollout(self.prompt_ids[rows], self.prompt_mask[rows], self.pixel_values[image_rows],
-                       self.response_ids[rows], self.response_mask[rows], [self.texts[i] for i in rows.tolist()])
+                       self.response_ids[rows], self.response_mask[rows], [self.texts[i] for i in rows.tolist()],
+                       self.clues[rows] if self.clues is not None else None)
 
 
 def response_mask(response_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
@@ -110,6 +113,7 @@ def generate_rollout(
     do_sample: bool,
     temperature: float = 1.0,
     top_k: int = 0,
+    clues: torch.Tensor | None = None,
 ) -> Rollout:
     """Samples (or greedily decodes) one report per study of a ``collate_context`` batch.
 
@@ -120,11 +124,12 @@ def generate_rollout(
         do_sample: Sample (PPO, SCST samples) or decode greedily (SCST baseline, evaluation).
         temperature: Sampling temperature.
         top_k: Top-k filter while sampling (0: off).
+        clues: ``(b, 14)`` bool clue statements for the prompts instead of the clue head's (kept on the rollout).
 
     Returns:
         The :class:`Rollout`; responses are at least one token long.
     """
-    inputs = generator.generation_inputs(batch)
+    inputs = generator.generation_inputs(batch, clues)
     tokenizer = generator.processor.tokenizer
     sampling = {"temperature": temperature, "top_k": top_k} if do_sample else {}
     response_ids = generate_response_ids(generator.model, generator.processor, inputs,
@@ -133,4 +138,5 @@ def generate_rollout(
     # Tokens after the first EOS are padding: make them pad ids so decoding and forwards never see them.
     response_ids = torch.where(mask.bool(), response_ids, torch.full_like(response_ids, tokenizer.pad_token_id))
     texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
-    return Rollout(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], response_ids, mask, texts)
+    return Rollout(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], response_ids, mask, texts,
+                   clues)

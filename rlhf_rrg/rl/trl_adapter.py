@@ -86,7 +86,7 @@ def trl_dataset(generator: ReportGenerator, data: ContextDataset) -> Dataset:
     rows: dict[str, list[Any]] = {"prompt": [], "reference": [], "image" if generator.views == 1 else "images": []}
     for index in range(len(data)):
         item = collate_context([data[index]])
-        text = generator.prompts(item, generator.clue_logits(item["pixel_values"]))[0]
+        text = generator.prompts(item, generator.clue_presence(generator.clue_logits(item["pixel_values"])))[0]
         # The chat template places the image placeholders itself.
         rows["prompt"].append([{"role": "user", "content": text.replace(token, "").strip()}])
         rows["reference"].append(item["reports"][0])

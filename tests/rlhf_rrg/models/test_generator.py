@@ -106,7 +106,7 @@ def test_query_mask_is_the_last_views_images_tokens(data_root, tmp_path, views):
     built = build(data_root, tmp_path, views=views)
     gen, batch = built.generator, first_batch(built)
     processor, n_img = gen.processor, gen.processor.num_image_tokens
-    prompts = gen.prompts(batch, gen.clue_logits(batch["pixel_values"]))
+    prompts = gen.prompts(batch, gen.clue_presence(gen.clue_logits(batch["pixel_values"])))
     sft = processor.build_sft_batch(prompts, batch["reports"], gen.images(batch), 40)
     generation = processor.build_generation_batch(prompts, gen.images(batch))
     for input_ids in (sft["input_ids"], generation["input_ids"]):  # right- and left-padded

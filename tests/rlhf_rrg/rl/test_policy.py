@@ -1,10 +1,13 @@
 import pytest
 import torch
+from accelerate import Accelerator
 
+from rlhf_rrg.models.disease_clues import DiseaseClueConfig, DiseaseClueHead
 from rlhf_rrg.models.generator import PromptingConfig, ReportGenerator
 from rlhf_rrg.models.rrg import LoraSettings
 from rlhf_rrg.retrieval.context import ContextConfig
 from rlhf_rrg.rl.logprobs import logprobs_from_logits
+from rlhf_rrg.rl.pg import PGConfig, pg_update
 from rlhf_rrg.rl.policy import PolicyWithValue, ReferencePolicy, make_trainable
 from rlhf_rrg.rl.rollout import generate_rollout
 from rlhf_rrg.rl.value_head import ValueHead
@@ -58,3 +61,37 @@ def test_reference_stays_at_the_starting_policy(tmp_path, lora):
         moved = policy(rollout)["logprobs"]
     assert not torch.allclose(moved, start)
     torch.testing.assert_close(reference.logprobs(rollout), start)
+
+
+def test_sampled_clues_are_prompted_scored_and_trained(tmp_path):
+    torch.manual_seed(0)
+    tiny = tiny_rrg(tmp_path, encoder_type="vit")
+    prompting = PromptingConfig(context=ContextConfig(mode="none"), clues=DiseaseClueConfig(enabled=True))
+    head = DiseaseClueHead(tiny.model.config.vision_config.hidden_size, dropout=0.0)
+    generator = make_trainable(ReportGenerator(tiny.model, tiny.processor, prompting, clue_head=head).eval(),
+                               LoraSettings(enabled=False), freeze_vision=True, train_clues=True)
+    assert all(p.requires_grad for p in head.parameters())
+    batch = make_batch(2)
+    clues = torch.zeros(2, 14, dtype=torch.bool)
+    clues[0, 1] = clues[1, 9] = True  # cardiomegaly / pleural effusion
+    rollout = generate_rollout(generator, batch, max_new_tokens=4, do_sample=True, clues=clues)
+    prompts = tiny.tokenizer.batch_decode(rollout.prompt_ids, skip_special_tokens=True)
+    assert "cardiomegaly" in prompts[0] and "pleural effusion" in prompts[1] and "cardiomegaly" not in prompts[1]
+    assert torch.equal(rollout.select(torch.tensor([1])).clues, clues[1:])
+    policy = PolicyWithValue(generator)
+    logits = generator.clue_logits(batch["pixel_values"]) / 2.0
+    expected = -torch.nn.functional.binary_cross_entropy_with_logits(logits, clues.float(), reduction="none").mean(1)
+    out = policy(rollout, clue_temperature=2.0)
+    torch.testing.assert_close(out["clue_logprobs"], expected)
+    # A positive advantage makes the sampled statements more likely under the head.
+    optimizer = torch.optim.SGD(head.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    stats = pg_update(Accelerator(cpu=True), policy, optimizer, scheduler, rollout, torch.ones(2),
+                      PGConfig(train_clues=True, clue_temperature=2.0), 1.0, 0.0)
+    assert "clue_loss" in stats
+    assert (policy(rollout, clue_temperature=2.0)["clue_logprobs"] > out["clue_logprobs"].detach()).all()
+
+
+def test_train_clues_needs_a_clue_head(tmp_path):
+    with pytest.raises(ValueError, match="clue head"):
+        make_trainable(make_generator(tmp_path), LoraSettings(enabled=False), True, train_clues=True)
