@@ -18,6 +18,7 @@ from typing import Any
 
 from rewards.base import Reward, RewardOutput, completion_text, score_nonempty, trl_call
 from rewards.clinical import CheXpertF1Reward
+from rewards.form import DistinctSentenceReward
 from rewards.nlg import Bleu2RadCliQ, BleuReward, CiderDReward, RougeLReward
 from rewards.radcliq import PairScorer, RadCliQReward
 
@@ -211,6 +212,7 @@ REGISTRY: dict[str, Callable[..., Reward]] = {
     "chexpert_f1_pos_neg": lambda **kw: CheXpertF1Reward(labeler="rule", reward_negatives=True, **kw),
     "chexbert_f1": lambda **kw: CheXpertF1Reward(labeler="chexbert", **kw),
     "clinical_offline": clinical_offline,
+    "distinct_sentences": DistinctSentenceReward,
 }
 
 

@@ -164,11 +164,11 @@ def clue_predictions(generator: ReportGenerator, features: torch.Tensor) -> torc
 
 
 def probe_export(generator: ReportGenerator, train: Dataset, val: Dataset, split: Dataset,
-                 eval_cfg: EvalConfig, l2: float = 1e-3) -> tuple[ProbeReport, list[dict]]:
+                 eval_cfg: EvalConfig, l2: float = 1e-3) -> tuple[ProbeReport, dict[str, float], list[dict]]:
     """Probe (fit on ``train``, thresholds from ``val``), clue head and greedy reports, scored on ``split``.
 
     Returns:
-        The report and the generated rows ``{id, reference, prediction}``.
+        The report, the greedy reports' ``eval_cfg.metrics`` scores and their rows ``{id, reference, prediction}``.
     """
     x_train, y_train = study_features(generator, train)
     x_val, y_val = study_features(generator, val)
@@ -179,9 +179,9 @@ def probe_export(generator: ReportGenerator, train: Dataset, val: Dataset, split
     clues = clue_predictions(generator, x_split)
     if clues is not None:
         predictions["clue head"] = clues
-    _, rows = generate_and_score(generator, with_context(generator, split, exclude_self=False), eval_cfg)
+    scores, rows = generate_and_score(generator, with_context(generator, split, exclude_self=False), eval_cfg)
     predictions["reports"] = RuleLabeler().label([r["prediction"] for r in rows]) == POSITIVE
-    return compare(y_split, predictions), rows
+    return compare(y_split, predictions), scores, rows
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -213,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> ProbeReport:
         if args.max_samples:  # a prefix keeps dataset positions equal to study indices (context lookup)
             split = Subset(split, range(min(args.max_samples, len(split))))
         eval_cfg = EvalConfig(split=args.split, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
-        report, _ = probe_export(generator, build_dataset(data, "train", train=False),
+        report, _, _ = probe_export(generator, build_dataset(data, "train", train=False),
                                  build_dataset(data, "val", train=False), split, eval_cfg, args.l2)
     except (ConfigError, DataError, CheckpointError, ValueError, FileNotFoundError) as err:
         sys.exit(f"rlhf_rrg.probe: error: {err}")

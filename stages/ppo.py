@@ -27,6 +27,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
+from rewards.clinical import build_labeler
 from rlhf_rrg.checkpoint import CheckpointConfig, CheckpointManager, TrainState
 from rlhf_rrg.config import parse_stage_args
 from rlhf_rrg.data.context_dataset import collate_context
@@ -40,7 +41,7 @@ from rlhf_rrg.rl.advantages import RunningMeanStd
 from rlhf_rrg.rl.kl import KLConfig, build_kl_controller
 from rlhf_rrg.rl.masked import masked_mean, masked_sum
 from rlhf_rrg.rl.monitors import HackingMonitor, MonitorConfig, text_statistics
-from rlhf_rrg.rl.pg import PGConfig, pg_update
+from rlhf_rrg.rl.pg import PGConfig, observation_agreement, pg_update
 from rlhf_rrg.rl.pg import advantages as pg_advantages
 from rlhf_rrg.rl.policy import PolicyWithValue, ReferencePolicy, make_trainable
 from rlhf_rrg.rl.ppo_step import PPOConfig, ppo_targets, ppo_update
@@ -126,6 +127,8 @@ def main(cfg: PPOStageConfig) -> None:
     # 1. policy from the SFT export, data with context from its memory bank, reward
     generator = ReportGenerator.from_export(init)
     reward = build_stage_reward(cfg.reward.funcs, cfg.reward.weights)
+    # The CheXpert labeler that scores each sampled clue statement (pg.clue_credit: observation).
+    clue_labeler = build_labeler("rule") if cfg.pg.train_clues and cfg.pg.clue_credit == "observation" else None
     worst = empty_report_reward(reward, cfg.reward.empty_reward)
     train_data = with_context(generator, build_dataset(cfg.data, "train", train=False), exclude_self=True)
     eval_data = eval_subset(with_context(generator, build_dataset(cfg.data, cfg.eval.split, train=False), False),
@@ -185,7 +188,7 @@ def main(cfg: PPOStageConfig) -> None:
         batch = next(batches)
         try:
             metrics = rl_step(cfg, accelerator, policy, unwrapped, optimizer, scheduler, reference, kl_ctl,
-                              score_stats, reward, worst, batch)
+                              score_stats, reward, worst, clue_labeler, batch)
         except (NonFiniteRewardError, NonFiniteLossError) as err:
             failed = dirs.checkpoints / f"failed_step_{state.step:06d}"
             accelerator.save_state(str(failed))
@@ -214,7 +217,7 @@ def main(cfg: PPOStageConfig) -> None:
 
 
 def rl_step(cfg, accelerator, policy, unwrapped, optimizer, scheduler, reference, kl_ctl, score_stats, reward,
-            worst, batch) -> dict[str, float]:
+            worst, clue_labeler, batch) -> dict[str, float]:
     """One RL step (rollout -> reward -> advantage -> update); returns the metrics to log."""
     gen, device, k = cfg.generation, accelerator.device, cfg.generation.num_samples
     eos = unwrapped.generator.processor.tokenizer.eos_token_id
@@ -271,9 +274,15 @@ def rl_step(cfg, accelerator, policy, unwrapped, optimizer, scheduler, reference
     else:
         greedy_scores = scores_tensor(greedy_out, device) if greedy_out is not None else None
         advantage = pg_advantages(cfg.algo, scores, k, greedy_scores)
+        clue_advantage = None
+        if clues is not None and cfg.pg.clue_credit == "observation":
+            agree = observation_agreement(clue_labeler, rollout.texts, sampled_batch["reports"]).to(device)
+            greedy_agree = (observation_agreement(clue_labeler, greedy.texts, batch["reports"]).to(device)
+                            if greedy is not None else None)
+            clue_advantage = pg_advantages(cfg.algo, agree, k, greedy_agree)
         ref_logprobs = reference.logprobs(rollout, gen.temperature) if reference is not None else None
         stats = pg_update(accelerator, policy, optimizer, scheduler, rollout, advantage, cfg.pg, gen.temperature,
-                          cfg.optim.grad_clip, ref_logprobs, nll_batch=batch)
+                          cfg.optim.grad_clip, ref_logprobs, nll_batch=batch, clue_advantage=clue_advantage)
         if greedy_scores is not None:
             metrics["reward/greedy"] = greedy_scores.mean().item()
         metrics["rollout/advantage_abs"] = advantage.abs().mean().item()

@@ -37,6 +37,10 @@ class DiseaseClueConfig:
         default="positive", metadata={"help": "Uncertain labels count as 'positive', 'negative', or are 'ignore'd."}
     )
     loss_weight: float = field(default=1.0, metadata={"help": "Weight of the clue BCE in the SFT loss."})
+    gold_prompt_prob: float = field(default=0.0, metadata={
+        "help": "SFT only: share of training prompts that state the study's labels instead of the head's "
+                "predictions. The head is noise early in training, so an LLM trained only on its clues learns "
+                "to ignore them; with true clues in some prompts it learns to follow them."})
 
     def __post_init__(self) -> None:
         if self.hidden_dim < 0:
@@ -51,6 +55,8 @@ class DiseaseClueConfig:
             )
         if self.loss_weight < 0:
             raise ValueError(f"loss_weight must be >= 0, got {self.loss_weight}")
+        if not 0.0 <= self.gold_prompt_prob <= 1.0:
+            raise ValueError(f"gold_prompt_prob must be in [0, 1], got {self.gold_prompt_prob}")
 
 
 class DiseaseClueHead(nn.Module):

@@ -19,7 +19,13 @@ from torch import nn
 
 from rlhf_rrg.config import load_config, save_config
 from rlhf_rrg.losses.self_refine import SelfRefineConfig, self_refining_loss
-from rlhf_rrg.models.disease_clues import DiseaseClueConfig, DiseaseClueHead, clue_bce_loss, clue_text
+from rlhf_rrg.models.disease_clues import (
+    DiseaseClueConfig,
+    DiseaseClueHead,
+    clue_bce_loss,
+    clue_targets,
+    clue_text,
+)
 from rlhf_rrg.models.processor import RRGProcessor
 from rlhf_rrg.models.residual_context import attach_residual_context
 from rlhf_rrg.models.rrg import generate_response_ids, load_rrg, save_rrg, to_model_device
@@ -147,7 +153,8 @@ class ReportGenerator(nn.Module):
                 ) -> tuple[torch.Tensor, dict[str, float]]:
         """SFT loss: LM cross-entropy + TRRG clue BCE + SERPENT-VLM self-refining term (each when enabled)."""
         clue_logits = self.clue_logits(batch["pixel_values"])
-        inputs = self.processor.build_sft_batch(self.prompts(batch, self.clue_presence(clue_logits)), batch["reports"],
+        inputs = self.processor.build_sft_batch(self.prompts(batch, self._training_clues(batch, clue_logits)),
+                                                batch["reports"],
                                                 self.images(batch), self.prompting.max_report_tokens)
         inputs = to_model_device(self.model, inputs)
         refine = self_refine is not None and self_refine.weight > 0
@@ -166,6 +173,18 @@ class ReportGenerator(nn.Module):
             loss = loss + self_refine.weight * term
             metrics["self_refine"] = term.item()
         return loss, metrics
+
+    def _training_clues(self, batch: dict[str, Any], clue_logits: torch.Tensor | None) -> torch.Tensor | None:
+        """The clue statements of SFT prompts: the head's, or with ``clues.gold_prompt_prob`` the study's labels."""
+        clues = self.clue_presence(clue_logits)
+        share = self.prompting.clues.gold_prompt_prob
+        if clues is None or share == 0 or not self.training:
+            return clues
+        if batch["labels"] is None:
+            raise ValueError("clues.gold_prompt_prob > 0 needs CheXpert labels for every study (the dataset has none)")
+        gold = clue_targets(batch["labels"], self.prompting.clues.uncertain_policy)[0].bool().to(clues.device)
+        use_gold = torch.rand(clues.shape[0], 1, device=clues.device) < share
+        return torch.where(use_gold, gold, clues)
 
     def _query_image_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``(b, t)`` mask of the query study's image tokens (the last ``views`` images; context images excluded)."""

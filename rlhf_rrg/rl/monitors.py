@@ -10,20 +10,13 @@ held-out clinical accuracy falls.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from rewards.form import sentences
+
 logger = logging.getLogger(__name__)
-
-_SENTENCE_END = re.compile(r"[.!?;]+")
-
-
-def sentences(text: str) -> list[str]:
-    """Normalised sentences of a report (lowercase, single spaces, empty ones dropped)."""
-    return [" ".join(s.split()) for s in _SENTENCE_END.split(text.lower()) if s.strip()]
-
 
 def _ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
     return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]

@@ -18,6 +18,7 @@ teacher-forced NLL of the reference report (``nll_weight``) that keeps the polic
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -25,6 +26,8 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from rewards.clinical import Labeler
+from rewards.observations import POSITIVE
 from rlhf_rrg.rl.advantages import group_normalized_advantages, rloo_advantages, scst_advantages
 from rlhf_rrg.rl.kl import kl_per_token
 from rlhf_rrg.rl.losses import scst_loss
@@ -48,6 +51,9 @@ class PGConfig:
                 "train the head with the same advantage: the clue sentence becomes part of the action"})
     clue_temperature: float = field(default=1.0, metadata={"help": "temperature of the sampled clue statements"})
     clue_weight: float = field(default=1.0, metadata={"help": "weight of the clue policy-gradient term"})
+    clue_credit: Literal["report", "observation"] = field(default="observation", metadata={
+        "help": "advantage of each sampled clue statement: the report's, or per observation whether the report "
+                "then states that observation as its reference does (CheXpert labeler; same baseline per column)"})
 
     def __post_init__(self) -> None:
         if self.nll_weight < 0 or self.kl_coef < 0 or self.clue_weight < 0:
@@ -55,6 +61,8 @@ class PGConfig:
                              f"{self.kl_coef}, {self.clue_weight}")
         if self.clue_temperature <= 0:
             raise ValueError(f"pg.clue_temperature must be > 0, got {self.clue_temperature}")
+        if self.clue_credit not in ("report", "observation"):
+            raise ValueError(f"pg.clue_credit must be 'report' or 'observation', got {self.clue_credit!r}")
 
 
 @torch.no_grad()
@@ -62,12 +70,19 @@ def advantages(baseline: Baseline, scores: torch.Tensor, k: int, greedy_scores: 
                ) -> torch.Tensor:
     """``(b*k,)`` advantages of ``(b*k,)`` sample rewards (the ``k`` samples of a study adjacent).
 
+    ``(b*k, m)`` scores (one reward per column, e.g. per observation) give ``(b*k, m)`` advantages, each column
+    with its own baseline.
+
     Args:
-        baseline: ``scst`` (needs ``greedy_scores (b,)``), ``rloo`` or ``grpo`` (need ``k >= 2``).
+        baseline: ``scst`` (needs ``greedy_scores (b,)`` / ``(b, m)``), ``rloo`` or ``grpo`` (need ``k >= 2``).
         scores: Sample rewards.
         k: Samples per study.
         greedy_scores: Rewards of each study's greedy report (SCST only).
     """
+    if scores.dim() == 2:
+        greedy_columns = greedy_scores.T if greedy_scores is not None else [None] * scores.shape[1]
+        return torch.stack([advantages(baseline, column, k, greedy)
+                            for column, greedy in zip(scores.T, greedy_columns, strict=True)], dim=1)
     if baseline == "scst":
         if greedy_scores is None:
             raise ValueError("the scst baseline needs the greedy reports' rewards")
@@ -77,6 +92,14 @@ def advantages(baseline: Baseline, scores: torch.Tensor, k: int, greedy_scores: 
     if baseline == "grpo":
         return group_normalized_advantages(scores, k)
     raise ValueError(f"baseline must be scst, rloo or grpo, got {baseline!r}")
+
+
+@torch.no_grad()
+def observation_agreement(labeler: Labeler, reports: Sequence[str], references: Sequence[str]) -> torch.Tensor:
+    """``(n, 14)`` 1.0 where a report states an observation present exactly when its reference does (CE's
+    positive-only convention), else 0.0: the per-observation reward of sampled clue statements."""
+    present = labeler.label(list(reports)) == POSITIVE
+    return (present == (labeler.label(list(references)) == POSITIVE)).float()
 
 
 def pg_update(
@@ -91,6 +114,7 @@ def pg_update(
     grad_clip: float,
     ref_logprobs: torch.Tensor | None = None,
     nll_batch: dict[str, Any] | None = None,
+    clue_advantage: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """One on-policy gradient step on the sampled reports.
 
@@ -106,6 +130,7 @@ def pg_update(
         grad_clip: Max gradient norm (0: off).
         ref_logprobs: ``(b, R)`` starting-policy log-probs (required when ``cfg.kl_coef > 0``).
         nll_batch: The studies whose reference reports give the NLL term (required when ``cfg.nll_weight > 0``).
+        clue_advantage: ``(b, 14)`` per-observation advantages of sampled clues; default: ``advantage`` for all.
 
     Returns:
         ``policy_loss`` and, with those terms, ``clue_loss``, ``kl`` and ``nll``.
@@ -119,7 +144,8 @@ def pg_update(
     policy_loss = scst_loss(out["logprobs"], rollout.response_mask, advantage, cfg.length_normalize)
     loss, stats = policy_loss, {"policy_loss": policy_loss.detach()}
     if "clue_logprobs" in out:
-        clue_loss = -(advantage.detach().to(out["clue_logprobs"]) * out["clue_logprobs"]).mean()
+        credit = clue_advantage if clue_advantage is not None else advantage.unsqueeze(1)
+        clue_loss = -(credit.detach().to(out["clue_logprobs"]) * out["clue_logprobs"]).mean()
         loss = loss + cfg.clue_weight * clue_loss
         stats["clue_loss"] = clue_loss.detach()
     if cfg.kl_coef > 0:

@@ -91,8 +91,8 @@ class PolicyWithValue(nn.Module):
 
         Returns:
             ``logprobs`` ``(b, R)``; ``values`` ``(b, R)`` with a value head; ``entropy`` ``(b, R)``;
-            ``nll`` scalar when ``nll_batch`` is given; ``clue_logprobs`` ``(b,)`` (mean over the 14
-            observations of the sampled statements' Bernoulli log-probs) when the rollout carries sampled clues.
+            ``nll`` scalar when ``nll_batch`` is given; ``clue_logprobs`` ``(b, 14)`` (the Bernoulli log-prob of
+            each sampled statement) when the rollout carries sampled clues.
         """
         logits, hidden = _sequence_forward(self.generator.model, rollout, self.value_head is not None)
         out = {"logprobs": logprobs_from_logits(logits, rollout.response_ids, temperature)}
@@ -108,12 +108,12 @@ class PolicyWithValue(nn.Module):
         return out
 
     def _clue_logprobs(self, rollout: Rollout, temperature: float) -> torch.Tensor:
-        """``(b,)`` mean log-probability of each prompt's sampled clue statements under the clue head."""
+        """``(b, 14)`` log-probability of each prompt's sampled clue statements under the clue head."""
         b = rollout.prompt_ids.shape[0]
         per_prompt = rollout.pixel_values.shape[0] // b
         images = rollout.pixel_values.view(b, per_prompt, *rollout.pixel_values.shape[1:])
         logits = self.generator.clue_logits(images[:, per_prompt - self.generator.views:]).float() / temperature
-        return -F.binary_cross_entropy_with_logits(logits, rollout.clues.to(logits), reduction="none").mean(1)
+        return -F.binary_cross_entropy_with_logits(logits, rollout.clues.to(logits), reduction="none")
 
     def _reference_nll(self, batch: dict[str, Any]) -> torch.Tensor:
         """Token-mean cross-entropy of the reference reports (the SFT LM loss, without clue or refine terms)."""

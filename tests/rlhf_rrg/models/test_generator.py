@@ -283,3 +283,18 @@ def test_constructor_checks_retriever_and_clue_head(data_root, tmp_path):
         ReportGenerator(gen.model, gen.processor, gen.prompting, None, gen.clue_head)
     with pytest.raises(ValueError, match="clue head"):
         ReportGenerator(gen.model, gen.processor, gen.prompting, gen.retriever, None)
+
+
+def test_gold_clue_prompts_in_sft_training_only(data_root, tmp_path):
+    built = build(data_root, tmp_path)
+    gen, batch = built.generator, first_batch(built)
+    head = gen.clue_presence(gen.clue_logits(batch["pixel_values"]))
+    gold = batch["labels"] == 1
+    gen.prompting.clues.gold_prompt_prob = 1.0
+    gen.train()
+    assert torch.equal(gen._training_clues(batch, gen.clue_logits(batch["pixel_values"])), gold)
+    gen.eval()  # evaluation and inference always prompt with the head's own clues
+    assert torch.equal(gen._training_clues(batch, gen.clue_logits(batch["pixel_values"])), head)
+    gen.train()
+    with pytest.raises(ValueError, match="labels"):
+        gen._training_clues({**batch, "labels": None}, gen.clue_logits(batch["pixel_values"]))

@@ -2,12 +2,12 @@ import logging
 
 import pytest
 
+from rewards.form import DistinctSentenceReward, sentences
 from rlhf_rrg.rl.monitors import (
     HackingMonitor,
     MonitorConfig,
     distinct_n,
     has_repeated_sentence,
-    sentences,
     text_statistics,
 )
 
@@ -72,3 +72,8 @@ def test_monitor_state_round_trip():
 def test_monitor_config_validation():
     with pytest.raises(ValueError):
         MonitorConfig(length_ratio_range=(1.3, 0.7))
+
+
+def test_distinct_sentence_reward_makes_repetition_cost():
+    out = DistinctSentenceReward().score([HACKED, "no focal consolidation . no pneumothorax .", ""], ["x"] * 3)
+    assert out.scores == [pytest.approx(1 / 12), 1.0, 0.0]

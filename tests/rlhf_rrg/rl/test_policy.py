@@ -80,7 +80,7 @@ def test_sampled_clues_are_prompted_scored_and_trained(tmp_path):
     assert torch.equal(rollout.select(torch.tensor([1])).clues, clues[1:])
     policy = PolicyWithValue(generator)
     logits = generator.clue_logits(batch["pixel_values"]) / 2.0
-    expected = -torch.nn.functional.binary_cross_entropy_with_logits(logits, clues.float(), reduction="none").mean(1)
+    expected = -torch.nn.functional.binary_cross_entropy_with_logits(logits, clues.float(), reduction="none")
     out = policy(rollout, clue_temperature=2.0)
     torch.testing.assert_close(out["clue_logprobs"], expected)
     # A positive advantage makes the sampled statements more likely under the head.
