@@ -2,7 +2,7 @@
 
 It is a transformers ``ProcessorMixin`` because TRL's GRPO/RLOO trainers treat a ``ProcessorMixin``
 processing class as the sign of a vision-language model: they then render conversational prompts
-with ``processor.apply_chat_template`` (images taken from the dataset's ``image`` column), call
+with ``processor.apply_chat_template`` (image blocks filled from the dataset's ``images`` column), call
 ``processor(images=..., text=..., padding=True, return_tensors="pt")`` for the training forward and
 suppress ``model.config.image_token_id`` during generation.
 
@@ -29,7 +29,8 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 
-# Renders user/system turns as "<image>...<image>{text}\n" and assistant turns as "{text}{eos}".
+# Renders each turn's content in order (an image block as the image token), then "\n" after a user/system turn
+# and eos after an assistant turn: blocks split at a prompt's placeholders render back to the plain prompt.
 PLAIN_CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['content'] is string -%}{{ message['content'] }}"

@@ -1,9 +1,12 @@
 """GRPO and RLOO through TRL's trainers, with the stage's reward object and the SFT export as the policy.
 
-TRL renders each conversational prompt with the processor's chat template, takes images from the dataset's
-``image`` (one view) or ``images`` column, forwards the ``reference`` column to the reward, and (with
-``beta > 0``) builds its reference policy from the export path or by disabling the LoRA adapter. Prompts are
-built once per study by the generator (clue text included), so TRL prompts exactly like SFT did.
+TRL renders each conversational prompt with the processor's chat template, fills its image blocks from the
+dataset's ``images`` column, forwards the ``reference`` column to the reward, and (with ``beta > 0``) builds its
+reference policy from the export path or by disabling the LoRA adapter. To prompt token-for-token as SFT and our
+own loop do, each study's prompt is built once by the generator (clue text included) and handed to TRL as content
+blocks with an image block at each of its placeholders, which the plain template renders back to the very same
+string; the images are the dataset's own tensors (our decoding, resize and normalisation; the export's views),
+loaded when TRL reads a row and passed through the processor unchanged.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from datasets import Dataset
-from PIL import Image
+from torch.utils.data import DataLoader
 
 from rewards import Reward
 from rlhf_rrg.data.context_dataset import ContextDataset, collate_context
@@ -72,27 +76,53 @@ class TRLReward:
         return out.scores
 
 
-def trl_dataset(generator: ReportGenerator, data: ContextDataset) -> Dataset:
-    """One row per study: ``prompt`` (a user turn), the view image(s) and the ``reference`` report.
+def prompt_blocks(prompt: str, image_token: str) -> list[dict[str, str]]:
+    """A prompt string as chat content blocks: its text pieces, and an image block where each placeholder stands.
+
+    ``RRGProcessor``'s plain chat template renders the blocks back to ``prompt + "\\n"``, the SFT prompt.
+    """
+    blocks: list[dict[str, str]] = []
+    for i, piece in enumerate(prompt.split(image_token)):
+        if i:
+            blocks.append({"type": "image"})
+        if piece:
+            blocks.append({"type": "text", "text": piece})
+    return blocks
+
+
+def trl_dataset(generator: ReportGenerator, data: ContextDataset, batch_size: int = 16) -> Dataset:
+    """One row per study: ``prompt`` (a user turn of content blocks), ``reference`` and, on access, ``images``.
+
+    ``images`` is the study's ``(3, H, W)`` view tensors as ``data`` loads them, read when TRL fetches the row (so
+    the dataset holds no pixels); clue text comes from the generator's clue head on those same tensors.
+
+    Args:
+        generator: The policy; its prompts and clue head.
+        data: Training studies without retrieved context.
+        batch_size: Studies per clue-head forward while the prompts are built.
 
     Raises:
         ValueError: the export's prompts carry context images (``prompting.context.mode`` not ``none``), which
-            TRL's one-image-column datasets cannot place.
+            TRL's datasets cannot place, or the data loads another number of views than the export takes.
     """
     if generator.retriever is not None:
         raise ValueError("algo grpo/rloo needs an SFT export with prompting.context.mode: none (TRL prompts hold "
                          "the study's own views only); use algo ppo or scst for context prompts")
     token = generator.processor.image_token
-    rows: dict[str, list[Any]] = {"prompt": [], "reference": [], "image" if generator.views == 1 else "images": []}
-    for index in range(len(data)):
-        item = collate_context([data[index]])
-        text = generator.prompts(item, generator.clue_presence(generator.clue_logits(item["pixel_values"])))[0]
-        # The chat template places the image placeholders itself.
-        rows["prompt"].append([{"role": "user", "content": text.replace(token, "").strip()}])
-        rows["reference"].append(item["reports"][0])
-        images = [Image.open(p).convert("L") for p in data.base.studies[index].image_paths]
-        rows["image" if generator.views == 1 else "images"].append(images[0] if generator.views == 1 else images)
-    return Dataset.from_dict(rows)
+    rows: dict[str, list[Any]] = {"prompt": [], "reference": [], "study": list(range(len(data)))}
+    with torch.no_grad():
+        for batch in DataLoader(data, batch_size=batch_size, collate_fn=collate_context):
+            if batch["pixel_values"].size(1) != generator.views:
+                raise ValueError(f"data.views={batch['pixel_values'].size(1)} but the export takes "
+                                 f"prompting.views={generator.views} views per study")
+            for text in generator.prompts(batch, generator.clue_presence(generator.clue_logits(batch["pixel_values"]))):
+                rows["prompt"].append([{"role": "user", "content": prompt_blocks(text, token)}])
+            rows["reference"].extend(batch["reports"])
+
+    def with_images(columns: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        return {**columns, "images": [list(data[i]["pixel_values"]) for i in columns["study"]]}
+
+    return Dataset.from_dict(rows).with_transform(with_images)
 
 
 def run_trl(
