@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rlhf_rrg.config import load_config, save_config
+from rlhf_rrg.export.model_card import write_model_card
 from rlhf_rrg.losses.self_refine import SelfRefineConfig, self_refining_loss
 from rlhf_rrg.models.disease_clues import DiseaseClueConfig, DiseaseClueHead, clue_bce_loss, clue_text
 from rlhf_rrg.models.processor import RRGProcessor
@@ -172,7 +173,8 @@ class ReportGenerator(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- export
     def save(self, out_dir: str | Path) -> Path:
-        """``save_rrg`` export (merged weights + processor) plus ``prompting/`` (settings, bank, clue head)."""
+        """``save_rrg`` export (merged weights, processor, remote code) plus ``prompting/`` (settings, bank with its
+        context images, clue head) and the model card ``README.md``."""
         out_dir = save_rrg(self.model, self.processor, out_dir)
         prompting_dir = out_dir / _PROMPTING_DIR
         prompting_dir.mkdir(exist_ok=True)
@@ -184,6 +186,7 @@ class ReportGenerator(nn.Module):
                       prompting_dir / _CLUE_HEAD_FILE)
             in_dim = self.clue_head.net[0].normalized_shape[0]
             (prompting_dir / "clue_head.json").write_text(json.dumps({"in_dim": in_dim}))
+        write_model_card(out_dir)
         return out_dir
 
     @classmethod
