@@ -96,7 +96,8 @@ def _prompting_section(export_dir: Path) -> str:
     mode = config_value(settings, "context.mode") or "none"
     residual = ", residual features" if config_value(settings, "context.residual") else ""
     if mode == "none":
-        return "No retrieved context: the prompt is the image(s) and the instruction, as below.\n"
+        return ("No retrieved context: the prompt is the image(s) and the instruction, as below "
+                "(`model.generate_reports(processor, [image])` builds it for you).\n")
     meta_path = export_dir / "prompting" / "memory_bank.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     reports = "stores the reports of its studies" if "reports" in meta else "stores no report text"
@@ -105,8 +106,8 @@ def _prompting_section(export_dir: Path) -> str:
         f"{config_value(settings, 'context.k_neg')} normal training studies per query (R2GenCSR"
         f"{residual}). The memory bank in `prompting/` "
         f"holds {len(meta.get('ids', []))} studies' image embeddings, one resized image each, and {reports}. "
-        "Plain transformers generation (below) runs without that context; prompt exactly as in training with "
-        "`rlhf_rrg.inference.ReportGenerator.from_export(path).generate(pixel_values)`.\n"
+        "`model.generate(...)` alone (below) runs without that context: use `model.generate_reports(processor, "
+        "[image])`, which retrieves and prompts exactly as in training.\n"
     )
 
 
@@ -151,9 +152,12 @@ def render_model_card(export_dir: str | Path) -> str:
         'inputs = processor(images=Image.open("cxr.png"), text=prompt, return_tensors="pt")',
         "report_ids = model.generate(**inputs, max_new_tokens=100)[:, inputs['input_ids'].shape[1]:]",
         "print(processor.tokenizer.decode(report_ids[0], skip_special_tokens=True))",
+        "# or, with the retrieved context and clues of training (prompting/):",
+        'print(model.generate_reports(processor, [Image.open("cxr.png")], max_new_tokens=100)[0])',
         "```", "",
-        "The code this needs (`modeling_rrg.py`, the encoder, the pure-torch selective scan, the processor) ships "
-        "with the weights. Generated reports are not a diagnosis.", "",
+        "The code this needs (`modeling_rrg.py`, the encoder with its pure-torch selective scan, the processor and "
+        "the prompting code) ships with the weights; it needs torch, transformers, peft, safetensors, pyyaml and "
+        "Pillow. Generated reports are not a diagnosis.", "",
     ]
     return "\n".join(lines)
 

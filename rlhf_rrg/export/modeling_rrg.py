@@ -4,10 +4,17 @@ An export's ``config.json`` is a stock LLaVA config whose ``vision_config`` has 
 transformers does not know. These subclasses change nothing but where they live: importing this module (a copy of
 it, saved into the export next to the vision encoder's code) registers ``rrg_vision`` with ``AutoConfig`` and
 ``AutoModel`` before transformers parses the config, so the export loads where ``rlhf_rrg`` is not installed.
+:meth:`RRGLlavaForConditionalGeneration.generate_reports` adds what ``generate`` alone cannot: the prompt of
+training (retrieved context images and reports, R2GenCSR residual features, disease clues) from ``prompting/``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 
@@ -24,6 +31,43 @@ class RRGLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     """``LlavaForConditionalGeneration`` over :class:`RRGLlavaConfig`; the weights' names are unchanged."""
 
     config_class = RRGLlavaConfig
+
+    def generate_reports(
+        self,
+        processor: Any,
+        images: torch.Tensor | Sequence[Any],
+        max_new_tokens: int = 100,
+        num_beams: int = 1,
+        export_dir: str | Path | None = None,
+    ) -> list[str]:
+        """One report per study, prompted exactly as in training (what ``ReportGenerator.generate`` does).
+
+        Args:
+            processor: the export's processor (``AutoProcessor.from_pretrained(export, trust_remote_code=True)``).
+            images: ``(b, V, 3, H, W)`` normalised tensors, or b PIL images (one view each).
+            max_new_tokens: generation budget per report.
+            num_beams: beam width.
+            export_dir: the export folder; default: the folder or Hub repository this model was loaded from.
+
+        Returns:
+            b reports.
+        """
+        # Imported here: plain ``generate`` needs none of the prompting code (or its dependencies, e.g. peft).
+        from rlhf_rrg.models.generator import ReportGenerator
+
+        if self.__dict__.get("_report_generator") is None:
+            export = Path(export_dir) if export_dir is not None else Path(self.name_or_path)
+            if not export.is_dir():
+                from huggingface_hub import snapshot_download
+
+                export = Path(snapshot_download(self.name_or_path, allow_patterns=["prompting/*"]))
+            # Kept out of the module tree (a plain attribute): the wrapper holds this model, and built once since it
+            # hooks the projector for residual context.
+            self.__dict__["_report_generator"] = ReportGenerator.with_prompting(self, processor, export)
+        generator = self.__dict__["_report_generator"]
+        if not isinstance(images, torch.Tensor):
+            images = torch.stack([processor.preprocess_image(image) for image in images])[:, None]
+        return generator.generate(images, max_new_tokens=max_new_tokens, num_beams=num_beams)
 
 
 # transformers saves LLaVA checkpoints in the original key layout and renames on load, but only for its own classes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -12,11 +13,19 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
+from rlhf_rrg.data.context_dataset import ContextDataset, collate_context
+from rlhf_rrg.data.dataset import DataConfig, build_dataset
+from rlhf_rrg.data.synthetic import SyntheticConfig, write_synthetic_dataset
 from rlhf_rrg.export.remote_code import AUTO_MAP, remote_sources
+from rlhf_rrg.models.disease_clues import DiseaseClueConfig, DiseaseClueHead
 from rlhf_rrg.models.generator import PromptingConfig, ReportGenerator
-from rlhf_rrg.retrieval.context import PromptTemplate, build_context_prompt
+from rlhf_rrg.retrieval.context import ContextConfig, PromptTemplate, build_context_prompt
+from rlhf_rrg.retrieval.retriever import ContextRetriever
 from rlhf_rrg.testing.tiny_models import tiny_rrg
+
+SIZE = 64  # the tiny encoders' image size
 
 # Runs in a fresh interpreter: -I drops PYTHONPATH, the cwd and user site; the finder below also stops the
 # editable install, so any import of the package (directly or from the export's code) fails loudly.
@@ -40,6 +49,7 @@ inputs = processor(images=Image.open(image_path), text=processor.format_prompt(p
 ids = model.generate(**inputs, max_new_tokens=12, do_sample=False)[:, inputs["input_ids"].shape[1]:]
 print(json.dumps({
     "report": processor.tokenizer.decode(ids[0], skip_special_tokens=True),
+    "prompted": model.generate_reports(processor, [Image.open(image_path)], max_new_tokens=12)[0],
     "model": type(model).__module__,
     "leaked": sorted(m for m in sys.modules if m.split(".")[0] in ("rlhf_rrg", "rewards")),
 }))
@@ -57,11 +67,34 @@ def test_sources_import_nothing_from_the_package():
                 assert f"{node.module}.py" in sources, (name, node.module)
 
 
-@pytest.mark.parametrize("encoder", ["vim"])
-def test_export_generates_in_plain_transformers_without_the_package(tmp_path, encoder):
+def context_generator(tmp_path, tiny) -> ReportGenerator:
+    """Wired like stages/sft.py: retrieved context with residual features and disease clues, bank from data files."""
+    root = tmp_path / "data"
+    write_synthetic_dataset(root, SyntheticConfig(n_train=10, n_val=1, n_test=0, image_size=SIZE, seed=2))
+    data = DataConfig(annotation_path=root / "annotation.json", image_root=root / "images", image_size=SIZE)
+    train = build_dataset(data, "train", train=False)
+    context = ContextConfig(mode="retrieved", k_pos=1, k_neg=1, residual=True)
+    batches = (
+        {"pixel_values": b["pixel_values"], "id": b["ids"], "report": b["reports"], "labels": b["labels"]}
+        for b in DataLoader(ContextDataset(train), batch_size=8, collate_fn=collate_context)
+    )
+    paths = [[str(p) for p in s.image_paths] for s in train.studies]
+    vision = tiny.model.model.vision_tower
+    retriever = ContextRetriever.build(context, vision, batches, paths, SIZE, data.mean, data.std)
+    clues = DiseaseClueConfig(enabled=True, dropout=0.0, threshold=0.5)
+    prompting = PromptingConfig(context=context, clues=clues)
+    head = DiseaseClueHead(vision.config.hidden_size, 0, 0.0)
+    return ReportGenerator(tiny.model, tiny.processor, prompting, retriever, head).eval()
+
+
+@pytest.mark.parametrize("context", [False, True])
+def test_export_generates_in_plain_transformers_without_the_package(tmp_path, context):
     torch.manual_seed(0)
-    tiny = tiny_rrg(tmp_path, encoder)
-    generator = ReportGenerator(tiny.model, tiny.processor, PromptingConfig()).eval()
+    tiny = tiny_rrg(tmp_path, "vim")
+    if context:
+        generator = context_generator(tmp_path, tiny)
+    else:
+        generator = ReportGenerator(tiny.model, tiny.processor, PromptingConfig()).eval()
     export = generator.save(tmp_path / "export")
     config = json.loads((export / "config.json").read_text())
     assert config["auto_map"] == AUTO_MAP and config["vision_config"]["model_type"] == "rrg_vision"
@@ -72,6 +105,8 @@ def test_export_generates_in_plain_transformers_without_the_package(tmp_path, en
     pixels = tiny.processor.preprocess_image(Image.open(tmp_path / "cxr.png"))
     expected = ReportGenerator.from_export(export).generate(pixels[None, None], max_new_tokens=12)[0]
     assert expected.strip()
+    if context:
+        shutil.rmtree(tmp_path / "data")  # the context images travel with the export
 
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
     env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
@@ -83,4 +118,6 @@ def test_export_generates_in_plain_transformers_without_the_package(tmp_path, en
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["leaked"] == []
     assert result["model"].startswith("transformers_modules.")
-    assert result["report"] == expected
+    assert result["prompted"] == expected
+    if not context:
+        assert result["report"] == expected
