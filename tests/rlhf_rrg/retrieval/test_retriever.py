@@ -172,3 +172,15 @@ def test_constructor_errors(train_set):
         ContextRetriever(ContextConfig(mode="none"), retriever.bank, retriever.bank_images, SIZE, MEAN, STD)
     with pytest.raises(ValueError, match="3 image lists for a memory bank of 16"):
         ContextRetriever(retriever.cfg, retriever.bank, retriever.bank_images[:3], SIZE, MEAN, STD)
+
+
+def test_loads_exports_with_absolute_image_paths(train_set, tmp_path):
+    """Exports written before the images were copied name the training files themselves."""
+    retriever = separated_retriever(train_set)
+    retriever.save(tmp_path)
+    meta = json.loads((tmp_path / "bank_images.json").read_text())
+    meta["bank_images"] = image_paths(train_set)
+    (tmp_path / "bank_images.json").write_text(json.dumps(meta))
+    loaded = ContextRetriever.load_dir(tmp_path)
+    assert loaded.bank_images == image_paths(train_set)
+    torch.testing.assert_close(loaded.load([0], [3])["context_pixels"], retriever.load([0], [3])["context_pixels"])
