@@ -78,7 +78,9 @@ def _eval_table(scores: Mapping[str, Any]) -> str:
     rows = [(k, v) for k, v in sorted(scores.items()) if isinstance(v, (int, float)) and not isinstance(v, bool)]
     if not rows:
         return ""
-    return "| metric | value |\n|---|---|\n" + "".join(f"| {k} | {v:.4f} |\n" for k, v in rows)
+    return "| metric | value |\n|---|---|\n" + "".join(
+        f"| {k} | {v:.4f} |\n" if isinstance(v, float) else f"| {k} | {v} |\n" for k, v in rows
+    )
 
 
 def _flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -138,7 +140,7 @@ def render_model_card(export_dir: str | Path) -> str:
         "## Training stages", "",
         *([_describe_stage(s, c) for s, c in lineage] or ["Not recorded (no stage config beside the export)."]), "",
         "## Evaluation", "",
-        (f"Test split scores from `rlhf_rrg.evaluate_run` ({scores_path.relative_to(export_dir.parent.parent)}):\n\n"
+        (f"Scores from `rlhf_rrg.evaluate_run` ({scores_path.relative_to(export_dir.parent.parent)}):\n\n"
          + table) if table else "No evaluation recorded yet (run `python -m rlhf_rrg.evaluate_run`).\n",
         "## Prompting", "", _prompting_section(export_dir),
         "## Use with transformers", "",

@@ -44,7 +44,8 @@ class RRGLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
         Args:
             processor: the export's processor (``AutoProcessor.from_pretrained(export, trust_remote_code=True)``).
-            images: ``(b, V, 3, H, W)`` normalised tensors, or b PIL images (one view each).
+            images: ``(b, V, 3, H, W)`` normalised tensors, or b studies, each a PIL image or a list of the V views
+                the export was trained with (``prompting.views``, e.g. 2 for IU-Xray).
             max_new_tokens: generation budget per report.
             num_beams: beam width.
             export_dir: the export folder; default: the folder or Hub repository this model was loaded from.
@@ -66,7 +67,8 @@ class RRGLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             self.__dict__["_report_generator"] = ReportGenerator.with_prompting(self, processor, export)
         generator = self.__dict__["_report_generator"]
         if not isinstance(images, torch.Tensor):
-            images = torch.stack([processor.preprocess_image(image) for image in images])[:, None]
+            studies = [study if isinstance(study, (list, tuple)) else [study] for study in images]
+            images = torch.stack([torch.stack([processor.preprocess_image(v) for v in views]) for views in studies])
         return generator.generate(images, max_new_tokens=max_new_tokens, num_beams=num_beams)
 
 

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from rlhf_rrg.data.context_dataset import ContextDataset, collate_context
 from rlhf_rrg.data.dataset import DataConfig, build_dataset
 from rlhf_rrg.data.synthetic import SyntheticConfig, write_synthetic_dataset
+from rlhf_rrg.export.modeling_rrg import RRGLlavaForConditionalGeneration
 from rlhf_rrg.export.remote_code import AUTO_MAP, remote_sources
 from rlhf_rrg.models.disease_clues import DiseaseClueConfig, DiseaseClueHead
 from rlhf_rrg.models.generator import PromptingConfig, ReportGenerator
@@ -121,3 +122,15 @@ def test_export_generates_in_plain_transformers_without_the_package(tmp_path, co
     assert result["prompted"] == expected
     if not context:
         assert result["report"] == expected
+
+
+def test_generate_reports_takes_each_study_as_its_views(tmp_path):
+    torch.manual_seed(0)
+    tiny = tiny_rrg(tmp_path)
+    export = ReportGenerator(tiny.model, tiny.processor, PromptingConfig(views=2)).eval().save(tmp_path / "export")
+    rng = np.random.default_rng(1)
+    studies = [[Image.fromarray((rng.random((80, 80)) * 255).astype(np.uint8)) for _ in range(2)] for _ in range(2)]
+    pixels = torch.stack([torch.stack([tiny.processor.preprocess_image(v) for v in views]) for views in studies])
+    expected = ReportGenerator.from_export(export).generate(pixels, max_new_tokens=8)
+    model = RRGLlavaForConditionalGeneration.from_pretrained(export).eval()
+    assert model.generate_reports(tiny.processor, studies, max_new_tokens=8) == expected
