@@ -34,6 +34,7 @@ from rlhf_rrg.models.llm_configs import TINY_LLMS
 from rlhf_rrg.models.rrg import RRGModelConfig, apply_lora, build_processor, build_rrg_model, build_vision_model
 from rlhf_rrg.models.tokenizer import build_word_tokenizer
 from rlhf_rrg.optim import OptimConfig, build_optimizer, build_scheduler
+from rlhf_rrg.retrieval.context import check_report_sharing
 from rlhf_rrg.retrieval.retriever import ContextRetriever, dataset_neighbours
 from rlhf_rrg.runroot import mark_export_complete, resolve_init
 from rlhf_rrg.stage_setup import RunConfig, setup_stage
@@ -55,6 +56,7 @@ class SFTStageConfig:
     def __post_init__(self) -> None:
         if self.prompting.views != self.data.views:
             raise ValueError(f"prompting.views={self.prompting.views} must equal data.views={self.data.views}")
+        check_report_sharing(self.data.dataset, self.prompting.context)
 
 
 def vision_source(cfg: SFTStageConfig) -> str:

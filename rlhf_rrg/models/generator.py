@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rlhf_rrg.config import load_config, save_config
+from rlhf_rrg.export.model_card import write_model_card
 from rlhf_rrg.losses.self_refine import SelfRefineConfig, self_refining_loss
 from rlhf_rrg.models.disease_clues import (
     DiseaseClueConfig,
@@ -204,7 +205,8 @@ class ReportGenerator(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- export
     def save(self, out_dir: str | Path) -> Path:
-        """``save_rrg`` export (merged weights + processor) plus ``prompting/`` (settings, bank, clue head)."""
+        """``save_rrg`` export (merged weights, processor, remote code) plus ``prompting/`` (settings, bank with its
+        context images, clue head) and the model card ``README.md``."""
         out_dir = save_rrg(self.model, self.processor, out_dir)
         prompting_dir = out_dir / _PROMPTING_DIR
         prompting_dir.mkdir(exist_ok=True)
@@ -216,6 +218,7 @@ class ReportGenerator(nn.Module):
                       prompting_dir / _CLUE_HEAD_FILE)
             in_dim = self.clue_head.net[0].normalized_shape[0]
             (prompting_dir / "clue_head.json").write_text(json.dumps({"in_dim": in_dim}))
+        write_model_card(out_dir)
         return out_dir
 
     @classmethod
@@ -225,22 +228,35 @@ class ReportGenerator(nn.Module):
         Raises:
             FileNotFoundError: naming the export folder and the file it lacks.
         """
-        path = Path(path)
-        settings = path / _PROMPTING_DIR / _SETTINGS_FILE
-        for required in (path / "config.json", settings):
-            if not required.is_file():
-                raise FileNotFoundError(f"{path} is not a report-generator export: {required} is missing "
-                                        "(exports are written by stages/sft.py and stages/ppo.py)")
+        cls._check_export(Path(path))
         model, processor = load_rrg(path, device)
-        prompting = load_config(PromptingConfig, settings)
+        return cls.with_prompting(model, processor, path)
+
+    @classmethod
+    def with_prompting(cls, model: nn.Module, processor: RRGProcessor, path: str | Path) -> ReportGenerator:
+        """Wraps an export's already loaded model and processor (e.g. by plain transformers) with its ``prompting/``.
+
+        Raises:
+            FileNotFoundError: naming the export folder and the file it lacks.
+        """
+        path = Path(path)
+        cls._check_export(path)
+        prompting = load_config(PromptingConfig, path / _PROMPTING_DIR / _SETTINGS_FILE)
         retriever = ContextRetriever.load_dir(path / _PROMPTING_DIR) if prompting.context.mode != "none" else None
         clue_head = None
         if prompting.clues.enabled:
             meta = json.loads((path / _PROMPTING_DIR / "clue_head.json").read_text())
             clue_head = DiseaseClueHead(meta["in_dim"], prompting.clues.hidden_dim, prompting.clues.dropout)
             clue_head.load_state_dict(load_file(path / _PROMPTING_DIR / _CLUE_HEAD_FILE))
-            clue_head.to(device)
+            clue_head.to(next(model.parameters()).device)
         return cls(model, processor, prompting, retriever, clue_head).eval()
+
+    @staticmethod
+    def _check_export(path: Path) -> None:
+        for required in (path / "config.json", path / _PROMPTING_DIR / _SETTINGS_FILE):
+            if not required.is_file():
+                raise FileNotFoundError(f"{path} is not a report-generator export: {required} is missing "
+                                        "(exports are written by stages/sft.py and stages/ppo.py)")
 
     @property
     def image_size(self) -> int:

@@ -21,6 +21,8 @@ from typing import Literal
 from rlhf_rrg.models.tokenizer import IMAGE_TOKEN
 
 ContextMode = Literal["none", "retrieved", "fixed"]
+# Datasets whose reports need a data use agreement (PhysioNet for MIMIC-CXR, Stanford AIMI for CheXpert Plus).
+CREDENTIALED_DATASETS = ("mimic_cxr", "chexpert_plus")
 
 
 @dataclass
@@ -82,6 +84,11 @@ class ContextConfig:
         default="rule",
         metadata={"help": "Labels the bank's reports when the dataset has no CheXpert labels (R2GenCSR: CheXbert)."},
     )
+    share_reports: bool = field(
+        default=False,
+        metadata={"help": "Confirms that use_reports may store the training reports in exports of a credentialed "
+                          f"dataset ({', '.join(CREDENTIALED_DATASETS)}); their data use agreements limit sharing."},
+    )
     template: PromptTemplate = field(default_factory=PromptTemplate, metadata={"help": "Prompt wording."})
 
     def __post_init__(self) -> None:
@@ -95,6 +102,21 @@ class ContextConfig:
             raise ValueError("residual needs context samples: set mode 'retrieved' or 'fixed'")
         if self.max_context_words < 1:
             raise ValueError(f"max_context_words must be >= 1, got {self.max_context_words}")
+
+
+def check_report_sharing(dataset: str, context: ContextConfig) -> None:
+    """Exports carry the memory bank's reports exactly when ``use_reports``; credentialed data needs an opt-in.
+
+    Raises:
+        ValueError: ``use_reports`` on a credentialed dataset without ``share_reports``.
+    """
+    shared = context.mode != "none" and context.use_reports
+    if shared and dataset in CREDENTIALED_DATASETS and not context.share_reports:
+        raise ValueError(
+            f"prompting.context.use_reports puts the {dataset} training reports into every export, and {dataset} "
+            "reports are credentialed data: set prompting.context.share_reports: true if you may redistribute them, "
+            "or use_reports: false"
+        )
 
 
 def _truncate_words(text: str, max_words: int) -> str:

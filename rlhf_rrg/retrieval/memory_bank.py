@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 _NO_FINDING = CHEXPERT_14.index("No Finding")
 _TENSORS_FILE = "memory_bank.safetensors"
 _META_FILE = "memory_bank.json"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 
 
 class MemoryBank:
@@ -43,18 +44,27 @@ class MemoryBank:
     Args:
         embeddings: ``(n, d)`` image embeddings; stored L2-normalised as float32.
         ids: ``n`` unique study ids.
-        reports: ``n`` reports.
+        reports: ``n`` reports, or None for a bank loaded without them (see :meth:`save`).
         labels: ``(n, 14)`` label codes in ``CHEXPERT_14`` order (0 blank, 1 positive, 2 negative, 3 uncertain).
+        report_groups: with ``reports=None``, ``n`` ints, equal where two rows have the same report text (what
+            :meth:`query` needs to return distinct reports); derived from ``reports`` otherwise.
     """
 
     def __init__(
-        self, embeddings: torch.Tensor, ids: Sequence[str], reports: Sequence[str], labels: torch.Tensor
+        self,
+        embeddings: torch.Tensor,
+        ids: Sequence[str],
+        reports: Sequence[str] | None,
+        labels: torch.Tensor,
+        report_groups: Sequence[int] | None = None,
     ) -> None:
         if embeddings.dim() != 2:
             raise ValueError(f"embeddings must be (n, d), got shape {tuple(embeddings.shape)}")
         n = embeddings.shape[0]
-        if len(ids) != n or len(reports) != n:
-            raise ValueError(f"{n} embeddings but {len(ids)} ids and {len(reports)} reports")
+        if reports is None and report_groups is None:
+            raise ValueError("a memory bank without reports needs report_groups (which rows share a report)")
+        if len(ids) != n or len(reports if reports is not None else report_groups) != n:
+            raise ValueError(f"{n} embeddings but {len(ids)} ids and a report list of another length")
         if tuple(labels.shape) != (n, len(CHEXPERT_14)):
             raise ValueError(f"labels must be (n={n}, {len(CHEXPERT_14)}), got shape {tuple(labels.shape)}")
         self.ids = [str(i) for i in ids]
@@ -62,10 +72,12 @@ class MemoryBank:
         if len(self._row_of) != n:
             raise ValueError("ids must be unique; the memory bank got duplicate study ids")
         self.embeddings = F.normalize(embeddings.detach().float().cpu(), dim=-1)
-        self.reports = list(reports)
+        self.reports = list(reports) if reports is not None else None
         self.labels = labels.detach().to(torch.int8).cpu()
-        groups = {text: g for g, text in enumerate(dict.fromkeys(self.reports))}
-        self._report_group = [groups[text] for text in self.reports]
+        if reports is not None:
+            groups = {text: g for g, text in enumerate(dict.fromkeys(reports))}
+            report_groups = [groups[text] for text in reports]
+        self._report_group = [int(g) for g in report_groups]
         self.is_normal = self.labels[:, _NO_FINDING] == POSITIVE
 
     def __len__(self) -> int:
@@ -115,19 +127,32 @@ class MemoryBank:
         )
         return bank
 
-    def save(self, directory: str | Path) -> None:
-        """Writes ``memory_bank.safetensors`` (embeddings, labels) and ``memory_bank.json`` (ids, reports)."""
+    def save(self, directory: str | Path, include_reports: bool = False) -> None:
+        """Writes ``memory_bank.safetensors`` (embeddings, labels) and ``memory_bank.json`` (ids, report groups).
+
+        Args:
+            directory: target folder.
+            include_reports: also store the report texts. Off by default: a bank travels with exported models,
+                and training reports (MIMIC-CXR, CheXpert Plus) may be credentialed data.
+
+        Raises:
+            ValueError: ``include_reports`` on a bank that has no reports.
+        """
+        if include_reports and self.reports is None:
+            raise ValueError("include_reports=True but this memory bank was loaded without its reports")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_file(
             {"embeddings": self.embeddings.contiguous(), "labels": self.labels.contiguous()}, directory / _TENSORS_FILE
         )
-        meta = {"format_version": _FORMAT_VERSION, "ids": self.ids, "reports": self.reports}
+        meta = {"format_version": _FORMAT_VERSION, "ids": self.ids, "report_groups": self._report_group}
+        if include_reports:
+            meta["reports"] = self.reports
         (directory / _META_FILE).write_text(json.dumps(meta))
 
     @classmethod
     def load(cls, directory: str | Path) -> MemoryBank:
-        """Reads a bank written by :meth:`save`.
+        """Reads a bank written by :meth:`save` (or by format 1, which always stored the reports).
 
         Raises:
             FileNotFoundError: naming the missing file.
@@ -140,10 +165,12 @@ class MemoryBank:
                 raise FileNotFoundError(f"memory bank file missing: {path}")
         tensors = load_file(tensors_path)
         meta = json.loads(meta_path.read_text())
-        if meta.get("format_version") != _FORMAT_VERSION:
-            raise ValueError(f"{meta_path}: format_version {meta.get('format_version')!r}, expected {_FORMAT_VERSION}")
+        if meta.get("format_version") not in _READABLE_VERSIONS:
+            raise ValueError(f"{meta_path}: format_version {meta.get('format_version')!r}, expected one of "
+                             f"{list(_READABLE_VERSIONS)}")
         try:
-            return cls(tensors["embeddings"], meta["ids"], meta["reports"], tensors["labels"])
+            return cls(tensors["embeddings"], meta["ids"], meta.get("reports"), tensors["labels"],
+                       meta.get("report_groups"))
         except (KeyError, ValueError) as err:
             raise ValueError(f"{directory}: inconsistent memory bank ({err})") from err
 

@@ -11,17 +11,21 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from rlhf_rrg.config import load_config, save_config
-from rlhf_rrg.data.images import load_image
+from rlhf_rrg.data.images import _resize as resize_grayscale
+from rlhf_rrg.data.images import load_image, read_grayscale
 from rlhf_rrg.retrieval.context import ContextConfig
 from rlhf_rrg.retrieval.memory_bank import MemoryBank, fixed_context
 
 _IMAGES_FILE = "bank_images.json"
 _CONTEXT_FILE = "context.yaml"
+_CONTEXT_IMAGES_DIR = "context_images"
 
 
 @torch.no_grad()
@@ -112,27 +116,58 @@ class ContextRetriever:
         pixels = [load_image(self.bank_images[r][0], self.image_size, self.mean, self.std) for r in rows]
         return {
             "context_pixels": torch.stack(pixels) if pixels else torch.empty(0, 3, self.image_size, self.image_size),
-            "neg_reports": [self.bank.reports[r] for r in neg_rows],
-            "pos_reports": [self.bank.reports[r] for r in pos_rows],
+            "neg_reports": self._reports(neg_rows),
+            "pos_reports": self._reports(pos_rows),
         }
 
+    def _reports(self, rows: Sequence[int]) -> list[str]:
+        if self.bank.reports is not None:
+            return [self.bank.reports[r] for r in rows]
+        if self.cfg.use_reports:
+            raise ValueError("context.use_reports needs the training reports, but this memory bank was saved "
+                             "without them")
+        # Without use_reports the prompt only counts the context samples, never shows their text.
+        return [""] * len(rows)
+
     def save(self, directory: str | Path) -> None:
+        """Writes the bank (reports only with ``use_reports``) and a copy of each study's context image.
+
+        The copies (``context_images/<row>.png``, the first view resized to ``image_size``, 16-bit grayscale) are
+        named relative to ``directory`` in ``bank_images.json``, so a copied export works without the training data.
+        """
         directory = Path(directory)
-        self.bank.save(directory)
+        self.bank.save(directory, include_reports=self.cfg.use_reports)
         save_config(self.cfg, directory / _CONTEXT_FILE)
-        meta = {"bank_images": self.bank_images, "image_size": self.image_size, "mean": self.mean, "std": self.std}
+        (directory / _CONTEXT_IMAGES_DIR).mkdir(exist_ok=True)
+        bank_images = []
+        for row, paths in enumerate(self.bank_images):
+            relative = f"{_CONTEXT_IMAGES_DIR}/{row:07d}.png"
+            if Path(paths[0]).resolve() != (directory / relative).resolve():
+                save_context_image(paths[0], directory / relative, self.image_size)
+            bank_images.append([relative])
+        meta = {"bank_images": bank_images, "image_size": self.image_size, "mean": self.mean, "std": self.std}
         (directory / _IMAGES_FILE).write_text(json.dumps(meta))
 
     @classmethod
     def load_dir(cls, directory: str | Path) -> ContextRetriever:
+        """Reads :meth:`save`'s files; relative image paths are taken from ``directory`` (older exports: absolute)."""
         directory = Path(directory)
         meta_path = directory / _IMAGES_FILE
         if not meta_path.is_file():
             raise FileNotFoundError(f"context retriever file missing: {meta_path}")
         meta = json.loads(meta_path.read_text())
         cfg = load_config(ContextConfig, directory / _CONTEXT_FILE)
-        return cls(cfg, MemoryBank.load(directory), meta["bank_images"], meta["image_size"], meta["mean"],
-                   meta["std"])
+        bank_images = [[str(directory / p) for p in paths] for paths in meta["bank_images"]]
+        return cls(cfg, MemoryBank.load(directory), bank_images, meta["image_size"], meta["mean"], meta["std"])
+
+
+def save_context_image(source: str | Path, target: Path, image_size: int) -> None:
+    """``source`` as the pipeline sees it before normalisation (grayscale, resized), as a 16-bit PNG.
+
+    ``load_image`` reads it back to within 1/65535 of the original's pixels (its resize to the same size is a copy).
+    """
+    array = resize_grayscale(read_grayscale(source), image_size)
+    Image.fromarray(np.round(array * 65535.0).astype(np.uint16)).save(target, format="PNG")
 
 
 def dataset_neighbours(

@@ -233,3 +233,14 @@ def test_prompting_views_must_equal_data_views(synthetic_data, tmp_path):
 def test_missing_align_export_is_named(synthetic_data, tmp_path):
     with pytest.raises(MissingStageOutputError, match="'align' export"):
         run_stage("sft", synthetic_data, tmp_path, "--train.max_steps", "1")
+
+
+@pytest.mark.parametrize("dataset", ["mimic_cxr", "chexpert_plus"])
+def test_credentialed_reports_in_the_bank_need_an_opt_in(dataset):
+    module = load_stage("sft")
+    config = REPO / "stages" / "configs" / "sft" / f"{dataset}.yaml"
+    asks = ["--model.llm", "tiny", "--prompting.context.use_reports", "true"]
+    with pytest.raises(ConfigError, match="credentialed data: set prompting.context.share_reports: true"):
+        load_config(module.SFTStageConfig, config, asks)
+    cfg = load_config(module.SFTStageConfig, config, [*asks, "--prompting.context.share_reports", "true"])
+    assert cfg.prompting.context.use_reports and cfg.prompting.context.share_reports

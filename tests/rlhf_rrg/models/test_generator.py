@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 
 import pytest
@@ -269,6 +270,21 @@ def test_export_round_trip_generates_the_same_reports(data_root, tmp_path, lora)
     with torch.no_grad():
         loaded_loss, _ = loaded(batch)
     torch.testing.assert_close(loaded_loss, expected_loss, rtol=1e-4, atol=1e-5)
+
+
+def test_copied_export_generates_with_the_training_data_gone(tmp_path):
+    root = tmp_path / "data"
+    write_synthetic_dataset(root, SyntheticConfig(n_train=12, n_val=2, n_test=0, image_size=SIZE, seed=5))
+    built = build(root, tmp_path, residual=True)
+    gen = built.generator.eval()
+    pixels = torch.stack([built.val[i]["pixel_values"] for i in range(len(built.val))])
+    expected = gen.generate(pixels, max_new_tokens=12)
+    gen.save(tmp_path / "export")
+    shutil.copytree(tmp_path / "export", tmp_path / "copied")
+    shutil.rmtree(root)
+    shutil.rmtree(tmp_path / "export")
+    assert not any(str(root) in f.read_text() for f in (tmp_path / "copied").rglob("*.json"))
+    assert ReportGenerator.from_export(tmp_path / "copied").generate(pixels, max_new_tokens=12) == expected
 
 
 def test_from_export_names_the_missing_file(tmp_path):

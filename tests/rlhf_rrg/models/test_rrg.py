@@ -1,6 +1,9 @@
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
+from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM
 
@@ -108,6 +111,21 @@ def test_save_load_round_trip_gives_identical_logits(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, expected, rtol=1e-5, atol=1e-5)
     assert loaded.generation_config.suppress_tokens == [processor.image_token_id]
+
+    # The adapter names a base that exists (saved beside it: no folder held this in-memory assembly) and rebuilds
+    # the merged model on it.
+    base = json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == str((out / "adapter" / "base").resolve())
+    rebuilt = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base), out / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(**batch).logits, expected, rtol=1e-5, atol=1e-5)
+
+    # A LoRA on weights loaded from a folder (RL on an SFT export) names that folder and saves no copy.
+    again = save_rrg(apply_lora(load_rrg(out)[0], tiny.config), processor, tmp_path / "rl_export")
+    assert json.loads((again / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        out.resolve()
+    )
+    assert not (again / "adapter" / "base").exists()
 
 
 def test_load_is_strict(tmp_path):

@@ -1,7 +1,13 @@
 import pytest
 
 from rlhf_rrg.config import ConfigError, load_config
-from rlhf_rrg.retrieval.context import ContextConfig, PromptTemplate, build_context_prompt
+from rlhf_rrg.retrieval.context import (
+    CREDENTIALED_DATASETS,
+    ContextConfig,
+    PromptTemplate,
+    build_context_prompt,
+    check_report_sharing,
+)
 
 INSTRUCTION = "Generate a comprehensive and detailed diagnosis report for this chest xray image."
 
@@ -66,3 +72,13 @@ def test_config_validation_and_yaml(tmp_path):
     assert (cfg.mode, cfg.seed, cfg.template.instruction) == ("fixed", 4096, "Describe the study.")
     with pytest.raises(ConfigError, match="mode"):
         load_config(ContextConfig, path, ["--mode", "random"])
+
+
+@pytest.mark.parametrize("dataset", CREDENTIALED_DATASETS)
+def test_credentialed_reports_need_share_reports(dataset):
+    asked = ContextConfig(mode="retrieved", use_reports=True)
+    with pytest.raises(ValueError, match=f"{dataset} reports are credentialed.*share_reports: true"):
+        check_report_sharing(dataset, asked)
+    check_report_sharing(dataset, ContextConfig(mode="retrieved", use_reports=True, share_reports=True))
+    check_report_sharing(dataset, ContextConfig(mode="retrieved", use_reports=False))
+    check_report_sharing("iu_xray", asked)

@@ -85,15 +85,41 @@ def test_constructor_validation():
         MemoryBank(torch.eye(2), ["a", "b"], ["x", "y"], torch.zeros(2, 13))
 
 
-def test_save_load_round_trip(tmp_path):
+@pytest.mark.parametrize("include_reports", [False, True])
+def test_save_load_round_trip(tmp_path, include_reports):
     bank = make_bank()
-    bank.save(tmp_path / "bank")
+    bank.save(tmp_path / "bank", include_reports=include_reports)
     loaded = MemoryBank.load(tmp_path / "bank")
     torch.testing.assert_close(loaded.embeddings, bank.embeddings)
     torch.testing.assert_close(loaded.labels, bank.labels)
-    assert loaded.ids == bank.ids and loaded.reports == bank.reports
-    query = torch.stack([at(0), at(90)])
-    for a, b in zip(loaded.query(query, 2, 2), bank.query(query, 2, 2), strict=True):
+    assert loaded.ids == bank.ids
+    assert loaded.reports == (bank.reports if include_reports else None)
+    stored = (tmp_path / "bank" / "memory_bank.json").read_text()
+    assert ("cardiomegaly" in stored) == include_reports
+    # Without the texts the bank still returns distinct reports: the query of the first test, same answer.
+    query = torch.stack([at(0), 2 * at(90)])
+    for a, b in zip(loaded.query(query, 3, 2, [["s0"], []]), bank.query(query, 3, 2, [["s0"], []]), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_bank_without_reports_cannot_save_them(tmp_path):
+    make_bank().save(tmp_path)
+    with pytest.raises(ValueError, match="without its reports"):
+        MemoryBank.load(tmp_path).save(tmp_path / "again", include_reports=True)
+
+
+def test_loads_format_1_files(tmp_path):
+    """Exports written before reports became opt-in (format 1: reports always stored, no report groups)."""
+    bank = make_bank()
+    bank.save(tmp_path, include_reports=True)
+    meta = json.loads((tmp_path / "memory_bank.json").read_text())
+    (tmp_path / "memory_bank.json").write_text(
+        json.dumps({"format_version": 1, "ids": meta["ids"], "reports": meta["reports"]})
+    )
+    loaded = MemoryBank.load(tmp_path)
+    assert loaded.reports == bank.reports
+    query = torch.stack([at(0), 2 * at(90)])
+    for a, b in zip(loaded.query(query, 3, 2, [["s0"], []]), bank.query(query, 3, 2, [["s0"], []]), strict=True):
         assert torch.equal(a, b)
 
 
@@ -102,7 +128,7 @@ def test_load_errors_name_the_file(tmp_path):
         MemoryBank.load(tmp_path)
     make_bank().save(tmp_path)
     meta = json.loads((tmp_path / "memory_bank.json").read_text())
-    meta["reports"] = meta["reports"][:-1]
+    meta["report_groups"] = meta["report_groups"][:-1]
     (tmp_path / "memory_bank.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="inconsistent"):
         MemoryBank.load(tmp_path)

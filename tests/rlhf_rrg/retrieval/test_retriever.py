@@ -1,10 +1,15 @@
 import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
 from rewards.observations import BLANK, CHEXPERT_14, POSITIVE
+from rlhf_rrg.data.annotation import DataError
 from rlhf_rrg.data.context_dataset import ContextDataset, collate_context
 from rlhf_rrg.data.dataset import DataConfig, build_dataset
 from rlhf_rrg.data.images import load_image
@@ -38,14 +43,14 @@ def image_paths(dataset) -> list[list[str]]:
     return [[str(p) for p in s.image_paths] for s in dataset.studies]
 
 
-def separated_retriever(train_set, mode="retrieved", k_pos=2, k_neg=1) -> ContextRetriever:
+def separated_retriever(train_set, mode="retrieved", k_pos=2, k_neg=1, use_reports=False) -> ContextRetriever:
     """A bank over the synthetic studies' files with well-separated random embeddings (every 3rd study normal)."""
     n = len(train_set)
     labels = torch.full((n, len(CHEXPERT_14)), BLANK, dtype=torch.long)
     labels[::3, CHEXPERT_14.index("No Finding")] = POSITIVE
     embeddings = torch.randn(n, 16, generator=torch.Generator().manual_seed(0))
     bank = MemoryBank(embeddings, [s.id for s in train_set.studies], [f"report {i}" for i in range(n)], labels)
-    cfg = ContextConfig(mode=mode, k_pos=k_pos, k_neg=k_neg, seed=7)
+    cfg = ContextConfig(mode=mode, k_pos=k_pos, k_neg=k_neg, seed=7, use_reports=use_reports)
     return ContextRetriever(cfg, bank, image_paths(train_set), SIZE, MEAN, STD)
 
 
@@ -90,15 +95,17 @@ def test_load_puts_negatives_first(train_set):
     assert out["neg_reports"] == ["report 3"] and out["pos_reports"] == ["report 1", "report 2"]
 
 
-def test_save_load_round_trip(train_set, tmp_path):
-    retriever = separated_retriever(train_set)
+@pytest.mark.parametrize("use_reports", [False, True])
+def test_save_load_round_trip(train_set, tmp_path, use_reports):
+    retriever = separated_retriever(train_set, use_reports=use_reports)
     retriever.save(tmp_path)
     loaded = ContextRetriever.load_dir(tmp_path)
     assert dataclasses.asdict(loaded.cfg) == dataclasses.asdict(retriever.cfg)
-    assert loaded.bank.ids == retriever.bank.ids and loaded.bank.reports == retriever.bank.reports
+    assert loaded.bank.ids == retriever.bank.ids
+    assert loaded.bank.reports == (retriever.bank.reports if use_reports else None)
     torch.testing.assert_close(loaded.bank.embeddings, retriever.bank.embeddings)
     assert torch.equal(loaded.bank.labels, retriever.bank.labels)
-    assert loaded.bank_images == retriever.bank_images
+    assert json.loads((tmp_path / "bank_images.json").read_text())["bank_images"][3] == ["context_images/0000003.png"]
     assert (loaded.image_size, loaded.mean, loaded.std) == (SIZE, MEAN, STD)
     query = torch.randn(4, 16)
     for a, b in zip(
@@ -107,10 +114,38 @@ def test_save_load_round_trip(train_set, tmp_path):
         strict=True,
     ):
         assert torch.equal(a, b)
-    torch.testing.assert_close(loaded.load([0], [3])["context_pixels"], retriever.load([0], [3])["context_pixels"])
-    (tmp_path / "bank_images.json").unlink()
-    with pytest.raises(FileNotFoundError, match="bank_images.json"):
-        ContextRetriever.load_dir(tmp_path)
+    ours, theirs = loaded.load([0], [3]), retriever.load([0], [3])
+    # 16-bit copies of the resized images: within 1/65535 of the pixels, divided by std 0.25.
+    torch.testing.assert_close(ours["context_pixels"], theirs["context_pixels"], rtol=0, atol=4 / 65535)
+    assert ours["pos_reports"] == (theirs["pos_reports"] if use_reports else [""])
+
+
+def test_saved_retriever_works_after_copy_with_the_data_gone(train_set, tmp_path):
+    root = Path(os.path.commonpath([p for paths in image_paths(train_set) for p in paths]))
+    data = tmp_path / "data"
+    shutil.copytree(root, data)
+    paths = [[str(data / Path(p).relative_to(root)) for p in s] for s in image_paths(train_set)]
+    base = separated_retriever(train_set)
+    retriever = ContextRetriever(base.cfg, base.bank, paths, SIZE, MEAN, STD)
+    expected = retriever.load([1, 2], [3])["context_pixels"]
+    retriever.save(tmp_path / "export")
+    shutil.copytree(tmp_path / "export", tmp_path / "copied")
+    shutil.rmtree(data)
+    shutil.rmtree(tmp_path / "export")
+    loaded = ContextRetriever.load_dir(tmp_path / "copied")
+    torch.testing.assert_close(loaded.load([1, 2], [3])["context_pixels"], expected, rtol=0, atol=4 / 65535)
+    with pytest.raises(DataError, match="0000004.png"):
+        (tmp_path / "copied" / "context_images" / "0000004.png").unlink()
+        loaded.load([4], [])
+
+
+def test_reports_stay_out_unless_use_reports(train_set, tmp_path):
+    separated_retriever(train_set).save(tmp_path)
+    loaded = ContextRetriever.load_dir(tmp_path)
+    assert "report 1" not in (tmp_path / "memory_bank.json").read_text()
+    loaded.cfg.use_reports = True
+    with pytest.raises(ValueError, match="without them"):
+        loaded.load([1], [3])
 
 
 def test_built_bank_and_dataset_neighbours(train_set, vision):
@@ -137,3 +172,15 @@ def test_constructor_errors(train_set):
         ContextRetriever(ContextConfig(mode="none"), retriever.bank, retriever.bank_images, SIZE, MEAN, STD)
     with pytest.raises(ValueError, match="3 image lists for a memory bank of 16"):
         ContextRetriever(retriever.cfg, retriever.bank, retriever.bank_images[:3], SIZE, MEAN, STD)
+
+
+def test_loads_exports_with_absolute_image_paths(train_set, tmp_path):
+    """Exports written before the images were copied name the training files themselves."""
+    retriever = separated_retriever(train_set)
+    retriever.save(tmp_path)
+    meta = json.loads((tmp_path / "bank_images.json").read_text())
+    meta["bank_images"] = image_paths(train_set)
+    (tmp_path / "bank_images.json").write_text(json.dumps(meta))
+    loaded = ContextRetriever.load_dir(tmp_path)
+    assert loaded.bank_images == image_paths(train_set)
+    torch.testing.assert_close(loaded.load([0], [3])["context_pixels"], retriever.load([0], [3])["context_pixels"])

@@ -1,0 +1,1 @@
+"""Hugging Face-native exports: remote code, model card, Hub upload."""
