@@ -115,7 +115,8 @@ def trl_dataset(generator: ReportGenerator, data: ContextDataset, batch_size: in
             if batch["pixel_values"].size(1) != generator.views:
                 raise ValueError(f"data.views={batch['pixel_values'].size(1)} but the export takes "
                                  f"prompting.views={generator.views} views per study")
-            for text in generator.prompts(batch, generator.clue_presence(generator.clue_logits(batch["pixel_values"]))):
+            clues = generator.clue_presence(generator.clue_logits(batch["pixel_values"]))
+            for text in generator.prompts(batch, clues):
                 rows["prompt"].append([{"role": "user", "content": prompt_blocks(text, token)}])
             rows["reference"].extend(batch["reports"])
 
