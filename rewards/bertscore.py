@@ -3,11 +3,13 @@
 ``bert-score`` 0.3.13 works on transformers 5 except on empty strings (its ``sent_encode`` calls the removed
 ``build_inputs_with_special_tokens``), so its own model loader, padding, encoder call and greedy cosine matching are
 used here; only the encoding of each sentence is done here, with the tokenizer loaded with ``add_prefix_space=True``
-(what ``sent_encode`` passes for RoBERTa). Reference embeddings are cached per text.
+(what ``sent_encode`` passes for RoBERTa). Like CXR-Report-Metric, runs of spaces are collapsed to one before
+encoding (RoBERTa's tokenizer would otherwise emit a token per extra space). Reference embeddings are cached per text.
 """
 
 import csv
 import logging
+import re
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +27,7 @@ logger = logging.getLogger(__name__)
 MODEL_NAME = "distilroberta-base"
 NUM_LAYERS = 5
 BASELINE_PATH = Path(bert_score.__file__).parent / "rescale_baseline" / "en" / f"{MODEL_NAME}.tsv"
+_SPACES = re.compile(" +")
 
 
 def read_baseline_f1(path: str | Path, num_layers: int) -> float:
@@ -115,6 +118,7 @@ class BertScorer:
         """
         if len(hyps) != len(refs):
             raise ValueError(f"hyps and refs must have the same length, got {len(hyps)} and {len(refs)}")
+        hyps, refs = [_SPACES.sub(" ", h) for h in hyps], [_SPACES.sub(" ", r) for r in refs]
         live = [i for i in range(len(hyps)) if hyps[i].strip() and refs[i].strip()]
         scores = [self.worst] * len(hyps)
         hyp_stats = self._embed([hyps[i] for i in live])

@@ -1,8 +1,9 @@
 """Language metrics: corpus BLEU-1..4 / ROUGE-L / CIDEr-D / METEOR as reported in papers, and per-sample rewards.
 
-Corpus scores come from pycocoevalcap on reports tokenised like R2Gen's evaluation (lowercase, one sentence
-per ``". "``, sentence punctuation removed, sentences joined by ``" . "``), so numbers are comparable with the
-R2Gen / R2GenGPT / CXPMRG tables. ``Bleu2RadCliQ`` instead follows RadCliQ's own BLEU-2 recipe.
+Corpus scores come from pycocoevalcap on reports tokenised like R2Gen's evaluation (the dataset's R2Gen cleaner:
+lowercase, one sentence per ``". "``, sentence punctuation removed, sentences joined by ``" . "``, empty sentences
+kept as ``"."``), so numbers are comparable with the R2Gen / R2GenGPT / CXPMRG tables. ``Bleu2RadCliQ`` instead
+follows RadCliQ's own BLEU-2 recipe.
 """
 
 from __future__ import annotations
@@ -14,34 +15,36 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 
 from rewards.base import RewardOutput, TextCache, score_nonempty, trl_call
-from rlhf_rrg.data.cleaning import clean_report_mimic_cxr
+from rlhf_rrg.data.cleaning import CLEANERS
 
 logger = logging.getLogger(__name__)
 
 
-def r2gen_tokenize(report: str) -> str:
-    """Tokenises a report the way R2Gen's ``clean_report_mimic_cxr`` does before scoring.
+def r2gen_tokenize(report: str, cleaner: str = "mimic_cxr") -> str:
+    """Tokenises a report the way R2Gen does before scoring: its cleaner, then its whitespace tokens.
 
     Args:
         report: Raw report text.
+        cleaner: ``"mimic_cxr"`` (MIMIC-CXR, CheXpert Plus), ``"iu_xray"`` or ``"none"`` (see ``CLEANERS``).
 
     Returns:
-        Lowercase space-separated tokens, sentences separated by ``" . "`` and ending in ``" ."``;
-        ``""`` when the report has no words.
+        Space-separated tokens, sentences separated by ``" . "`` and ending in ``" ."``. Like R2Gen, an empty
+        sentence still yields its ``"."`` (``"a. . b."`` -> ``"a . . b ."``) and a report without words is ``"."``.
     """
-    # R2Gen's cleaner keeps empty sentences and stray double spaces; as scoring tokens they would add "." tokens.
-    sentences = [" ".join(part.split()) for part in clean_report_mimic_cxr(report).split(" .")]
-    sentences = [sentence for sentence in sentences if sentence]
-    return " . ".join(sentences) + " ." if sentences else ""
+    if cleaner not in CLEANERS:
+        raise ValueError(f"cleaner must be one of {sorted(CLEANERS)}, got {cleaner!r}")
+    return " ".join(CLEANERS[cleaner](report).split())
 
 
-def _coco_inputs(hyps: Sequence[str], refs: Sequence[str]) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
+def _coco_inputs(
+    hyps: Sequence[str], refs: Sequence[str], cleaner: str
+) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
     if len(hyps) != len(refs):
         raise ValueError(f"got {len(hyps)} hypotheses but {len(refs)} references")
     if not hyps:
         raise ValueError("cannot score an empty set of reports")
-    gts = {i: [r2gen_tokenize(r)] for i, r in enumerate(refs)}
-    res = {i: [r2gen_tokenize(h)] for i, h in enumerate(hyps)}
+    gts = {i: [r2gen_tokenize(r, cleaner)] for i, r in enumerate(refs)}
+    res = {i: [r2gen_tokenize(h, cleaner)] for i, h in enumerate(hyps)}
     return gts, res
 
 
@@ -51,7 +54,10 @@ def java_available() -> bool:
 
 
 def corpus_nlg_scores(
-    hyps: Sequence[str], refs: Sequence[str], metrics: Iterable[str] = ("bleu", "rouge_l", "cider", "meteor")
+    hyps: Sequence[str],
+    refs: Sequence[str],
+    metrics: Iterable[str] = ("bleu", "rouge_l", "cider", "meteor"),
+    cleaner: str = "mimic_cxr",
 ) -> dict[str, float]:
     """Corpus-level language metrics, one reference per hypothesis.
 
@@ -60,6 +66,7 @@ def corpus_nlg_scores(
         refs: Ground-truth reports, length ``n``.
         metrics: Any of ``bleu`` (gives ``bleu_1`` .. ``bleu_4``), ``rouge_l``, ``cider`` (CIDEr-D, document
             frequencies from ``refs``) and ``meteor`` (skipped with a logged message when Java is missing).
+        cleaner: R2Gen cleaner of the dataset (``"iu_xray"`` for IU-Xray, ``"mimic_cxr"`` otherwise).
 
     Returns:
         Metric name -> corpus score.
@@ -72,7 +79,7 @@ def corpus_nlg_scores(
     unknown = set(metrics) - {"bleu", "rouge_l", "cider", "meteor"}
     if unknown:
         raise ValueError(f"unknown NLG metrics {sorted(unknown)}; valid: bleu, rouge_l, cider, meteor")
-    gts, res = _coco_inputs(hyps, refs)
+    gts, res = _coco_inputs(hyps, refs, cleaner)
     out: dict[str, float] = {}
     if "bleu" in metrics:
         bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
@@ -132,8 +139,9 @@ class Bleu2RadCliQ:
 
     @staticmethod
     def tokenize(text: str) -> list[str]:
-        """RadCliQ's BLEU tokenisation: lowercase, detach periods, whitespace split."""
-        return text.lower().replace(".", " .").split()
+        """RadCliQ's BLEU tokenisation: lowercase, detach periods, split on " " only (a newline or tab stays inside
+        a token), drop empty tokens."""
+        return [token for token in text.lower().replace(".", " .").split(" ") if token]
 
     def score(self, completions: Sequence[str], references: Sequence[str]) -> RewardOutput:
         """BLEU-2 of each completion against its reference, in [0, 1]."""
