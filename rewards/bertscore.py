@@ -18,9 +18,8 @@ import bert_score
 import torch
 from bert_score.utils import bert_encode, get_model, greedy_cos_idf, padding
 from torch.nn.utils.rnn import pad_sequence
-from transformers import AutoTokenizer
 
-from rewards.weights import BERTSCORE_ENV, hf_hub_cache_dirs, resolve_weights
+from rewards.weights import BERTSCORE_ENV, hf_hub_cache_dirs, hf_snapshots, load_tokenizer, resolve_weights
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +57,9 @@ class BertScorer:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         model_dir = resolve_weights(MODEL_NAME, model_path, BERTSCORE_ENV, [
-            str(hub / "models--distilbert--distilroberta-base" / "snapshots" / "*") for hub in hf_hub_cache_dirs()
+            str(s) for s in hf_snapshots(hf_hub_cache_dirs(), "distilbert/distilroberta-base")
         ])
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, add_prefix_space=True)
+        self.tokenizer = load_tokenizer(model_dir, add_prefix_space=True)
         self.model = get_model(str(model_dir), num_layers).to(device)
         self.baseline = read_baseline_f1(baseline_path, num_layers)
         self.batch_size = batch_size
