@@ -196,7 +196,7 @@ _NEGATION = (
     r"absence of",
     r"absent",
     r"(resolution|clearing|disappearance|removal) of",
-    r"resolved",
+    r"(?<!has )(?<!have )(?<!had )resolved",  # "resolved effusion"; "X has resolved" is a post-cue on X only
     r"rather than",
     r"never",
     r"nor",
