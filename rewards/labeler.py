@@ -235,8 +235,8 @@ _UNCERTAIN = (
 _POST_NEG_UNCERTAIN = r"^\s*(is |are )?((cannot|can not|can't) be|not) (entirely |completely )?(excluded|ruled out)"
 _POST_UNCERTAIN = (
     r"^\s*((is|are|was|were|appears?|seems?) )?(most |more |less |also )?likely\s*$",
-    r"^\s*(is|are|was|were) (most |more |less |also )?((likely|possible|probable)(?! [a-z])|suspected|questioned|"
-    r"questionable|equivocal|suspicious)",
+    r"^\s*(is|are|was|were) (most |more |less |also )?((likely|possible|probable|suspicious)(?! [a-z])|suspected|"
+    r"questioned|questionable|equivocal)",
     r"^\s*(is |are )?suspected",
     r"^\s*(may|might|could) (also |well )?(be (present|seen|noted|there)|have this appearance)",
 )
