@@ -173,6 +173,7 @@ _OTHER_FINDINGS = (
     r"bronchiectasis",
     r"(lymph)?adenopathy",
     r"hilar (enlargement|prominence)",
+    r"interstitial (changes?|abnormalit(y|ies)|prominence)",
     r"prominen(t|ce)",
     r"pericardial effusions?",
     r"ards",
