@@ -20,6 +20,13 @@ from rlhf_rrg.data.cleaning import CLEANERS
 logger = logging.getLogger(__name__)
 
 
+def check_cleaner(cleaner: str) -> str:
+    """``cleaner`` if it names an R2Gen cleaner of ``rlhf_rrg.data.cleaning.CLEANERS``, else ValueError."""
+    if cleaner not in CLEANERS:
+        raise ValueError(f"cleaner must be one of {sorted(CLEANERS)}, got {cleaner!r}")
+    return cleaner
+
+
 def r2gen_tokenize(report: str, cleaner: str = "mimic_cxr") -> str:
     """Tokenises a report the way R2Gen does before scoring: its cleaner, then its whitespace tokens.
 
@@ -31,9 +38,7 @@ def r2gen_tokenize(report: str, cleaner: str = "mimic_cxr") -> str:
         Space-separated tokens, sentences separated by ``" . "`` and ending in ``" ."``. Like R2Gen, an empty
         sentence still yields its ``"."`` (``"a. . b."`` -> ``"a . . b ."``) and a report without words is ``"."``.
     """
-    if cleaner not in CLEANERS:
-        raise ValueError(f"cleaner must be one of {sorted(CLEANERS)}, got {cleaner!r}")
-    return " ".join(CLEANERS[cleaner](report).split())
+    return " ".join(CLEANERS[check_cleaner(cleaner)](report).split())
 
 
 def _coco_inputs(
@@ -99,14 +104,18 @@ def corpus_nlg_scores(
 
 
 class BleuReward:
-    """Per-report BLEU-n from pycocoevalcap's scorer (the SCST reward of R2GenRL), on R2Gen tokens."""
+    """Per-report BLEU-n from pycocoevalcap's scorer (the SCST reward of R2GenRL), on R2Gen tokens.
+
+    ``cleaner`` is the dataset's R2Gen cleaner (``"iu_xray"`` for IU-Xray), as in :func:`r2gen_tokenize`.
+    """
 
     worst = 0.0
 
-    def __init__(self, n: int = 4, cache_size: int = 65536) -> None:
+    def __init__(self, n: int = 4, cache_size: int = 65536, cleaner: str = "mimic_cxr") -> None:
         if not 1 <= n <= 4:
             raise ValueError(f"n must be in 1..4, got {n}")
         self.n = n
+        self.cleaner = check_cleaner(cleaner)
         self.name = self.__name__ = f"bleu{n}"
         self._ref_tokens: TextCache[str] = TextCache(cache_size)
 
@@ -118,10 +127,9 @@ class BleuReward:
         from pycocoevalcap.bleu.bleu_scorer import BleuScorer
 
         scorer = BleuScorer(n=self.n)
-        for hyp, ref in zip(
-            hyps, self._ref_tokens.get_many(refs, lambda ts: [r2gen_tokenize(t) for t in ts]), strict=True
-        ):
-            scorer += (r2gen_tokenize(hyp), [ref])
+        ref_tokens = self._ref_tokens.get_many(refs, lambda ts: [r2gen_tokenize(t, self.cleaner) for t in ts])
+        for hyp, ref in zip(hyps, ref_tokens, strict=True):
+            scorer += (r2gen_tokenize(hyp, self.cleaner), [ref])
         _, per_sample = scorer.compute_score(option="closest", verbose=0)
         return RewardOutput([float(s) for s in per_sample[self.n - 1]])
 
@@ -164,14 +172,15 @@ class Bleu2RadCliQ:
 
 
 class RougeLReward:
-    """Per-report ROUGE-L F (beta 1.2) from pycocoevalcap, on R2Gen tokens."""
+    """Per-report ROUGE-L F (beta 1.2) from pycocoevalcap, on R2Gen tokens of the dataset's ``cleaner``."""
 
     name = __name__ = "rouge_l"
     worst = 0.0
 
-    def __init__(self, cache_size: int = 65536) -> None:
+    def __init__(self, cache_size: int = 65536, cleaner: str = "mimic_cxr") -> None:
         from pycocoevalcap.rouge.rouge import Rouge
 
+        self.cleaner = check_cleaner(cleaner)
         self._rouge = Rouge()
         self._ref_tokens: TextCache[str] = TextCache(cache_size)
 
@@ -180,9 +189,12 @@ class RougeLReward:
         return score_nonempty(completions, references, self._score, self.worst)
 
     def _score(self, hyps: list[str], refs: list[str]) -> RewardOutput:
-        ref_tokens = self._ref_tokens.get_many(refs, lambda ts: [r2gen_tokenize(t) for t in ts])
+        ref_tokens = self._ref_tokens.get_many(refs, lambda ts: [r2gen_tokenize(t, self.cleaner) for t in ts])
         return RewardOutput(
-            [float(self._rouge.calc_score([r2gen_tokenize(h)], [r])) for h, r in zip(hyps, ref_tokens, strict=True)]
+            [
+                float(self._rouge.calc_score([r2gen_tokenize(h, self.cleaner)], [r]))
+                for h, r in zip(hyps, ref_tokens, strict=True)
+            ]
         )
 
     __call__ = trl_call
@@ -203,21 +215,30 @@ class CiderDReward:
     name = __name__ = "cider_d"
     worst = 0.0
 
-    def __init__(self, corpus: Sequence[str], n: int = 4, sigma: float = 6.0, cache_size: int = 65536) -> None:
+    def __init__(
+        self,
+        corpus: Sequence[str],
+        n: int = 4,
+        sigma: float = 6.0,
+        cache_size: int = 65536,
+        cleaner: str = "mimic_cxr",
+    ) -> None:
         """
         Args:
             corpus: Reference reports whose document frequencies define the idf weights (usually the train split).
             n: Largest n-gram order.
             sigma: Standard deviation of the Gaussian length penalty.
             cache_size: Reference vectors kept in the LRU cache.
+            cleaner: The dataset's R2Gen cleaner (``"iu_xray"`` for IU-Xray), as in :func:`r2gen_tokenize`.
         """
         if not corpus:
             raise ValueError("corpus must contain at least one reference report")
+        self.cleaner = check_cleaner(cleaner)
         self.n = n
         self.sigma = sigma
         self._doc_freq: Counter[tuple[str, ...]] = Counter()
         for text in corpus:
-            self._doc_freq.update(set(self._ngrams(r2gen_tokenize(text))))
+            self._doc_freq.update(set(self._ngrams(r2gen_tokenize(text, cleaner))))
         self._log_num_docs = math.log(float(len(corpus)))
         self._ref_vectors: TextCache[_NgramVector] = TextCache(cache_size)
 
@@ -228,7 +249,7 @@ class CiderDReward:
     def _vector(self, text: str) -> _NgramVector:
         vec: list[dict[tuple[str, ...], float]] = [{} for _ in range(self.n)]
         norm = [0.0] * self.n
-        tokens = r2gen_tokenize(text)
+        tokens = r2gen_tokenize(text, self.cleaner)
         for ngram, tf in self._ngrams(tokens).items():
             k = len(ngram) - 1
             weight = tf * (self._log_num_docs - math.log(max(1.0, self._doc_freq[ngram])))

@@ -69,6 +69,20 @@ def test_r2gen_tokenize_uses_the_dataset_cleaner():
         r2gen_tokenize(report, "chexpert")
 
 
+def test_per_report_rewards_use_the_given_cleaner():
+    # On the IU cleaner the newline does not end a sentence, so the hypothesis' extra "." is unmatched.
+    refs, hyps = ["Heart normal.\nLungs clear."], ["Heart normal. Lungs clear."]
+    assert BleuReward(n=1).score(hyps, refs).scores == pytest.approx([1.0])
+    assert BleuReward(n=1, cleaner="iu_xray").score(hyps, refs).scores[0] < 1.0
+    assert RougeLReward().score(hyps, refs).scores == pytest.approx([1.0])
+    assert RougeLReward(cleaner="iu_xray").score(hyps, refs).scores[0] < 1.0
+    corpus = refs + ["No pleural effusion.", "Mild cardiomegaly.", "Small left pneumothorax."]
+    iu_cider = CiderDReward(corpus, cleaner="iu_xray").score(hyps, refs).scores[0]
+    assert iu_cider < CiderDReward(corpus).score(hyps, refs).scores[0]
+    with pytest.raises(ValueError, match="cleaner must be one of"):
+        RougeLReward(cleaner="padchest")
+
+
 def test_radcliq_bleu_tokens_split_on_spaces_only():
     # CXR-Report-Metric: lower, " ." before each period, split(" "), empty tokens dropped; a newline stays in a token.
     assert Bleu2RadCliQ.tokenize("No effusion.\nHeart  normal.") == ["no", "effusion", ".\nheart", "normal", "."]
