@@ -139,3 +139,17 @@ def test_cli_missing_file_is_named(tmp_path, capsys):
         main(["--pred", str(pred), "--ref", str(tmp_path / "nope.jsonl"), "--metrics", "bleu"])
     err = capsys.readouterr().err
     assert "nope.jsonl: cannot read" in err and err.count("\n") == 1
+
+
+def test_cli_dataset_truncation_flag_and_both_policies(tmp_path, capsys):
+    pred, ref = _write(tmp_path / "pred.jsonl", PREDS), _write(tmp_path / "ref.jsonl", REFS)
+    args = ["--pred", str(pred), "--ref", str(ref), "--metrics", "bleu,ce", "--dataset", "iu_xray"]
+    result = main([*args, "--no-truncate", "--uncertain-policy", "both"])
+    expected = evaluate_reports(PREDS, REFS, ["bleu", "ce"], uncertain_policy="both", cleaner="iu_xray")
+    assert result["scores"] == pytest.approx(expected["scores"])
+    assert {"ce/micro_f1_14", "ce_unc_pos/micro_f1_14"} <= set(result["scores"])
+    assert "ce_unc_pos" in capsys.readouterr().out
+    cut = main(args)["scores"]
+    assert cut == pytest.approx(
+        evaluate_reports(PREDS, prepare_references(REFS, "iu_xray"), ["bleu", "ce"], cleaner="iu_xray")["scores"]
+    )
