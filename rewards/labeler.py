@@ -177,6 +177,7 @@ _OTHER_FINDINGS = (
     r"prominen(t|ce)",
     r"pericardial effusions?",
     r"ards",
+    r"thoracentesis",
 )
 
 # Cues. Pre-negation uncertainty wins over everything ("cannot exclude", "no new"); otherwise the cue nearest
@@ -233,6 +234,9 @@ _UNCERTAIN = (
     r"rule out",
     r"consider",
 )
+# Uncertainty cues that can modify a negated noun phrase: "no consolidation concerning for pneumonia" is negative.
+_NEGATABLE_UNCERTAIN_RE = re.compile(r"(concerning|worrisome|suspicious) for|suggest(ive of|ing|s)?")
+_VERB_RE = re.compile(r"\b(is|are|was|were|be|been|may|might|could|can|would)\b")
 _POST_NEG_UNCERTAIN = r"^\s*(is |are )?((cannot|can not|can't) be|not) (entirely |completely )?(excluded|ruled out)"
 _POST_UNCERTAIN = (
     r"^\s*((is|are|was|were|appears?|seems?) )?(most |more |less |also )?likely\s*$",
@@ -255,7 +259,7 @@ _PSEUDO_NEGATION = (
 )
 _STRONG_BOUNDARY = (
     r"\b(but|however|although|though|except|aside from|apart from|other than|whereas|while|which|otherwise|"
-    r"with)\b|[;:]"
+    r"with|status post|s/p)\b|[;:]"
 )
 # A comma or "and" starts a new clause when what follows holds a verb, "there", an article or a cue.
 _WEAK_BOUNDARY = r",( and)?|\band\b"
@@ -267,7 +271,7 @@ _CLAUSE_START = (
 )
 # A mention joined to an alternative by "or" / "versus" within a few words (no verb between) is uncertain.
 _NOT_BETWEEN = r"(?!(is|are|was|were|be|may|might|could|due|to|represent|reflect)\b)"
-_ALTERNATIVE_AFTER = rf"^(\s+{_NOT_BETWEEN}[\w-]+){{0,3}}?\s+(or|versus|vs)\b"
+_ALTERNATIVE_AFTER = rf"^(\s+{_NOT_BETWEEN}[\w-]+){{0,3}}?\s+(or|and/or|versus|vs)\b"
 _ALTERNATIVE_BEFORE = rf"\b(or|versus|vs)(\s+{_NOT_BETWEEN}[\w-]+){{0,3}}\s*$"
 # A prepositional phrase between a mention and its post-cue ("pneumonia in the right upper lobe has resolved").
 _POST_PHRASE = (
@@ -362,9 +366,15 @@ class _Sentence:
             return UNCERTAIN
         # The mention itself may hold the cue ("heart is not enlarged"), so cues are searched up to its end.
         negation = [m.start() for m in _NEGATION_RE.finditer(before)]
-        uncertainty = [m.start() for m in _UNCERTAIN_RE.finditer(before)]
-        if negation or uncertainty:
-            return NEGATIVE if max(negation, default=-1) > max(uncertainty, default=-1) else UNCERTAIN
+        uncertainty = list(_UNCERTAIN_RE.finditer(before))
+        if negation and (not uncertainty or negation[-1] > uncertainty[-1].start()):
+            return NEGATIVE
+        if uncertainty:
+            cue = uncertainty[-1]
+            modifies_negated = negation and _NEGATABLE_UNCERTAIN_RE.fullmatch(cue.group())
+            if modifies_negated and not _VERB_RE.search(before, negation[-1], cue.start()):
+                return NEGATIVE
+            return UNCERTAIN
         if _POST_UNCERTAIN_RE.search(after):
             return UNCERTAIN
         if _POST_NEGATION_RE.search(after):
