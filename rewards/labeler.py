@@ -243,6 +243,7 @@ _POST_UNCERTAIN = (
     r"^\s*(is|are|was|were) (most |more |less |also )?((likely|possible|probable|suspicious)(?! [a-z])|suspected|"
     r"questioned|questionable|equivocal)",
     r"^\s*(is |are )?suspected",
+    r"^\s*(is|are) (also )?(a consideration|considered|in the differential)",
     r"^\s*(may|might|could) (also |well )?(be (present|seen|noted|there)|have this appearance)",
 )
 _POST_NEGATION = (
