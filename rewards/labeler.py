@@ -15,8 +15,8 @@ It follows the design of the CheXpert labeler (Irvin et al. 2019) with its own p
    no other finding (emphysema, granuloma, hernia, ...) is positive or uncertain; a positive or uncertain
    "heart failure" also makes Cardiomegaly uncertain.
 
-Clauses: a cue's scope ends at "but / however / although / which / otherwise / ; / :", at "with", and at a
-comma or "and" that starts a new clause (a verb, "there", an article or a cue follows), not at list commas
+Clauses: a cue's scope ends at "but / however / although / which / otherwise / status post / ; / :", at "with",
+and at a comma or "and" that starts a new clause (a verb, "there", an article or a cue follows), not at list commas
 ("no consolidation, effusion, or pneumothorax").
 Output codes match CheXbert's: 0 blank, 1 positive, 2 negative, 3 uncertain, in CHEXPERT_14 order.
 """
