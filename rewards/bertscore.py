@@ -3,11 +3,13 @@
 ``bert-score`` 0.3.13 works on transformers 5 except on empty strings (its ``sent_encode`` calls the removed
 ``build_inputs_with_special_tokens``), so its own model loader, padding, encoder call and greedy cosine matching are
 used here; only the encoding of each sentence is done here, with the tokenizer loaded with ``add_prefix_space=True``
-(what ``sent_encode`` passes for RoBERTa). Reference embeddings are cached per text.
+(what ``sent_encode`` passes for RoBERTa). Like CXR-Report-Metric, runs of spaces are collapsed to one before
+encoding (RoBERTa's tokenizer would otherwise emit a token per extra space). Reference embeddings are cached per text.
 """
 
 import csv
 import logging
+import re
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,15 +18,15 @@ import bert_score
 import torch
 from bert_score.utils import bert_encode, get_model, greedy_cos_idf, padding
 from torch.nn.utils.rnn import pad_sequence
-from transformers import AutoTokenizer
 
-from rewards.weights import BERTSCORE_ENV, hf_hub_cache_dirs, resolve_weights
+from rewards.weights import BERTSCORE_ENV, hf_hub_cache_dirs, hf_snapshots, load_tokenizer, resolve_weights
 
 logger = logging.getLogger(__name__)
 
 MODEL_NAME = "distilroberta-base"
 NUM_LAYERS = 5
 BASELINE_PATH = Path(bert_score.__file__).parent / "rescale_baseline" / "en" / f"{MODEL_NAME}.tsv"
+_SPACES = re.compile(" +")
 
 
 def read_baseline_f1(path: str | Path, num_layers: int) -> float:
@@ -55,9 +57,9 @@ class BertScorer:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         model_dir = resolve_weights(MODEL_NAME, model_path, BERTSCORE_ENV, [
-            str(hub / "models--distilbert--distilroberta-base" / "snapshots" / "*") for hub in hf_hub_cache_dirs()
+            str(s) for s in hf_snapshots(hf_hub_cache_dirs(), "distilbert/distilroberta-base")
         ])
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, add_prefix_space=True)
+        self.tokenizer = load_tokenizer(model_dir, add_prefix_space=True)
         self.model = get_model(str(model_dir), num_layers).to(device)
         self.baseline = read_baseline_f1(baseline_path, num_layers)
         self.batch_size = batch_size
@@ -115,6 +117,7 @@ class BertScorer:
         """
         if len(hyps) != len(refs):
             raise ValueError(f"hyps and refs must have the same length, got {len(hyps)} and {len(refs)}")
+        hyps, refs = [_SPACES.sub(" ", h) for h in hyps], [_SPACES.sub(" ", r) for r in refs]
         live = [i for i in range(len(hyps)) if hyps[i].strip() and refs[i].strip()]
         scores = [self.worst] * len(hyps)
         hyp_stats = self._embed([hyps[i] for i in live])

@@ -15,10 +15,18 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoTokenizer, BertConfig, BertModel, PreTrainedTokenizerBase
+from transformers import BertConfig, BertModel, PreTrainedTokenizerBase
 
 from rewards.observations import CHEXPERT_14
-from rewards.weights import BERT_TOKENIZER_ENV, CHEXBERT_ENV, hf_hub_cache_dirs, resolve_weights, user_cache_dir
+from rewards.weights import (
+    BERT_TOKENIZER_ENV,
+    CHEXBERT_ENV,
+    hf_hub_cache_dirs,
+    hf_snapshots,
+    load_tokenizer,
+    resolve_weights,
+    user_cache_dir,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -84,17 +92,24 @@ class CheXbert(nn.Module):
         checkpoint = resolve_weights("chexbert.pth", path, CHEXBERT_ENV, [package_cache])
         # The Hub renamed the repo to google-bert/bert-base-uncased; caches may hold either name.
         bert_dir = resolve_weights("bert-base-uncased", tokenizer_path, BERT_TOKENIZER_ENV, [
-            str(hub / "models--google-bert--bert-base-uncased" / "snapshots" / "*") for hub in hf_hub_cache_dirs()
+            str(s) for s in hf_snapshots(hf_hub_cache_dirs(), "google-bert/bert-base-uncased")
         ])
         if not (Path(bert_dir) / "config.json").exists():
             raise ValueError(f"{bert_dir}: no config.json (needed for the encoder shape of {checkpoint})")
-        model = cls(BertModel(BertConfig.from_pretrained(bert_dir)), AutoTokenizer.from_pretrained(bert_dir))
-        blob = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        if "model_state_dict" not in blob:
-            raise ValueError(f"{checkpoint}: expected a dict with 'model_state_dict', got keys {sorted(blob)}")
+        model = cls(BertModel(BertConfig.from_pretrained(bert_dir)), load_tokenizer(bert_dir))
+        try:
+            blob = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ... by file damage
+            raise ValueError(f"{checkpoint}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from err
+        if not isinstance(blob, dict) or "model_state_dict" not in blob:
+            found = sorted(blob) if isinstance(blob, dict) else type(blob).__name__
+            raise ValueError(f"{checkpoint}: expected a dict with 'model_state_dict', got {found}")
         state = {k.removeprefix("module."): v for k, v in blob["model_state_dict"].items()}
         state = {k: v for k, v in state.items() if k not in _LEGACY_BUFFERS}
-        model.load_state_dict(state, strict=True)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            raise ValueError(f"{checkpoint}: weights do not fit the encoder of {bert_dir} ({err})") from err
         logger.info("Loaded CheXbert from %s (tokenizer %s)", checkpoint, bert_dir)
         return model.to(device).eval().requires_grad_(False)
 

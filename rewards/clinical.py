@@ -2,8 +2,9 @@
 
 Convention (R2Gen / CXPMRG-Bench): after labelling generated and reference reports with the same labeler,
 an observation counts as present iff its code is 1 (positive); blank, negative and uncertain count as
-absent unless ``uncertain_policy="positive"``. Micro scores pool the (report, observation) decisions,
-macro scores average the per-observation scores (0 where undefined, as sklearn's ``zero_division=0``).
+absent unless ``uncertain_policy="positive"`` (f1chexbert's convention); tables say which was used. Micro
+scores pool the (report, observation) decisions, macro scores average the per-observation scores (0 where
+undefined, as sklearn's ``zero_division=0``).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Language metrics: corpus BLEU-1..4 / ROUGE-L / CIDEr-D / METEOR as reported in papers, and per-sample rewards.
 
-Corpus scores come from pycocoevalcap on reports tokenised like R2Gen's evaluation (lowercase, one sentence
-per ``". "``, sentence punctuation removed, sentences joined by ``" . "``), so numbers are comparable with the
-R2Gen / R2GenGPT / CXPMRG tables. ``Bleu2RadCliQ`` instead follows RadCliQ's own BLEU-2 recipe.
+Corpus scores come from pycocoevalcap on reports tokenised like R2Gen's evaluation (the dataset's R2Gen cleaner:
+lowercase, one sentence per ``". "``, sentence punctuation removed, sentences joined by ``" . "``, empty sentences
+kept as ``"."``), so numbers are comparable with the R2Gen / R2GenGPT / CXPMRG tables. ``Bleu2RadCliQ`` instead
+follows RadCliQ's own BLEU-2 recipe.
 """
 
 from __future__ import annotations
@@ -14,34 +15,41 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 
 from rewards.base import RewardOutput, TextCache, score_nonempty, trl_call
-from rlhf_rrg.data.cleaning import clean_report_mimic_cxr
+from rlhf_rrg.data.cleaning import CLEANERS
 
 logger = logging.getLogger(__name__)
 
 
-def r2gen_tokenize(report: str) -> str:
-    """Tokenises a report the way R2Gen's ``clean_report_mimic_cxr`` does before scoring.
+def check_cleaner(cleaner: str) -> str:
+    """``cleaner`` if it names an R2Gen cleaner of ``rlhf_rrg.data.cleaning.CLEANERS``, else ValueError."""
+    if cleaner not in CLEANERS:
+        raise ValueError(f"cleaner must be one of {sorted(CLEANERS)}, got {cleaner!r}")
+    return cleaner
+
+
+def r2gen_tokenize(report: str, cleaner: str = "mimic_cxr") -> str:
+    """Tokenises a report the way R2Gen does before scoring: its cleaner, then its whitespace tokens.
 
     Args:
         report: Raw report text.
+        cleaner: ``"mimic_cxr"`` (MIMIC-CXR, CheXpert Plus), ``"iu_xray"`` or ``"none"`` (see ``CLEANERS``).
 
     Returns:
-        Lowercase space-separated tokens, sentences separated by ``" . "`` and ending in ``" ."``;
-        ``""`` when the report has no words.
+        Space-separated tokens, sentences separated by ``" . "`` and ending in ``" ."``. Like R2Gen, an empty
+        sentence still yields its ``"."`` (``"a. . b."`` -> ``"a . . b ."``) and a report without words is ``"."``.
     """
-    # R2Gen's cleaner keeps empty sentences and stray double spaces; as scoring tokens they would add "." tokens.
-    sentences = [" ".join(part.split()) for part in clean_report_mimic_cxr(report).split(" .")]
-    sentences = [sentence for sentence in sentences if sentence]
-    return " . ".join(sentences) + " ." if sentences else ""
+    return " ".join(CLEANERS[check_cleaner(cleaner)](report).split())
 
 
-def _coco_inputs(hyps: Sequence[str], refs: Sequence[str]) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
+def _coco_inputs(
+    hyps: Sequence[str], refs: Sequence[str], cleaner: str
+) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
     if len(hyps) != len(refs):
         raise ValueError(f"got {len(hyps)} hypotheses but {len(refs)} references")
     if not hyps:
         raise ValueError("cannot score an empty set of reports")
-    gts = {i: [r2gen_tokenize(r)] for i, r in enumerate(refs)}
-    res = {i: [r2gen_tokenize(h)] for i, h in enumerate(hyps)}
+    gts = {i: [r2gen_tokenize(r, cleaner)] for i, r in enumerate(refs)}
+    res = {i: [r2gen_tokenize(h, cleaner)] for i, h in enumerate(hyps)}
     return gts, res
 
 
@@ -51,7 +59,10 @@ def java_available() -> bool:
 
 
 def corpus_nlg_scores(
-    hyps: Sequence[str], refs: Sequence[str], metrics: Iterable[str] = ("bleu", "rouge_l", "cider", "meteor")
+    hyps: Sequence[str],
+    refs: Sequence[str],
+    metrics: Iterable[str] = ("bleu", "rouge_l", "cider", "meteor"),
+    cleaner: str = "mimic_cxr",
 ) -> dict[str, float]:
     """Corpus-level language metrics, one reference per hypothesis.
 
@@ -60,6 +71,7 @@ def corpus_nlg_scores(
         refs: Ground-truth reports, length ``n``.
         metrics: Any of ``bleu`` (gives ``bleu_1`` .. ``bleu_4``), ``rouge_l``, ``cider`` (CIDEr-D, document
             frequencies from ``refs``) and ``meteor`` (skipped with a logged message when Java is missing).
+        cleaner: R2Gen cleaner of the dataset (``"iu_xray"`` for IU-Xray, ``"mimic_cxr"`` otherwise).
 
     Returns:
         Metric name -> corpus score.
@@ -72,7 +84,7 @@ def corpus_nlg_scores(
     unknown = set(metrics) - {"bleu", "rouge_l", "cider", "meteor"}
     if unknown:
         raise ValueError(f"unknown NLG metrics {sorted(unknown)}; valid: bleu, rouge_l, cider, meteor")
-    gts, res = _coco_inputs(hyps, refs)
+    gts, res = _coco_inputs(hyps, refs, cleaner)
     out: dict[str, float] = {}
     if "bleu" in metrics:
         bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
@@ -92,14 +104,18 @@ def corpus_nlg_scores(
 
 
 class BleuReward:
-    """Per-report BLEU-n from pycocoevalcap's scorer (the SCST reward of R2GenRL), on R2Gen tokens."""
+    """Per-report BLEU-n from pycocoevalcap's scorer (the SCST reward of R2GenRL), on R2Gen tokens.
+
+    ``cleaner`` is the dataset's R2Gen cleaner (``"iu_xray"`` for IU-Xray), as in :func:`r2gen_tokenize`.
+    """
 
     worst = 0.0
 
-    def __init__(self, n: int = 4, cache_size: int = 65536) -> None:
+    def __init__(self, n: int = 4, cache_size: int = 65536, cleaner: str = "mimic_cxr") -> None:
         if not 1 <= n <= 4:
             raise ValueError(f"n must be in 1..4, got {n}")
         self.n = n
+        self.cleaner = check_cleaner(cleaner)
         self.name = self.__name__ = f"bleu{n}"
         self._ref_tokens: TextCache[str] = TextCache(cache_size)
 
@@ -111,10 +127,9 @@ class BleuReward:
         from pycocoevalcap.bleu.bleu_scorer import BleuScorer
 
         scorer = BleuScorer(n=self.n)
-        for hyp, ref in zip(
-            hyps, self._ref_tokens.get_many(refs, lambda ts: [r2gen_tokenize(t) for t in ts]), strict=True
-        ):
-            scorer += (r2gen_tokenize(hyp), [ref])
+        ref_tokens = self._ref_tokens.get_many(refs, lambda ts: [r2gen_tokenize(t, self.cleaner) for t in ts])
+        for hyp, ref in zip(hyps, ref_tokens, strict=True):
+            scorer += (r2gen_tokenize(hyp, self.cleaner), [ref])
         _, per_sample = scorer.compute_score(option="closest", verbose=0)
         return RewardOutput([float(s) for s in per_sample[self.n - 1]])
 
@@ -132,8 +147,9 @@ class Bleu2RadCliQ:
 
     @staticmethod
     def tokenize(text: str) -> list[str]:
-        """RadCliQ's BLEU tokenisation: lowercase, detach periods, whitespace split."""
-        return text.lower().replace(".", " .").split()
+        """RadCliQ's BLEU tokenisation: lowercase, detach periods, split on " " only (a newline or tab stays inside
+        a token), drop empty tokens."""
+        return [token for token in text.lower().replace(".", " .").split(" ") if token]
 
     def score(self, completions: Sequence[str], references: Sequence[str]) -> RewardOutput:
         """BLEU-2 of each completion against its reference, in [0, 1]."""
@@ -156,14 +172,15 @@ class Bleu2RadCliQ:
 
 
 class RougeLReward:
-    """Per-report ROUGE-L F (beta 1.2) from pycocoevalcap, on R2Gen tokens."""
+    """Per-report ROUGE-L F (beta 1.2) from pycocoevalcap, on R2Gen tokens of the dataset's ``cleaner``."""
 
     name = __name__ = "rouge_l"
     worst = 0.0
 
-    def __init__(self, cache_size: int = 65536) -> None:
+    def __init__(self, cache_size: int = 65536, cleaner: str = "mimic_cxr") -> None:
         from pycocoevalcap.rouge.rouge import Rouge
 
+        self.cleaner = check_cleaner(cleaner)
         self._rouge = Rouge()
         self._ref_tokens: TextCache[str] = TextCache(cache_size)
 
@@ -172,9 +189,12 @@ class RougeLReward:
         return score_nonempty(completions, references, self._score, self.worst)
 
     def _score(self, hyps: list[str], refs: list[str]) -> RewardOutput:
-        ref_tokens = self._ref_tokens.get_many(refs, lambda ts: [r2gen_tokenize(t) for t in ts])
+        ref_tokens = self._ref_tokens.get_many(refs, lambda ts: [r2gen_tokenize(t, self.cleaner) for t in ts])
         return RewardOutput(
-            [float(self._rouge.calc_score([r2gen_tokenize(h)], [r])) for h, r in zip(hyps, ref_tokens, strict=True)]
+            [
+                float(self._rouge.calc_score([r2gen_tokenize(h, self.cleaner)], [r]))
+                for h, r in zip(hyps, ref_tokens, strict=True)
+            ]
         )
 
     __call__ = trl_call
@@ -195,21 +215,30 @@ class CiderDReward:
     name = __name__ = "cider_d"
     worst = 0.0
 
-    def __init__(self, corpus: Sequence[str], n: int = 4, sigma: float = 6.0, cache_size: int = 65536) -> None:
+    def __init__(
+        self,
+        corpus: Sequence[str],
+        n: int = 4,
+        sigma: float = 6.0,
+        cache_size: int = 65536,
+        cleaner: str = "mimic_cxr",
+    ) -> None:
         """
         Args:
             corpus: Reference reports whose document frequencies define the idf weights (usually the train split).
             n: Largest n-gram order.
             sigma: Standard deviation of the Gaussian length penalty.
             cache_size: Reference vectors kept in the LRU cache.
+            cleaner: The dataset's R2Gen cleaner (``"iu_xray"`` for IU-Xray), as in :func:`r2gen_tokenize`.
         """
         if not corpus:
             raise ValueError("corpus must contain at least one reference report")
+        self.cleaner = check_cleaner(cleaner)
         self.n = n
         self.sigma = sigma
         self._doc_freq: Counter[tuple[str, ...]] = Counter()
         for text in corpus:
-            self._doc_freq.update(set(self._ngrams(r2gen_tokenize(text))))
+            self._doc_freq.update(set(self._ngrams(r2gen_tokenize(text, cleaner))))
         self._log_num_docs = math.log(float(len(corpus)))
         self._ref_vectors: TextCache[_NgramVector] = TextCache(cache_size)
 
@@ -220,7 +249,7 @@ class CiderDReward:
     def _vector(self, text: str) -> _NgramVector:
         vec: list[dict[tuple[str, ...], float]] = [{} for _ in range(self.n)]
         norm = [0.0] * self.n
-        tokens = r2gen_tokenize(text)
+        tokens = r2gen_tokenize(text, self.cleaner)
         for ngram, tf in self._ngrams(tokens).items():
             k = len(ngram) - 1
             weight = tf * (self._log_num_docs - math.log(max(1.0, self._doc_freq[ngram])))

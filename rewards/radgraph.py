@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoTokenizer, BertConfig, BertModel
+from transformers import BertConfig, BertModel
 
-from rewards.weights import RADGRAPH_ENV, resolve_weights, user_cache_dir
+from rewards.weights import RADGRAPH_ENV, hf_snapshots, load_tokenizer, resolve_weights, user_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -180,15 +180,19 @@ def _read_archive(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, 
         files = {str(p.relative_to(path)): p.read_text() for p in (path / "vocabulary").glob("*.txt")}
         return (json.loads((path / "config.json").read_text()),
                 torch.load(path / "weights.th", map_location="cpu", weights_only=True), files)
-    with tarfile.open(path, "r:gz") as tar:
-        members = {m.name.removeprefix("./"): m for m in tar.getmembers() if m.isfile()}
-        for required in ("config.json", "weights.th"):
-            if required not in members:
-                raise ValueError(f"{path}: archive has no {required} (members: {sorted(members)})")
-        config = json.loads(tar.extractfile(members["config.json"]).read())
-        weights = torch.load(io.BytesIO(tar.extractfile(members["weights.th"]).read()), map_location="cpu",
-                             weights_only=True)
-        files = {n: tar.extractfile(m).read().decode() for n, m in members.items() if n.startswith("vocabulary/")}
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            members = {m.name.removeprefix("./"): m for m in tar.getmembers() if m.isfile()}
+            for required in ("config.json", "weights.th"):
+                if required not in members:
+                    raise ValueError(f"{path}: archive has no {required} (members: {sorted(members)})")
+            config = json.loads(tar.extractfile(members["config.json"]).read())
+            weights = torch.load(io.BytesIO(tar.extractfile(members["weights.th"]).read()), map_location="cpu",
+                                 weights_only=True)
+            files = {n: tar.extractfile(m).read().decode() for n, m in members.items()
+                     if n.startswith("vocabulary/")}
+    except (tarfile.TarError, OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError, RuntimeError) as err:
+        raise ValueError(f"{path}: not a readable RadGraph gzip tar archive ({type(err).__name__}: {err})") from err
     return config, weights, files
 
 
@@ -211,8 +215,8 @@ class RadGraphScorer:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         archive = resolve_weights("radgraph.tar.gz", path, RADGRAPH_ENV, [
             str(user_cache_dir("radgraph") / "*" / "radgraph"),
-            str(user_cache_dir("radgraph") / "*" / "models--StanfordAIMI--RRG_scorers" / "snapshots" / "*" /
-                "radgraph.tar.gz"),
+            *(str(s / "radgraph.tar.gz") for s in hf_snapshots(user_cache_dir("radgraph").glob("*"),
+                                                               "StanfordAIMI/RRG_scorers")),
         ])
         config, state, files = _read_archive(archive)
         model_cfg = config["model"]
@@ -234,7 +238,7 @@ class RadGraphScorer:
         self.spans_per_word = float(model_cfg["modules"]["relation"]["spans_per_word"])
 
         bert_dir = resolve_weights(bert_cfg["model_name"], bert_path, RADGRAPH_BERT_ENV, [bert_cfg["model_name"]])
-        self.tokenizer = AutoTokenizer.from_pretrained(bert_dir)
+        self.tokenizer = load_tokenizer(bert_dir)
         ff = model_cfg["feedforward_params"]
         self.model = nn.Module()
         self.model.bert = BertModel(BertConfig.from_pretrained(bert_dir), add_pooling_layer=False)

@@ -146,8 +146,9 @@ def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
         lines.append(f"| {stage} | " + " | ".join("skip" if v is None else f"{v:.3f}" for v in cells) + " |")
     notes = []
     for stage, result in results.items():
-        labeler = "CheXbert" if "ce_chexbert/micro_f1_14" in result["scores"] else "rule labeler"
-        notes.append(f"- {stage}: n={result['n']}, CE from the {labeler} (CheXpert-14 micro)")
+        ce = "ce_chexbert" if "ce_chexbert/micro_f1_14" in result["scores"] else "ce"
+        protocol = result.get("ce_protocol", {}).get(ce, f"{ce} labeler")
+        notes.append(f"- {stage}: n={result['n']}, CE: {protocol} (CheXpert-14 micro)")
         notes += [f"  - skipped {m}: {reason.splitlines()[0]}" for m, reason in result["skipped"].items()]
     return "\n".join(lines + [""] + notes) + "\n"
 
@@ -159,12 +160,15 @@ def evaluate_stage(
     out_dir: Path,
     extra: Mapping[str, Any],
     device: str,
+    cleaner: str = "mimic_cxr",
 ) -> dict[str, Any]:
     """Scores one stage's predictions and writes ``out_dir/{predictions.jsonl, scores.json}``."""
     ids = [s.id for s in dataset.studies]
     references = [dataset.report(i) for i in range(len(dataset))]
     images = [[str(p) for p in s.image_paths[: dataset.views]] for s in dataset.studies]
-    result = evaluate_reports(list(predictions), references, EVAL_METRICS, device=device)
+    result = evaluate_reports(
+        list(predictions), references, EVAL_METRICS, uncertain_policy="both", device=device, cleaner=cleaner
+    )
     result = {"stage": stage, **extra, **result}
     write_jsonl(per_report_rows(ids, images, references, predictions), out_dir / "predictions.jsonl")
     (out_dir / "scores.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
@@ -222,9 +226,15 @@ def evaluate_run(
         studies = [StudyImages(s.id, tuple(s.image_paths[: data.views])) for s in test.studies]
         rows = generate_for_studies(generator, studies, batch_size, max_new_tokens, num_beams)
         extra = {"split": split, "export": str(export), "num_beams": num_beams, "max_new_tokens": max_new_tokens}
-        generated[stage] = evaluate_stage(stage, [r["report"] for r in rows], test, eval_root / stage, extra, device)
+        generated[stage] = evaluate_stage(
+            stage, [r["report"] for r in rows], test, eval_root / stage, extra, device, data.resolved_cleaner
+        )
     majority = [majority_report(build_dataset(data, "train", train=False))] * len(test)
-    results = {MAJORITY: evaluate_stage(MAJORITY, majority, test, eval_root / MAJORITY, {"split": split}, device)}
+    results = {
+        MAJORITY: evaluate_stage(
+            MAJORITY, majority, test, eval_root / MAJORITY, {"split": split}, device, data.resolved_cleaner
+        )
+    }
     results.update(generated)
     table = format_table(results)
     (eval_root / "table.md").write_text(table, encoding="utf-8")

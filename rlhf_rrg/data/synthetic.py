@@ -438,7 +438,7 @@ _POSITIVE_TEMPLATES = {
     ),
     "Edema": (
         "There is mild pulmonary edema.",
-        "Perihilar haziness and interstitial markings are consistent with pulmonary edema.",
+        "Perihilar vascular indistinctness is consistent with pulmonary edema.",
         "Findings are compatible with mild interstitial edema.",
     ),
     "Consolidation": (

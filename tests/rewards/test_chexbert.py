@@ -111,3 +111,23 @@ def test_missing_checkpoint_names_the_places_searched(tmp_path, monkeypatch, pat
     monkeypatch.delenv("RRG_BERT_TOKENIZER", raising=False)
     with pytest.raises(WeightsNotFoundError, match="bert-base-uncased"):
         CheXbert.load(str(paths["ckpt"]))
+
+
+def test_non_checkpoint_file_is_named(tmp_path, paths):
+    for content in (b"not a checkpoint", b""):
+        bad = tmp_path / "chexbert.pth"
+        bad.write_bytes(content)
+        with pytest.raises(ValueError, match=rf"{bad}: not a readable PyTorch checkpoint"):
+            CheXbert.load(str(bad), tokenizer_path=str(paths["bert"]))
+    torch.save({"state_dict": {}}, bad)
+    with pytest.raises(ValueError, match=rf"{bad}: expected a dict with 'model_state_dict', got \['state_dict'\]"):
+        CheXbert.load(str(bad), tokenizer_path=str(paths["bert"]))
+
+
+def test_tokenizer_folder_without_vocabulary_is_refused(tmp_path, paths):
+    # A folder with config.json but no vocabulary would load as a special-tokens-only tokenizer (every word [UNK]).
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_bytes((paths["bert"] / "config.json").read_bytes())
+    with pytest.raises(ValueError, match=rf"{bert}: no tokenizer vocabulary"):
+        CheXbert.load(str(paths["ckpt"]), tokenizer_path=str(bert))

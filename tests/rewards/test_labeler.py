@@ -99,3 +99,20 @@ def test_rule_labeler_batch_shape_and_cache():
     assert out[3].tolist() == [BLANK] * 13 + [POSITIVE]
     assert labeler._cache.misses == 3 and labeler._cache.hits == 1
     assert len(labeler._cache) == 2
+
+
+def test_labels_synthetic_reports_exactly():
+    """The synthetic data's templates carry exact CheXpert labels; the labeler must read every one back."""
+    import numpy as np
+
+    from rlhf_rrg.data import synthetic
+
+    cfg = synthetic.SyntheticConfig(
+        p_effusion=0.3, p_pneumothorax=0.3, p_nodule=0.3, p_edema=0.3, p_support_device=0.3
+    )
+    for index in range(300):
+        rng = np.random.default_rng([0, 0, index])
+        findings = synthetic.sample_findings(cfg, rng)
+        synthetic.sample_geometry(rng)
+        report, labels = synthetic.compose_report(findings, rng)
+        assert dict(zip(CHEXPERT_14, label_report(report), strict=True)) == labels, report

@@ -44,7 +44,48 @@ def test_r2gen_tokenize_matches_hand_tokenised():
         "small left-sided effusion . no pneumothorax ."
     )
     assert r2gen_tokenize("Lungs clear...\nHeart: normal") == "lungs clear . heart normal ."
-    assert r2gen_tokenize("  ...  ") == ""
+    # R2Gen maps a report without words to its sentence terminator.
+    assert r2gen_tokenize("  ...  ") == "."
+
+
+def test_r2gen_tokenize_keeps_the_period_of_empty_sentences():
+    # R2Gen splits on ". " and keeps empty sentences, each contributing its " ." token.
+    assert r2gen_tokenize("Lungs are clear. . No effusion.") == "lungs are clear . . no effusion ."
+    assert r2gen_tokenize("Heart normal. (). Lungs clear.") == "heart normal . . lungs clear ."
+
+
+def test_r2gen_tokenize_uses_the_dataset_cleaner():
+    # The IU cleaner neither turns newlines into spaces nor collapses "__"; the MIMIC cleaner does both.
+    report = "Heart normal.\nLungs clear. XXXX__ stable."
+    assert r2gen_tokenize(report, "mimic_cxr") == "heart normal . lungs clear . xxxx stable ."
+    assert r2gen_tokenize(report, "iu_xray") == "heart normal lungs clear . xxxx stable ."
+    refs, hyps = [report], ["Heart normal. Lungs clear. XXXX stable."]
+    bleu_iu = corpus_nlg_scores(hyps, refs, ("bleu",), cleaner="iu_xray")["bleu_1"]
+    bleu_mimic = corpus_nlg_scores(hyps, refs, ("bleu",), cleaner="mimic_cxr")["bleu_1"]
+    # MIMIC tokens are identical (BLEU-1 = 1); IU drops one "." from the reference: 8 of 9 hypothesis tokens match,
+    # brevity penalty 1 (hypothesis longer).
+    assert bleu_mimic == pytest.approx(1.0) and bleu_iu == pytest.approx(8 / 9, abs=1e-6)
+    with pytest.raises(ValueError, match="cleaner"):
+        r2gen_tokenize(report, "chexpert")
+
+
+def test_per_report_rewards_use_the_given_cleaner():
+    # On the IU cleaner the newline does not end a sentence, so the hypothesis' extra "." is unmatched.
+    refs, hyps = ["Heart normal.\nLungs clear."], ["Heart normal. Lungs clear."]
+    assert BleuReward(n=1).score(hyps, refs).scores == pytest.approx([1.0])
+    assert BleuReward(n=1, cleaner="iu_xray").score(hyps, refs).scores[0] < 1.0
+    assert RougeLReward().score(hyps, refs).scores == pytest.approx([1.0])
+    assert RougeLReward(cleaner="iu_xray").score(hyps, refs).scores[0] < 1.0
+    corpus = refs + ["No pleural effusion.", "Mild cardiomegaly.", "Small left pneumothorax."]
+    iu_cider = CiderDReward(corpus, cleaner="iu_xray").score(hyps, refs).scores[0]
+    assert iu_cider < CiderDReward(corpus).score(hyps, refs).scores[0]
+    with pytest.raises(ValueError, match="cleaner must be one of"):
+        RougeLReward(cleaner="padchest")
+
+
+def test_radcliq_bleu_tokens_split_on_spaces_only():
+    # CXR-Report-Metric: lower, " ." before each period, split(" "), empty tokens dropped; a newline stays in a token.
+    assert Bleu2RadCliQ.tokenize("No effusion.\nHeart  normal.") == ["no", "effusion", ".\nheart", "normal", "."]
 
 
 def test_corpus_scores_equal_pycocoevalcap():

@@ -133,3 +133,10 @@ def test_missing_archive_names_the_places_searched(tmp_path, monkeypatch):
     message = str(info.value)
     assert "radgraph.tar.gz" in message and "$RRG_RADGRAPH_PATH" in message
     assert str(tmp_path / "xdg" / "radgraph" / "*" / "radgraph") in message
+
+
+def test_non_gzip_archive_is_named(tmp_path):
+    bad = tmp_path / "radgraph.tar.gz"
+    bad.write_bytes(b"<html>not found</html>")
+    with pytest.raises(ValueError, match=rf"{bad}: not a readable RadGraph gzip tar archive"):
+        RadGraphScorer(str(bad))

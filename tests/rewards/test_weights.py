@@ -3,8 +3,16 @@
 from pathlib import Path
 
 import pytest
+from transformers import BertTokenizerFast
 
-from rewards.weights import WeightsNotFoundError, hf_hub_cache_dirs, resolve_weights, user_cache_dir
+from rewards.weights import (
+    WeightsNotFoundError,
+    hf_hub_cache_dirs,
+    load_tokenizer,
+    resolve_weights,
+    user_cache_dir,
+)
+from rlhf_rrg.testing.tiny_reward_weights import build_wordpiece_tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -64,3 +72,50 @@ def test_not_found_message_names_file_env_and_every_place(tmp_path):
     assert "/nowhere/chexbert.pth" in message
     hub = tmp_path / "home" / ".cache" / "huggingface" / "hub"
     assert str(hub / "models--*" / "snapshots" / "*" / "chexbert.pth") in message
+
+
+def test_hf_cache_follows_refs_main_not_the_last_sorted_snapshot(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    repo = tmp_path / "hf" / "hub" / "models--distilroberta-base"
+    current, stale = repo / "snapshots" / "aaa", repo / "snapshots" / "zzz"
+    current.mkdir(parents=True)
+    stale.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("aaa")
+    assert resolve_weights("distilroberta-base", None, "RRG_TEST_WEIGHTS", []) == current
+    files = tmp_path / "hf" / "hub" / "models--StanfordAIMI--RRG_scorers"
+    main_file = _touch(files / "snapshots" / "111" / "chexbert.pth")
+    stale_file = _touch(files / "snapshots" / "999" / "chexbert.pth")
+    (files / "refs").mkdir()
+    (files / "refs" / "main").write_text("111\n")
+    assert resolve_weights("chexbert.pth", None, "RRG_TEST_WEIGHTS", []) == main_file != stale_file
+
+
+def test_ambiguous_or_dangling_hf_cache_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    repo = tmp_path / "hf" / "hub" / "models--distilroberta-base"
+    (repo / "snapshots" / "aaa").mkdir(parents=True)
+    (repo / "snapshots" / "bbb").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"models--distilroberta-base: 2 snapshots and no refs/main"):
+        resolve_weights("distilroberta-base", None, "RRG_TEST_WEIGHTS", [])
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("ccc")
+    with pytest.raises(ValueError, match=r"refs/main names snapshot 'ccc'"):
+        resolve_weights("distilroberta-base", None, "RRG_TEST_WEIGHTS", [])
+
+
+def test_load_tokenizer_refuses_folders_that_would_make_every_word_unknown(tmp_path):
+    good = tmp_path / "good"
+    build_wordpiece_tokenizer().save_pretrained(good)
+    assert load_tokenizer(good).tokenize("effusion") != ["[UNK]"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(ValueError, match=rf"{empty}: no tokenizer vocabulary"):
+        load_tokenizer(empty)
+    specials = tmp_path / "specials"
+    specials.mkdir()
+    (specials / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n")
+    BertTokenizerFast(vocab_file=str(specials / "vocab.txt")).save_pretrained(specials)
+    with pytest.raises(ValueError, match=rf"{specials}: the tokenizer maps 'effusion' to its unknown token '\[UNK\]'"):
+        load_tokenizer(specials)

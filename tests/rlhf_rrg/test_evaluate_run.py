@@ -153,3 +153,11 @@ def test_majority_report_prefers_most_frequent_then_first() -> None:
 
     assert ev.majority_report(Reports(["a", "b", "b", "c"])) == "b"
     assert ev.majority_report(Reports(["c", "a", "a", "c"])) == "c"
+
+
+def test_table_names_the_ce_labeler_and_uncertain_policy():
+    from rewards.evaluate import evaluate_reports
+
+    result = evaluate_reports(["Pneumonia."], ["Possible pneumonia."], ["ce"], uncertain_policy="both")
+    table = ev.format_table({"sft": result})
+    assert "CE: rule labeler, uncertain counted as negative (R2Gen) (CheXpert-14 micro)" in table
