@@ -3,7 +3,7 @@ import torch
 from accelerate import Accelerator
 from test_ppo_step import ToyPolicy
 
-from rlhf_rrg.rl.pg import PGConfig, advantages, pg_update
+from rlhf_rrg.rl.pg import PGConfig, advantages, observation_agreement, pg_update
 from rlhf_rrg.rl.rollout import Rollout
 
 
@@ -27,7 +27,7 @@ def test_advantages_errors():
 
 
 class PGToy(ToyPolicy):
-    def forward(self, rollout: Rollout, temperature: float = 1.0, nll_batch=None) -> dict[str, torch.Tensor]:
+    def forward(self, rollout: Rollout, temperature: float = 1.0, nll_batch=None, clue_temperature=1.0):
         return super().forward(rollout, temperature)
 
 
@@ -73,3 +73,23 @@ def test_missing_terms_are_errors():
                   1.0, 0.0)
     with pytest.raises(ValueError, match="pg.nll_weight"):
         PGConfig(nll_weight=-1)
+
+
+def test_per_column_advantages_use_each_columns_baseline():
+    scores = torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0], [1.0, 0.0]])  # (b*k = 4, 2 observations), k = 2
+    expected = torch.stack([advantages("rloo", scores[:, j], 2) for j in range(2)], dim=1)
+    torch.testing.assert_close(advantages("rloo", scores, 2), expected)
+    greedy = torch.tensor([[0.0, 1.0], [1.0, 1.0]])
+    torch.testing.assert_close(advantages("scst", scores, 2, greedy), scores - greedy.repeat_interleave(2, 0))
+
+
+def test_observation_agreement_counts_stated_findings_like_ce():
+    from rewards.labeler import RuleLabeler
+    from rewards.observations import CHEXPERT_14
+
+    agree = observation_agreement(RuleLabeler(), ["the heart is enlarged .", "no pneumothorax ."],
+                                  ["the heart is enlarged .", "there is a small left pleural effusion ."])
+    assert agree.shape == (2, 14) and bool(agree[0].all())
+    wrong = {CHEXPERT_14[j] for j in torch.nonzero(agree[1] == 0).flatten().tolist()}
+    # The second report misses the effusion and (with nothing positive) states No Finding.
+    assert wrong == {"Pleural Effusion", "No Finding"}
