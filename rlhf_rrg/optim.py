@@ -35,16 +35,25 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim < 2 or any(k in name for k in ("pos_embed", "cls_token", "logit_scale", "A_log", "A_b_log"))
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters of ``model``, split into decay / no-decay groups."""
-    decay, no_decay = [], []
+def build_optimizer(model: nn.Module, cfg: OptimConfig, lr_scales: dict[str, float] | None = None,
+                    ) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters of ``model``, split into decay / no-decay groups.
+
+    ``lr_scales`` maps a parameter-name prefix to a multiplier of ``cfg.lr`` for the parameters under it (e.g. a
+    small head that must move further than LoRA weights in the same number of steps).
+    """
+    scales = lr_scales or {}
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if _no_decay(name, param) else decay).append(param)
-    if not decay and not no_decay:
+            scale = next((v for prefix, v in scales.items() if name.startswith(prefix)), 1.0)
+            groups.setdefault((_no_decay(name, param), scale), []).append(param)
+    if not groups:
         raise ValueError("the model has no trainable parameters (check the freeze settings)")
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    return torch.optim.AdamW(
+        [{"params": params, "weight_decay": 0.0 if no_decay else cfg.weight_decay, "lr": cfg.lr * scale}
+         for (no_decay, scale), params in groups.items()],
+        lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
 def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:

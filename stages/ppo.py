@@ -152,7 +152,7 @@ def main(cfg: PPOStageConfig) -> None:
     # 2. optimisation and resumable state (KL controller, score statistics, lr schedule ride in checkpoints)
     rollouts = cfg.train.batch_size * cfg.generation.num_samples
     updates_per_step = cfg.ppo.ppo_epochs * rollouts // cfg.ppo.minibatch_size if cfg.algo == "ppo" else 1
-    optimizer = build_optimizer(policy, cfg.optim)
+    optimizer = build_optimizer(policy, cfg.optim, {"generator.clue_head.": cfg.pg.clue_lr_scale})
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps * updates_per_step)
     loader = make_train_loader(train_data, cfg.train.batch_size, cfg.run.seed, collate_context)
     if accelerator.state.deepspeed_plugin is not None:

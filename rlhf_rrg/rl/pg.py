@@ -51,14 +51,17 @@ class PGConfig:
                 "train the head with the same advantage: the clue sentence becomes part of the action"})
     clue_temperature: float = field(default=1.0, metadata={"help": "temperature of the sampled clue statements"})
     clue_weight: float = field(default=1.0, metadata={"help": "weight of the clue policy-gradient term"})
+    clue_lr_scale: float = field(default=1.0, metadata={
+        "help": "learning rate of the clue head as a multiple of optim.lr (a linear head moves little per step "
+                "at an LLM's learning rate)"})
     clue_credit: Literal["report", "observation"] = field(default="observation", metadata={
         "help": "advantage of each sampled clue statement: the report's, or per observation whether the report "
                 "then states that observation as its reference does (CheXpert labeler; same baseline per column)"})
 
     def __post_init__(self) -> None:
-        if self.nll_weight < 0 or self.kl_coef < 0 or self.clue_weight < 0:
-            raise ValueError(f"pg.nll_weight, pg.kl_coef and pg.clue_weight must be >= 0, got {self.nll_weight}, "
-                             f"{self.kl_coef}, {self.clue_weight}")
+        if self.nll_weight < 0 or self.kl_coef < 0 or self.clue_weight < 0 or self.clue_lr_scale <= 0:
+            raise ValueError(f"pg.nll_weight, pg.kl_coef, pg.clue_weight must be >= 0 and pg.clue_lr_scale > 0, got "
+                             f"{self.nll_weight}, {self.kl_coef}, {self.clue_weight}, {self.clue_lr_scale}")
         if self.clue_temperature <= 0:
             raise ValueError(f"pg.clue_temperature must be > 0, got {self.clue_temperature}")
         if self.clue_credit not in ("report", "observation"):

@@ -1,0 +1,20 @@
+import pytest
+import torch
+from torch import nn
+
+from rlhf_rrg.optim import OptimConfig, build_optimizer
+
+
+def test_lr_scales_give_prefixed_parameters_their_own_rate_and_keep_decay_groups():
+    model = nn.ModuleDict({"body": nn.Linear(4, 4), "head": nn.Linear(4, 2)})
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-3, weight_decay=0.1), {"head.": 10.0})
+    rates = {(g["lr"], g["weight_decay"]): sum(p.numel() for p in g["params"]) for g in optimizer.param_groups}
+    # weights decay, biases do not; the head's parameters run at 10x.
+    assert rates == {(1e-3, 0.1): 16, (1e-3, 0.0): 4, (1e-2, 0.1): 8, (1e-2, 0.0): 2}
+
+
+def test_no_trainable_parameters_is_an_error():
+    model = nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        build_optimizer(model, OptimConfig())
+    assert torch.is_tensor(model.weight)
