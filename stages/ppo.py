@@ -89,6 +89,8 @@ class PPOStageConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     lora: LoraSettings = field(default_factory=lambda: LoraSettings(enabled=False))
     freeze_vision: bool = field(default=True, metadata={"help": "keep the vision encoder fixed"})
+    freeze_llm: bool = field(default=False, metadata={
+        "help": "keep the LLM and projector fixed: RL then trains the clue head only (needs pg.train_clues)"})
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, weight_decay=0.0, schedule="constant"))
     train: RLTrainConfig = field(default_factory=RLTrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -103,6 +105,8 @@ class PPOStageConfig:
         if self.algo == "ppo" and rollouts % self.ppo.minibatch_size:
             raise ValueError(f"train.batch_size * generation.num_samples = {rollouts} must be a multiple of "
                              f"ppo.minibatch_size={self.ppo.minibatch_size}")
+        if self.freeze_llm and not self.pg.train_clues:
+            raise ValueError("freeze_llm: true needs pg.train_clues: true (otherwise nothing trains)")
         if self.algo == "ppo" and self.pg.train_clues:
             raise ValueError("pg.train_clues applies to algo scst, rloo or grpo (PPO keeps the clue head fixed)")
         if self.algo in ("grpo", "rloo") and self.generation.num_samples < 2:
@@ -144,7 +148,8 @@ def main(cfg: PPOStageConfig) -> None:
         metric_logger.log_dict({f"eval/{k}": v for k, v in after.items()}, cfg.train.max_steps)
         return finish(cfg, generator, dirs, metric_logger, accelerator, before, after)
 
-    generator = make_trainable(generator, cfg.lora, cfg.freeze_vision, cfg.pg.train_clues).to(accelerator.device)
+    generator = make_trainable(generator, cfg.lora, cfg.freeze_vision, cfg.pg.train_clues,
+                               cfg.freeze_llm).to(accelerator.device)
     reference = ReferencePolicy(generator.model) if cfg.algo == "ppo" or cfg.pg.kl_coef > 0 else None
     value_head = ValueHead(generator.model.config.text_config.hidden_size) if cfg.algo == "ppo" else None
     policy = PolicyWithValue(generator, value_head).to(accelerator.device)

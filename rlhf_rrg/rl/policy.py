@@ -38,13 +38,14 @@ def _sequence_forward(
 
 
 def make_trainable(generator: ReportGenerator, lora: LoraSettings, freeze_vision: bool, train_clues: bool = False,
-                   ) -> ReportGenerator:
+                   freeze_llm: bool = False) -> ReportGenerator:
     """Sets what RL trains on a generator loaded from an export (where every weight is trainable).
 
     With ``lora.enabled`` a fresh adapter goes on the merged SFT weights (the projector, and the encoder when
     not frozen, train fully through PEFT's ``modules_to_save``); otherwise the LLM and projector train. The
     vision encoder follows ``freeze_vision``; the TRRG clue head trains only with ``train_clues`` (the reward
-    reaches it through the clue statements sampled from it, see :mod:`rlhf_rrg.rl.pg`).
+    reaches it through the clue statements sampled from it, see :mod:`rlhf_rrg.rl.pg`). ``freeze_llm`` keeps the
+    LLM and projector fixed, so RL trains only the clue head (and the encoder when not frozen).
 
     Returns:
         ``generator`` (its ``model`` replaced by the ``PeftModel`` with LoRA).
@@ -53,9 +54,12 @@ def make_trainable(generator: ReportGenerator, lora: LoraSettings, freeze_vision
         raise ValueError("pg.train_clues needs an SFT export with a clue head (prompting.clues.enabled)")
     if generator.clue_head is not None:
         generator.clue_head.requires_grad_(train_clues)
+    if freeze_llm and lora.enabled:
+        raise ValueError("freeze_llm: true leaves nothing for lora.enabled: true to adapt; disable one of them")
     if lora.enabled:
         generator.model = apply_lora(generator.model, RRGModelConfig(lora=lora, freeze_vision=freeze_vision))
     else:
+        generator.model.requires_grad_(not freeze_llm)
         generator.vision_tower.requires_grad_(not freeze_vision)
     return generator
 
