@@ -92,9 +92,22 @@ def write_manifest(folder: Path) -> None:
     (folder / MANIFEST).write_text(json.dumps({"files": entries}, indent=1, sort_keys=True))
 
 
+# Folders this process found intact, with the (name, size, mtime) of their files: setup_stage and the resume that
+# follows both check the same checkpoint, and hashing tens of GB twice would double the wait.
+_intact: dict[Path, tuple] = {}
+
+
+def _file_stats(folder: Path) -> tuple:
+    return tuple(sorted((p.relative_to(folder).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+                        for p in folder.rglob("*") if p.is_file()))
+
+
 def checkpoint_problem(folder: Path) -> str | None:
     """Why ``folder`` cannot be resumed from (naming the file), or None when every file matches its manifest."""
     manifest = folder / MANIFEST
+    with contextlib.suppress(OSError):
+        if _intact.get(folder.resolve()) == _file_stats(folder):
+            return None
     try:
         entries = json.loads(manifest.read_text())["files"]
     except FileNotFoundError:
@@ -109,6 +122,7 @@ def checkpoint_problem(folder: Path) -> str | None:
             return f"{path} has {path.stat().st_size} bytes, the manifest says {entry['size']}"
         if _sha256(path) != entry["sha256"]:
             return f"{path} does not match its SHA-256 in the manifest"
+    _intact[folder.resolve()] = _file_stats(folder)
     return None
 
 

@@ -102,3 +102,12 @@ def test_no_valid_checkpoint_is_an_error_naming_each_file(tmp_path):
 def test_an_empty_folder_has_nothing_to_resume(tmp_path):
     assert select_valid_checkpoint(tmp_path / "none") is None
     assert manager(tmp_path)[0].resume() is None
+
+
+def test_damage_after_a_successful_check_is_still_found(tmp_path):
+    ckpt, model, state = manager(tmp_path)
+    train_and_save(ckpt, model, state, [1])
+    folder = tmp_path / "step_000001"
+    assert checkpoint_problem(folder) is None
+    flip_last_byte(folder / "model.safetensors")
+    assert "model.safetensors does not match its SHA-256" in checkpoint_problem(folder)
