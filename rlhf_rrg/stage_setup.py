@@ -1,19 +1,32 @@
-"""What every stage does before its first step: accelerator, seed, run-root folders, config dump, loggers."""
+"""What every stage does before its first step: accelerator, seed, stage-folder lock and checks, config, loggers."""
 
 from __future__ import annotations
 
+import atexit
 import logging
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 
-from rlhf_rrg.checkpoint import latest_step
+from rlhf_rrg.checkpoint import latest_step, select_valid_checkpoint
 from rlhf_rrg.config import save_config, to_dict
 from rlhf_rrg.distributed import seed_everything
 from rlhf_rrg.logging import MetricLogger, build_loggers
+from rlhf_rrg.runlock import LOCK_NAME, RunLock, exit_with_parent
 from rlhf_rrg.runroot import StageDirs
+
+# Restored from the checkpoint (optimizer param groups, scheduler base lrs) whatever the config says, so a resume
+# that changes them would silently train with the old values: refused instead.
+FIXED_ON_RESUME: tuple[str, ...] = ("lr", "weight_decay", "betas", "eps")
+
+
+class StageFolderError(RuntimeError):
+    """The stage folder holds another run's outputs, or settings a resume cannot apply."""
 
 
 @dataclass
@@ -22,6 +35,9 @@ class RunConfig:
     seed: int = field(default=0, metadata={"help": "seed for init, data order and sampling"})
     init_from: str | None = field(default=None, metadata={"help": "stage name or folder with starting weights"})
     loggers: list[str] = field(default_factory=lambda: ["jsonl"], metadata={"help": "jsonl, tensorboard, wandb"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "delete this stage's folder (checkpoints, metrics, export) before starting; needed to start over "
+                "with checkpoint.resume false on a used run root"})
 
     def __post_init__(self) -> None:
         if not self.run_root:
@@ -35,24 +51,76 @@ class StageContext:
     metric_logger: MetricLogger
 
 
+def _check_resume_settings(dirs: StageDirs, cfg: Any) -> None:
+    """Refuses a resume whose optimiser settings differ from the run's (``config.yaml`` of the checkpointed run)."""
+    if not dirs.config.is_file() or not hasattr(cfg, "optim"):
+        return
+    before = (yaml.safe_load(dirs.config.read_text()) or {}).get("optim", {})
+    now = to_dict(cfg)["optim"]
+    changed = [f"optim.{k}: {before[k]!r} -> {now[k]!r}"
+               for k in FIXED_ON_RESUME if k in before and before[k] != now[k]]
+    if changed:
+        raise StageFolderError(
+            f"{dirs.root}: refusing to resume with changed optimiser settings ({', '.join(changed)}): the checkpoint "
+            "restores its own values, so the new ones would be ignored. Resume with the old values, or start over "
+            "with --run.overwrite true (or another run.run_root)")
+
+
+def prepare_stage_folder(dirs: StageDirs, cfg: Any, run: RunConfig, resume: bool) -> int | None:
+    """Main process: locks the stage folder, clears or checks it, validates checkpoints and writes ``config.yaml``.
+
+    Returns:
+        The step of the checkpoint a resume will load (None when there is none).
+
+    Raises:
+        RunLockedError: another live process holds the folder.
+        StageFolderError: ``resume`` is off on a used folder without ``run.overwrite``, or resume settings changed.
+        CheckpointError: no checkpoint is valid (each damaged file is named).
+    """
+    lock = RunLock(dirs.make().root).acquire()
+    atexit.register(lock.release)
+    if run.overwrite:
+        for path in dirs.root.iterdir():
+            if path.name != LOCK_NAME:
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    used = [p for p in (dirs.checkpoints, dirs.metrics, dirs.export) if p.exists()]
+    if not resume and used:
+        raise StageFolderError(f"checkpoint.resume is false but {dirs.root} holds an earlier run ({used[0]}): pass "
+                               "--run.overwrite true to delete it first, or pick another run.run_root")
+    step = None
+    if resume and select_valid_checkpoint(dirs.checkpoints) is not None:
+        _check_resume_settings(dirs, cfg)
+        step = latest_step(dirs.checkpoints)
+    save_config(cfg, dirs.config)
+    return step
+
+
 def setup_stage(stage: str, cfg: Any, run: RunConfig, grad_accum: int = 1, resume: bool = True) -> StageContext:
-    """Creates the accelerator (launch settings come from ``accelerate launch``), seeds every RNG, writes
-    ``<run_root>/<stage>/config.yaml`` and opens the metric loggers on the main process.
+    """Creates the accelerator (launch settings come from ``accelerate launch``), seeds every RNG, prepares the
+    stage folder (:func:`prepare_stage_folder`) and opens the metric loggers on the main process.
 
     When resuming, metric records logged after the checkpoint being resumed are dropped, so ``metrics.jsonl``
     reads as one uninterrupted run."""
     accelerator = Accelerator(gradient_accumulation_steps=grad_accum)
+    exit_with_parent()
     seed_everything(run.seed)
-    dirs = StageDirs(Path(run.run_root), stage)
-    if accelerator.is_main_process:
-        dirs.make()
-        save_config(cfg, dirs.config)
-    accelerator.wait_for_everyone()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     for name in ("rlhf_rrg", "rewards"):
         logging.getLogger(name).setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
-    drop_after = latest_step(dirs.checkpoints) if resume else None
-    metric_logger = build_loggers(dirs.root, run.loggers, accelerator.is_main_process,
-                                  drop_after_step=drop_after if drop_after is not None else (0 if resume else None))
+    dirs = StageDirs(Path(run.run_root), stage)
+    resume_step, error, failure = None, None, [None]
+    if accelerator.is_main_process:
+        try:
+            resume_step = prepare_stage_folder(dirs, cfg, run, resume)
+        except Exception as err:
+            error, failure[0] = err, f"{type(err).__name__}: {err}"
+    if accelerator.num_processes > 1:
+        broadcast_object_list(failure)  # also the barrier: no process reads the folder before it is ready
+    if error is not None:
+        raise error
+    if failure[0] is not None:
+        raise StageFolderError(f"the main process could not set up {dirs.root}: {failure[0]}")
+    drop_after = resume_step if resume_step is not None else (0 if resume else None)
+    metric_logger = build_loggers(dirs.root, run.loggers, accelerator.is_main_process, drop_after_step=drop_after)
     metric_logger.log_config(to_dict(cfg))
     return StageContext(accelerator=accelerator, dirs=dirs, metric_logger=metric_logger)

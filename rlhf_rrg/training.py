@@ -175,15 +175,12 @@ def fit(
     batches = resumable_batches(accelerator, loader, state)
     while state.step < train_cfg.max_steps:
         batch = next(batches)
-        with accelerator.accumulate(model):
+        with accelerator.accumulate(model), ckpt.saving_state_on_error(state.step, dirs.stage, (NonFiniteLossError,)):
             loss, metrics = step_fn(model, batch)
             if not bool(torch.isfinite(accelerator.gather(loss.detach().reshape(1))).all()):
-                failed = dirs.checkpoints / f"failed_step_{state.step:06d}"
-                accelerator.save_state(str(failed))
                 raise NonFiniteLossError(
                     f"{dirs.stage}: loss is {loss.item()} at step {state.step} (epoch {state.epoch}, batch "
-                    f"{state.batch_in_epoch}); state saved to {failed}; the last good checkpoint is "
-                    f"{ckpt.latest()}. Lower optim.lr or check the inputs of this batch."
+                    f"{state.batch_in_epoch}). Lower optim.lr or check the inputs of this batch"
                 )
             accelerator.backward(loss)
             if accelerator.sync_gradients and optim_cfg.grad_clip > 0:

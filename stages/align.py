@@ -32,7 +32,7 @@ from rlhf_rrg.models.study_aligner import StudyAligner, StudyAlignerConfig, buil
 from rlhf_rrg.models.text_encoder import TextEncoderConfig, build_text_encoder, tiny_text_encoder
 from rlhf_rrg.optim import OptimConfig, build_optimizer, build_scheduler
 from rlhf_rrg.retrieval.alignment_eval import RetrievalEvalConfig, evaluate_retrieval
-from rlhf_rrg.runroot import EXPORT_MARKER, mark_export_complete, resolve_init
+from rlhf_rrg.runroot import resolve_init, writing_export
 from rlhf_rrg.stage_setup import RunConfig, setup_stage
 from rlhf_rrg.training import TrainConfig, fit, make_train_loader
 
@@ -116,10 +116,10 @@ def main(cfg: AlignStageConfig) -> None:
     def export_fn(unwrapped: StudyAligner) -> None:
         unwrapped.aligner.loss.clamp_()
         if accelerator.is_main_process:
-            (dirs.export / EXPORT_MARKER).unlink(missing_ok=True)
-            save_aligner(unwrapped, tokenizer, dirs.export)
-            mark_export_complete(dirs.export, {"stage": "align", "init_from": cfg.run.init_from,
-                                               "text": str(text_path), "view_pooling": cfg.model.view_pooling})
+            info = {"stage": "align", "init_from": cfg.run.init_from, "text": str(text_path),
+                    "view_pooling": cfg.model.view_pooling}
+            with writing_export(dirs.export, info) as out:
+                save_aligner(unwrapped, tokenizer, out)
         accelerator.wait_for_everyone()
 
     fit(accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader,

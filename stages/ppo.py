@@ -191,14 +191,10 @@ def main(cfg: PPOStageConfig) -> None:
                     desc=f"ppo[{cfg.algo}]")
     while state.step < cfg.train.max_steps:
         batch = next(batches)
-        try:
+        # Any failure (NaN, a raising user reward) saves the failing state; only NaN/inf is raised on every process.
+        with ckpt.saving_state_on_error(state.step, f"ppo[{cfg.algo}]", (NonFiniteRewardError, NonFiniteLossError)):
             metrics = rl_step(cfg, accelerator, policy, unwrapped, optimizer, scheduler, reference, kl_ctl,
                               score_stats, reward, worst, clue_labeler, batch)
-        except (NonFiniteRewardError, NonFiniteLossError) as err:
-            failed = dirs.checkpoints / f"failed_step_{state.step:06d}"
-            accelerator.save_state(str(failed))
-            raise type(err)(f"ppo[{cfg.algo}] step {state.step}: {err}; state saved to {failed}; the last good "
-                            f"checkpoint is {ckpt.latest()}") from err
         state.step += 1
         progress.update(1)
         if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:

@@ -21,7 +21,7 @@ from rlhf_rrg.data.dataset import DataConfig, build_dataset
 from rlhf_rrg.losses.ar_pretrain import ARPretrainConfig, build_ar_pretrainer
 from rlhf_rrg.models.rrg import build_vision_model
 from rlhf_rrg.optim import OptimConfig, build_optimizer, build_scheduler
-from rlhf_rrg.runroot import mark_export_complete, resolve_init
+from rlhf_rrg.runroot import resolve_init, writing_export
 from rlhf_rrg.stage_setup import RunConfig, setup_stage
 from rlhf_rrg.training import TrainConfig, fit, make_train_loader
 
@@ -66,8 +66,8 @@ def main(cfg: PretrainStageConfig) -> None:
     # 3. export the encoder only; the decoder is a pretraining head
     def export_fn(unwrapped) -> None:
         if accelerator.is_main_process:
-            unwrapped.vision_model.save_pretrained(dirs.export)
-            mark_export_complete(dirs.export, {"stage": "pretrain", "vision": cfg.vision})
+            with writing_export(dirs.export, {"stage": "pretrain", "vision": cfg.vision}) as out:
+                unwrapped.vision_model.save_pretrained(out)
 
     fit(accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader,
         step_fn=step_fn, train_cfg=cfg.train, optim_cfg=cfg.optim, ckpt_cfg=cfg.checkpoint, dirs=dirs,

@@ -36,7 +36,7 @@ from rlhf_rrg.models.tokenizer import build_word_tokenizer
 from rlhf_rrg.optim import OptimConfig, build_optimizer, build_scheduler
 from rlhf_rrg.retrieval.context import check_report_sharing
 from rlhf_rrg.retrieval.retriever import ContextRetriever, dataset_neighbours
-from rlhf_rrg.runroot import mark_export_complete, resolve_init
+from rlhf_rrg.runroot import resolve_init, writing_export
 from rlhf_rrg.stage_setup import RunConfig, setup_stage
 from rlhf_rrg.training import TrainConfig, fit, make_train_loader
 
@@ -159,8 +159,8 @@ def main(cfg: SFTStageConfig) -> None:
                 # Inference embeds queries with the tuned encoder, so the exported bank must come from it too;
                 # bank rows are the same studies in the same order, so training-time neighbours stay valid.
                 unwrapped.retriever = build_bank(cfg, unwrapped.vision_tower, ContextDataset(bank_set))
-            unwrapped.save(dirs.export)
-            mark_export_complete(dirs.export, {"stage": "sft", "vision": vision_source(cfg)})
+            with writing_export(dirs.export, {"stage": "sft", "vision": vision_source(cfg)}) as out:
+                unwrapped.save(out)
 
     state = fit(accelerator=accelerator, model=generator, optimizer=optimizer, scheduler=scheduler, loader=loader,
                 step_fn=step_fn, train_cfg=cfg.train, optim_cfg=cfg.optim, ckpt_cfg=cfg.checkpoint, dirs=dirs,

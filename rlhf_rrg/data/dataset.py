@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,7 +22,7 @@ from rlhf_rrg.data.annotation import (
     read_r2gen_annotation,
 )
 from rlhf_rrg.data.cleaning import CLEANERS, truncate_words
-from rlhf_rrg.data.images import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, load_image
+from rlhf_rrg.data.images import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, load_image, read_grayscale
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,9 @@ class DataConfig:
         default=1, metadata={"help": "Images returned per study (IU-Xray: 2); studies with fewer are errors."}
     )
     on_error: Literal["raise", "skip"] = field(
-        default="raise", metadata={"help": "raise on bad records/images, or skip them (counted and logged)."}
+        default="raise", metadata={"help": "raise on bad records/images, or skip them (named and counted). skip "
+                                           "decodes every image once when the dataset is built and drops the studies "
+                                           "that fail, so no study id is replaced or repeated during training."}
     )
     cleaner: Literal["auto", "iu_xray", "mimic_cxr", "none"] = field(
         default="auto", metadata={"help": "Report cleaner; auto = R2Gen's choice for the dataset."}
@@ -225,6 +228,37 @@ def read_studies(cfg: DataConfig, split: Split) -> StudySplit:
     return read_r2gen_annotation(cfg.annotation_path, cfg.image_root, split, on_error=cfg.on_error)
 
 
+def _decode_problem(study: Study, views: int) -> str | None:
+    try:
+        for path in study.image_paths[:views]:
+            read_grayscale(path)
+    except DataError as err:
+        return str(err)
+    return None
+
+
+def readable_studies(studies: Sequence[Study], views: int, source: str) -> list[Study]:
+    """The studies whose first ``views`` images all decode; each dropped one is logged with its file and reason.
+
+    Decoding runs in threads (PIL releases the GIL while decoding).
+
+    Raises:
+        DataError: no study is readable.
+    """
+    with ThreadPoolExecutor() as pool:
+        problems = list(pool.map(lambda study: _decode_problem(study, views), studies))
+    for study, problem in zip(studies, problems, strict=True):
+        if problem is not None:
+            logger.warning("%s: skipping study %r: %s", source, study.id, problem)
+    kept = [study for study, problem in zip(studies, problems, strict=True) if problem is None]
+    if studies and not kept:
+        raise DataError(f"{source}: none of the {len(studies)} studies has readable images")
+    if len(kept) < len(studies):
+        logger.warning("%s: skipped %d of %d studies with unreadable images", source, len(studies) - len(kept),
+                       len(studies))
+    return kept
+
+
 def build_dataset(cfg: DataConfig, split: Split, train: bool) -> ReportDataset:
     """Builds the dataset of one split.
 
@@ -234,7 +268,8 @@ def build_dataset(cfg: DataConfig, split: Split, train: bool) -> ReportDataset:
         train: enables augmentation (when ``cfg.augment.enabled``).
 
     Returns:
-        The dataset. Studies with fewer than ``cfg.views`` images raise, or are skipped with on_error="skip".
+        The dataset. Studies with fewer than ``cfg.views`` images, or with images that do not decode, raise (at
+        build or load time), or are dropped here with on_error="skip".
     """
     studies = read_studies(cfg, split).studies
     short = [s for s in studies if len(s.image_paths) < cfg.views]
@@ -248,6 +283,8 @@ def build_dataset(cfg: DataConfig, split: Split, train: bool) -> ReportDataset:
             "%s [%s]: skipped %d studies with fewer than %d images", cfg.annotation_path, split, len(short), cfg.views
         )
         studies = [s for s in studies if len(s.image_paths) >= cfg.views]
+    if cfg.on_error == "skip":
+        studies = readable_studies(studies, cfg.views, f"{cfg.annotation_path} [{split}]")
     return ReportDataset(
         studies,
         image_size=cfg.image_size,

@@ -8,13 +8,14 @@ channels (encoders pretrained on RGB expect three) and normalised per channel.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from rlhf_rrg.data.annotation import DataError
 
@@ -56,11 +57,21 @@ def read_grayscale(path: str | Path) -> np.ndarray:
         Array of shape (H, W), float32.
 
     Raises:
-        DataError: the file is missing, truncated or not an image; the message names the path.
+        DataError: the file is missing, truncated, not an image, fails to decode, or has more than PIL's
+            ``Image.MAX_IMAGE_PIXELS`` pixels (a decompression bomb); the message names the path.
     """
     path = Path(path)
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            # PIL only warns between 1x and 2x its pixel limit; no chest X-ray is that large, so refuse it.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise DataError(f"{path}: refused as a possible decompression bomb ({err})", "decompression_bomb") from err
+    except Exception as err:
+        raise DataError(f"{path}: cannot decode image ({type(err).__name__}: {err})", "corrupt_image") from err
+    try:
+        with img:
             img.load()
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):
                 # 16-bit PNGs decode as "I;16" or "I"; scale by the 16-bit range, not the image maximum,
@@ -70,8 +81,8 @@ def read_grayscale(path: str | Path) -> np.ndarray:
                 array = np.asarray(img, dtype=np.float32)
             else:
                 array = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
-        raise DataError(f"{path}: cannot decode image ({err})", "corrupt_image") from err
+    except Exception as err:  # PIL plugins raise many types (OSError, SyntaxError, struct.error, zlib.error...)
+        raise DataError(f"{path}: cannot decode image ({type(err).__name__}: {err})", "corrupt_image") from err
     return np.clip(array, 0.0, 1.0)
 
 

@@ -1,8 +1,22 @@
+"""OptimConfig validation (settings that would silently train wrong are refused with the key named) and the
+optimizer's parameter groups."""
+
 import pytest
-import torch
 from torch import nn
 
+from rlhf_rrg.config import ConfigError, load_config
 from rlhf_rrg.optim import OptimConfig, build_optimizer
+
+
+@pytest.mark.parametrize(("key", "value"), [("weight_decay", "-0.01"), ("grad_clip", "-1.0"), ("lr", "0")])
+def test_negative_settings_are_refused(key, value):
+    with pytest.raises(ConfigError, match=rf"optim\.{key} must be"):
+        load_config(OptimConfig, overrides=[f"--{key}", value])
+
+
+def test_zero_weight_decay_and_disabled_clipping_are_valid():
+    cfg = OptimConfig(weight_decay=0.0, grad_clip=0.0)
+    assert (cfg.weight_decay, cfg.grad_clip) == (0.0, 0.0)
 
 
 def test_lr_scales_give_prefixed_parameters_their_own_rate_and_keep_decay_groups():
@@ -17,4 +31,4 @@ def test_no_trainable_parameters_is_an_error():
     model = nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         build_optimizer(model, OptimConfig())
-    assert torch.is_tensor(model.weight)
+

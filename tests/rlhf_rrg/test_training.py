@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import Dataset
 
-from rlhf_rrg.checkpoint import CheckpointConfig
+from rlhf_rrg.checkpoint import CheckpointConfig, checkpoint_problem
 from rlhf_rrg.optim import OptimConfig, build_optimizer, build_scheduler
 from rlhf_rrg.runroot import StageDirs
 from rlhf_rrg.training import EpochBatchSampler, NonFiniteLossError, TrainConfig, TrainState, fit, make_train_loader
@@ -211,3 +211,34 @@ def test_nonfinite_loss_raises_and_saves_the_failing_state(tmp_path):
     checkpoints = tmp_path / "unit" / "checkpoints"
     assert (checkpoints / "failed_step_000002").is_dir()
     assert (checkpoints / "step_000002").is_dir() and not (checkpoints / "step_000003").exists()
+
+
+def test_an_ordinary_exception_in_a_step_saves_the_failing_state(tmp_path):
+    calls = {"n": 0}
+
+    def step_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise ValueError("user code failed")
+        return mse_step(model, batch)
+
+    with pytest.raises(ValueError, match=r"user code failed; unit step 3: state saved to .*failed_step_000003; the "
+                                         r"last good checkpoint is .*step_000003"):
+        run_fit(tmp_path, step_fn=step_fn, ckpt=CheckpointConfig(save_every=1))
+    failed = tmp_path / "unit" / "checkpoints" / "failed_step_000003"
+    assert checkpoint_problem(failed) is None and (failed / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("damaged", ["model.safetensors", "optimizer.bin", "random_states_0.pkl"])
+def test_resume_skips_a_damaged_checkpoint_and_still_equals_a_straight_run(tmp_path, caplog, damaged):
+    # Dropout: a silently unrestored RNG (a truncated random_states_0.pkl) would change the weights.
+    common = {"batch_size": 4, "max_steps": 7, "dropout": 0.3}
+    straight, _, _ = run_fit(tmp_path / "straight", **common)
+    ckpt = CheckpointConfig(save_every=2, keep=3)
+    run_fit(tmp_path / "resumed", stop_at_step=5, ckpt=ckpt, **common)
+    newest = tmp_path / "resumed" / "unit" / "checkpoints" / "step_000005"
+    (newest / damaged).write_bytes((newest / damaged).read_bytes()[:10])
+    resumed, state, log = run_fit(tmp_path / "resumed", ckpt=ckpt, **common)
+    assert f"skipping damaged checkpoint {newest}" in caplog.text and damaged in caplog.text
+    assert state.step == 7 and log.records[0][0] == 5  # resumed after step 4
+    assert_same_weights(straight, resumed)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from rlhf_rrg.checkpoint import checkpoint_problem
 from rlhf_rrg.config import load_config
 from rlhf_rrg.logging import read_jsonl
 from rlhf_rrg.rl.scoring import NonFiniteRewardError
@@ -28,6 +29,13 @@ def negation_reward(completions, reference, **kwargs):
 def nan_reward(completions, reference, **kwargs):
     """NaN on full rollout batches (8 non-empty reports) only, so the 4-report evaluation before training passes."""
     return [float("nan") if len(completions) == 8 else 0.0 for _ in completions]
+
+
+def raising_reward(completions, reference, **kwargs):
+    """An ordinary bug in user code, on full rollout batches only (like nan_reward)."""
+    if len(completions) == 8:
+        raise ZeroDivisionError("user reward failed")
+    return [0.0 for _ in completions]
 
 
 def user_reward(name: str) -> list[str]:
@@ -104,6 +112,14 @@ def test_nan_reward_stops_with_saved_state(synthetic_data, sft_export, tmp_path)
     with pytest.raises(NonFiniteRewardError, match="state saved to"):
         run_ppo(synthetic_data, tmp_path, sft_export, "--train.max_steps", "2", *user_reward("nan_reward"))
     assert list((tmp_path / "ppo" / "checkpoints").glob("failed_step_*"))
+
+
+def test_a_raising_reward_saves_the_failing_state_like_nan(synthetic_data, sft_export, tmp_path):
+    with pytest.raises(ZeroDivisionError, match=r"user reward failed; ppo\[ppo\] step (\d): state saved to .*"
+                                                r"failed_step_00000\1; the last good checkpoint is None"):
+        run_ppo(synthetic_data, tmp_path, sft_export, "--train.max_steps", "3", *user_reward("raising_reward"))
+    [failed] = (tmp_path / "ppo" / "checkpoints").glob("failed_step_*")
+    assert checkpoint_problem(failed) is None and (failed / "model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("algo", ["grpo", "rloo"])

@@ -1,9 +1,11 @@
 """Stage 3 (SFT) end to end on the tiny LLaVA: learning, what trains, exact resume, export, context, errors."""
 
 import json
+import shutil
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from rewards.evaluate import evaluate_reports
@@ -13,7 +15,7 @@ from rlhf_rrg.data.dataset import build_dataset
 from rlhf_rrg.logging import read_jsonl
 from rlhf_rrg.models.generator import ReportGenerator
 from rlhf_rrg.models.rrg import build_vision_model
-from rlhf_rrg.runroot import MissingStageOutputError
+from rlhf_rrg.runroot import MissingStageOutputError, WrongStageOutputError
 
 from .conftest import REPO, load_stage, run_stage, stage_overrides
 
@@ -244,3 +246,26 @@ def test_credentialed_reports_in_the_bank_need_an_opt_in(dataset):
         load_config(module.SFTStageConfig, config, asks)
     cfg = load_config(module.SFTStageConfig, config, [*asks, "--prompting.context.share_reports", "true"])
     assert cfg.prompting.context.use_reports and cfg.prompting.context.share_reports
+
+
+def test_skip_drops_a_corrupt_and_a_bomb_training_image_with_retrieval_on(synthetic_data, tmp_path, caplog):
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_data, data)
+    train = json.loads((data / "annotation.json").read_text())["train"]
+    corrupt, bomb = (data / "images" / train[i]["image_path"][0] for i in (3, 5))
+    corrupt.write_bytes(corrupt.read_bytes()[:60])
+    Image.new("1", (10_000, 10_000)).save(bomb, format="PNG")
+    run_stage("sft", data, tmp_path / "run", *FAST, "--train.max_steps", "2", "--data.on_error", "skip")
+    ids = ReportGenerator.from_export(tmp_path / "run" / "sft" / "export").retriever.bank.ids
+    assert len(ids) == len(set(ids)) == len(train) - 2
+    assert train[3]["id"] not in ids and train[5]["id"] not in ids
+    assert f"{corrupt}: cannot decode image" in caplog.text
+    assert f"{bomb}: refused as a possible decompression bomb" in caplog.text
+
+
+@pytest.mark.parametrize("stage", ["sft", "align"])
+def test_starting_from_an_sft_export_is_a_clear_error(trained, synthetic_data, tmp_path, stage):
+    run_root, _ = trained
+    with pytest.raises(WrongStageOutputError, match=rf"stage '{stage}'.*is a report-generator export; {stage} starts "
+                                                    "from a vision encoder"):
+        run_stage(stage, synthetic_data, tmp_path, "--run.init_from", str(run_root / "sft" / "export"))

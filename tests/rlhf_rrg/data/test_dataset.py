@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from rewards.observations import CHEXPERT_14
 from rlhf_rrg.config import ConfigError, load_config
@@ -90,10 +91,28 @@ def test_corrupt_image_at_getitem(tmp_path: Path) -> None:
         DataError, match=r"study 'CXR1_IM-1001' \(index 1\): .*CXR1_IM-1001/1\.png: cannot decode image"
     ):
         ds[1]
-    skipping = build_dataset(DataConfig(**{**cfg.__dict__, "on_error": "skip"}), "train", train=False)
-    assert skipping[1]["id"] == "CXR2_IM-1002" and skipping[1]["index"] == 2
-    assert skipping[1]["index"] == 2 and skipping.skipped_indices == {1}
-    assert skipping[0]["index"] == 0
+    # A file damaged after the dataset was built: the next study stands in, and the item says which it is.
+    ds.on_error = "skip"
+    assert ds[1]["id"] == "CXR2_IM-1002" and ds[1]["index"] == 2
+    assert ds.skipped_indices == {1} and ds[0]["index"] == 0
+
+
+def test_skip_drops_unreadable_studies_when_built_so_ids_never_repeat(tmp_path: Path, caplog) -> None:
+    fx = write_iu_xray_fixture(tmp_path)
+    (fx.image_root / "CXR1_IM-1001" / "1.png").write_bytes(b"garbage")
+    bomb = fx.image_root / "CXR2_IM-1002" / "0.png"
+    Image.new("1", (10_000, 10_000)).save(bomb)  # above PIL's warning limit
+    cfg = DataConfig(dataset="iu_xray", annotation_path=fx.annotation_path, image_root=fx.image_root, image_size=8,
+                     views=2, on_error="skip")
+    with caplog.at_level("WARNING"):
+        ds = build_dataset(cfg, "train", train=False)
+    ids = [ds[i]["id"] for i in range(len(ds))]
+    assert len(ids) == len(set(ids)) == 1 and "CXR1_IM-1001" not in ids and "CXR2_IM-1002" not in ids
+    assert "CXR1_IM-1001/1.png: cannot decode image" in caplog.text
+    assert f"'CXR2_IM-1002': {bomb}: refused as a possible decompression bomb" in caplog.text
+    assert "skipped 2 of 3 studies" in caplog.text
+    with pytest.raises(DataError, match=r"study .CXR2_IM-1002. \(index 2\): .*decompression bomb"):
+        build_dataset(DataConfig(**{**cfg.__dict__, "on_error": "raise"}), "train", train=False)[2]
 
 
 def test_data_config_validation_and_yaml(tmp_path: Path) -> None:

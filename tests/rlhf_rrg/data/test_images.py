@@ -1,4 +1,5 @@
-"""Image decoding (8/16-bit, gray/RGB), normalisation, corrupt files and augmentation (never flipped)."""
+"""Image decoding (8/16-bit, gray/RGB), normalisation, corrupt files, decompression bombs and augmentation (never
+flipped)."""
 
 from pathlib import Path
 
@@ -91,3 +92,24 @@ def test_augment_config_validation() -> None:
         AugmentConfig(min_crop_scale=0.0)
     with pytest.raises(ValueError, match="max_rotation_deg"):
         AugmentConfig(max_rotation_deg=90.0)
+
+
+@pytest.mark.parametrize("side", [10_000, 14_000])  # PIL warns above 89.5M pixels and errors above twice that
+def test_decompression_bomb_is_named(tmp_path: Path, side: int) -> None:
+    path = tmp_path / "bomb.png"
+    Image.new("1", (side, side)).save(path)  # a few kB on disk, side**2 pixels when decoded
+    assert path.stat().st_size < 100_000
+    with pytest.raises(DataError, match=r"bomb\.png: refused as a possible decompression bomb") as err:
+        read_grayscale(path)
+    assert err.value.reason == "decompression_bomb"
+
+
+def test_decoder_errors_of_any_type_are_named(tmp_path: Path) -> None:
+    path = tmp_path / "bad_crc.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(path)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte inside the compressed pixel data
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"bad_crc\.png: cannot decode image \(\w+(Error)?: ") as err:
+        read_grayscale(path)
+    assert err.value.reason == "corrupt_image"
