@@ -11,7 +11,7 @@ from accelerate import Accelerator
 
 from rlhf_rrg.checkpoint import latest_step
 from rlhf_rrg.config import save_config, to_dict
-from rlhf_rrg.distributed import seed_everything
+from rlhf_rrg.distributed import check_world_size, seed_everything
 from rlhf_rrg.logging import MetricLogger, build_loggers
 from rlhf_rrg.runroot import StageDirs
 
@@ -37,11 +37,12 @@ class StageContext:
 
 def setup_stage(stage: str, cfg: Any, run: RunConfig, grad_accum: int = 1, resume: bool = True) -> StageContext:
     """Creates the accelerator (launch settings come from ``accelerate launch``), seeds every RNG, writes
-    ``<run_root>/<stage>/config.yaml`` and opens the metric loggers on the main process.
+    ``<run_root>/<stage>/config.yaml``, opens the metric loggers on the main process and logs ``run/num_processes``.
 
     When resuming, metric records logged after the checkpoint being resumed are dropped, so ``metrics.jsonl``
     reads as one uninterrupted run."""
     accelerator = Accelerator(gradient_accumulation_steps=grad_accum)
+    check_world_size(accelerator.num_processes)
     seed_everything(run.seed)
     dirs = StageDirs(Path(run.run_root), stage)
     if accelerator.is_main_process:
@@ -55,4 +56,6 @@ def setup_stage(stage: str, cfg: Any, run: RunConfig, grad_accum: int = 1, resum
     metric_logger = build_loggers(dirs.root, run.loggers, accelerator.is_main_process,
                                   drop_after_step=drop_after if drop_after is not None else (0 if resume else None))
     metric_logger.log_config(to_dict(cfg))
+    # Multi-process tests read the world size back from here: a launch that silently ran one process must fail.
+    metric_logger.log_dict({"run/num_processes": accelerator.num_processes}, drop_after or 0)
     return StageContext(accelerator=accelerator, dirs=dirs, metric_logger=metric_logger)
