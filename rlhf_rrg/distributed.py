@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -59,6 +60,20 @@ def gather_params(model: torch.nn.Module, modifier_rank: int | None = None) -> I
 
     with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank):
         yield
+
+
+def check_world_size(num_processes: int) -> None:
+    """Fails when the launcher started more processes than the ``Accelerator`` joined into one group.
+
+    ``torchrun`` (or ``accelerate launch`` with a multi-process config) sets ``WORLD_SIZE``; on a machine without
+    CUDA, accelerate only forms a gloo group when ``ACCELERATE_USE_CPU=true``, otherwise every process trains
+    alone and they overwrite each other's outputs.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != num_processes:
+        raise RuntimeError(
+            f"the launcher started {launched} processes (WORLD_SIZE) but accelerate sees {num_processes}; on CPU set "
+            "ACCELERATE_USE_CPU=true (see accelerate_configs/cpu_ddp.yaml)")
 
 
 def seed_everything(seed: int) -> None:

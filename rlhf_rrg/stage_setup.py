@@ -15,7 +15,7 @@ from accelerate.utils import broadcast_object_list
 
 from rlhf_rrg.checkpoint import latest_step, select_valid_checkpoint
 from rlhf_rrg.config import save_config, to_dict
-from rlhf_rrg.distributed import seed_everything
+from rlhf_rrg.distributed import check_world_size, seed_everything
 from rlhf_rrg.logging import MetricLogger, build_loggers
 from rlhf_rrg.runlock import LOCK_NAME, RunLock, exit_with_parent
 from rlhf_rrg.runroot import StageDirs
@@ -97,12 +97,14 @@ def prepare_stage_folder(dirs: StageDirs, cfg: Any, run: RunConfig, resume: bool
 
 def setup_stage(stage: str, cfg: Any, run: RunConfig, grad_accum: int = 1, resume: bool = True) -> StageContext:
     """Creates the accelerator (launch settings come from ``accelerate launch``), seeds every RNG, prepares the
-    stage folder (:func:`prepare_stage_folder`) and opens the metric loggers on the main process.
+    stage folder (:func:`prepare_stage_folder`), opens the metric loggers on the main process and logs
+    ``run/num_processes``.
 
     When resuming, metric records logged after the checkpoint being resumed are dropped, so ``metrics.jsonl``
     reads as one uninterrupted run."""
     accelerator = Accelerator(gradient_accumulation_steps=grad_accum)
     exit_with_parent()
+    check_world_size(accelerator.num_processes)
     seed_everything(run.seed)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     for name in ("rlhf_rrg", "rewards"):
@@ -123,4 +125,6 @@ def setup_stage(stage: str, cfg: Any, run: RunConfig, grad_accum: int = 1, resum
     drop_after = resume_step if resume_step is not None else (0 if resume else None)
     metric_logger = build_loggers(dirs.root, run.loggers, accelerator.is_main_process, drop_after_step=drop_after)
     metric_logger.log_config(to_dict(cfg))
+    # Multi-process tests read the world size back from here: a launch that silently ran one process must fail.
+    metric_logger.log_dict({"run/num_processes": accelerator.num_processes}, drop_after or 0)
     return StageContext(accelerator=accelerator, dirs=dirs, metric_logger=metric_logger)

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator
+from accelerate.scheduler import AcceleratedScheduler
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
@@ -144,13 +145,20 @@ def fit(
     export_fn: ExportFn | None = None,
     state: TrainState | None = None,
 ) -> TrainState:
-    """Trains ``model`` (already ``accelerator.prepare``-d together with optimizer, scheduler and loader).
+    """Trains ``model`` (already ``accelerator.prepare``-d together with optimizer and loader).
+
+    ``scheduler`` must NOT go through ``accelerator.prepare``: accelerate steps a prepared scheduler once per
+    process on every optimizer step, so with N processes the schedule would run N times too fast. ``fit`` steps
+    it once per optimizer step that really happened and checkpoints it.
 
     Returns:
         The final ``TrainState`` (step, best metric and the step that produced the exported weights).
     """
+    if isinstance(scheduler, AcceleratedScheduler):
+        raise TypeError("fit() takes the scheduler unprepared: accelerate steps a prepared one num_processes times "
+                        "per optimizer step; do not pass it to accelerator.prepare")
     state = state or TrainState()
-    accelerator.register_for_checkpointing(state)
+    accelerator.register_for_checkpointing(state, scheduler)
     ckpt = CheckpointManager(accelerator, dirs.checkpoints, ckpt_cfg.keep)
     if ckpt_cfg.resume:
         ckpt.resume()
@@ -186,7 +194,8 @@ def fit(
             if accelerator.sync_gradients and optim_cfg.grad_clip > 0:
                 accelerator.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip)
             optimizer.step()
-            scheduler.step()
+            if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         for key, value in {"loss": loss.item(), **metrics}.items():
             window.setdefault(key, []).append(float(value))

@@ -94,8 +94,8 @@ def main(cfg: AlignStageConfig) -> None:
     loader = make_train_loader(train_set, cfg.train.batch_size, cfg.run.seed, collate, cfg.train.num_workers)
     val_loader = DataLoader(val_set, batch_size=cfg.eval.batch_size, shuffle=False, collate_fn=collate,
                             num_workers=cfg.train.num_workers)
-    model, optimizer, loader, val_loader, scheduler = accelerator.prepare(
-        model, optimizer, loader, val_loader, scheduler)
+    # The scheduler stays unprepared: fit() steps it once per optimizer step whatever the process count.
+    model, optimizer, loader, val_loader = accelerator.prepare(model, optimizer, loader, val_loader)
     core: StudyAligner = accelerator.unwrap_model(model)
 
     # 4. train: symmetric InfoNCE against the gathered global batch

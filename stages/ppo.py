@@ -56,7 +56,7 @@ from rlhf_rrg.rl.scoring import (
 )
 from rlhf_rrg.rl.trl_adapter import GroupConfig, run_trl
 from rlhf_rrg.rl.value_head import ValueHead
-from rlhf_rrg.runroot import mark_export_complete, resolve_init
+from rlhf_rrg.runroot import resolve_init, writing_export
 from rlhf_rrg.stage_setup import RunConfig, setup_stage
 from rlhf_rrg.training import NonFiniteLossError, make_train_loader, resumable_batches
 
@@ -150,7 +150,8 @@ def main(cfg: PPOStageConfig) -> None:
 
     generator = make_trainable(generator, cfg.lora, cfg.freeze_vision, cfg.pg.train_clues,
                                cfg.freeze_llm).to(accelerator.device)
-    reference = ReferencePolicy(generator.model) if cfg.algo == "ppo" or cfg.pg.kl_coef > 0 else None
+    reference = (ReferencePolicy(generator.model, autocast=accelerator.autocast)
+                 if cfg.algo == "ppo" or cfg.pg.kl_coef > 0 else None)
     value_head = ValueHead(generator.model.config.text_config.hidden_size) if cfg.algo == "ppo" else None
     policy = PolicyWithValue(generator, value_head).to(accelerator.device)
 
@@ -308,8 +309,8 @@ def rl_step(cfg, accelerator, policy, unwrapped, optimizer, scheduler, reference
 def finish(cfg, generator: ReportGenerator, dirs, metric_logger, accelerator, before: dict, after: dict) -> None:
     """Exports the policy (merged weights + prompting) and prints the before/after summary."""
     if accelerator.is_main_process:
-        generator.save(dirs.export)
-        mark_export_complete(dirs.export, {"stage": "ppo", "algo": cfg.algo, "init_from": str(cfg.run.init_from)})
+        with writing_export(dirs.export, {"stage": "ppo", "algo": cfg.algo, "init_from": str(cfg.run.init_from)}) as out:
+            generator.save(out)
         key = "ce/micro_f1_14"
         nan = float("nan")
         print0(f"{cfg.algo}: reward {before.get('reward', nan):.4f} -> {after.get('reward', nan):.4f}, "

@@ -56,7 +56,8 @@ def main(cfg: PretrainStageConfig) -> None:
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     loader = make_train_loader(dataset, cfg.train.batch_size, cfg.run.seed, collate_images, cfg.train.num_workers)
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    # The scheduler stays unprepared: fit() steps it once per optimizer step whatever the process count.
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 
     # 2. train: next-cluster normalised-pixel MSE
     def step_fn(model, batch):

@@ -138,7 +138,8 @@ def main(cfg: SFTStageConfig) -> None:
     optimizer = build_optimizer(generator, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     loader = make_train_loader(train_data, cfg.train.batch_size, cfg.run.seed, collate_context, cfg.train.num_workers)
-    generator, optimizer, loader, scheduler = accelerator.prepare(generator, optimizer, loader, scheduler)
+    # The scheduler stays unprepared: fit() steps it once per optimizer step whatever the process count.
+    generator, optimizer, loader = accelerator.prepare(generator, optimizer, loader)
 
     eval_data = eval_subset(val_data, cfg.eval)
     # eval_subset keeps the first studies, so references are the first len(eval_data) reports.

@@ -14,7 +14,8 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "accelerate_configs"
 # file -> (distributed_type, num_processes, use_cpu, mixed_precision, zero stage, optimizer/param offload device)
 EXPECTED: dict[str, tuple[DistributedType, int, bool, str, int | None, str | None]] = {
     "cpu_debug.yaml": (DistributedType.NO, 1, True, "no", None, None),
-    "cpu_ddp.yaml": (DistributedType.MULTI_CPU, 2, True, "no", None, None),
+    # torchrun-style launch (a MULTI_CPU config starts one process without mpirun); see the file.
+    "cpu_ddp.yaml": (DistributedType.MULTI_GPU, 2, True, "no", None, None),
     "single_gpu.yaml": (DistributedType.NO, 1, False, "bf16", None, None),
     "multi_gpu.yaml": (DistributedType.MULTI_GPU, 8, False, "bf16", None, None),
     "zero2.yaml": (DistributedType.DEEPSPEED, 8, False, "bf16", 2, "none"),

@@ -63,3 +63,11 @@ def test_unknown_keys_are_rejected(path, tmp_path):
         load_config(cls, typo)
     with pytest.raises(ConfigError, match=r"unknown config key 'nowhere'"):
         load_config(cls, path, ["--nowhere.x", "1"])
+
+
+@pytest.mark.parametrize("dataset", ["iu_xray", "mimic_cxr", "chexpert_plus"])
+def test_every_stage_of_a_dataset_uses_the_pretrain_image_size(dataset):
+    # Each stage starts from the previous stage's export and checks its image size at start.
+    sizes = {stage: yaml.safe_load((REPO / "stages" / "configs" / stage / f"{dataset}.yaml").read_text())["data"]
+             ["image_size"] for stage in ("pretrain", "align", "sft", "ppo")}
+    assert set(sizes.values()) == {sizes["pretrain"]}, sizes

@@ -82,7 +82,7 @@ def clean_report_mimic_cxr(report: str) -> str:
 
 
 def truncate_words(text: str, max_words: int) -> str:
-    """Keeps the first ``max_words`` whitespace-separated tokens (R2Gen's ``max_seq_length`` cut, on words).
+    """Keeps the first ``max_words`` whitespace-separated tokens (see :func:`r2gen_kept_words` for R2Gen's count).
 
     Args:
         text: a (cleaned) report.
@@ -94,6 +94,17 @@ def truncate_words(text: str, max_words: int) -> str:
     if max_words <= 0:
         raise ValueError(f"max_words must be positive, got {max_words}")
     return " ".join(text.split()[:max_words])
+
+
+def r2gen_kept_words(max_seq_length: int) -> int:
+    """Words R2Gen keeps of a long report at its ``max_seq_length`` (60 for IU-Xray, 100 for MIMIC-CXR).
+
+    R2Gen's tokenizer wraps the word ids as ``[0] + ids + [0]`` and its dataset keeps ``ids[:max_seq_length]``, so
+    BOS takes one slot and the report keeps ``max_seq_length - 1`` words (59 / 99; EOS is cut from long reports).
+    """
+    if max_seq_length < 2:
+        raise ValueError(f"max_seq_length must be >= 2 (BOS plus a word), got {max_seq_length}")
+    return max_seq_length - 1
 
 
 CLEANERS: dict[str, Callable[[str], str]] = {

@@ -21,13 +21,13 @@ from rlhf_rrg.data.annotation import (
     read_chexpert_plus_csv,
     read_r2gen_annotation,
 )
-from rlhf_rrg.data.cleaning import CLEANERS, truncate_words
+from rlhf_rrg.data.cleaning import CLEANERS, r2gen_kept_words, truncate_words
 from rlhf_rrg.data.images import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, load_image, read_grayscale
 
 logger = logging.getLogger(__name__)
 
 DatasetName = Literal["synthetic", "iu_xray", "mimic_cxr", "chexpert_plus"]
-# Report length cut of the published seeds: 60 tokens for IU-Xray, 100 for MIMIC-CXR and CheXpert Plus.
+# R2Gen's max_seq_length (BOS included): 60 for IU-Xray, 100 for MIMIC-CXR and CheXpert Plus.
 DEFAULT_MAX_WORDS: dict[str, int] = {"synthetic": 100, "iu_xray": 60, "mimic_cxr": 100, "chexpert_plus": 100}
 # R2Gen applies its IU cleaner to IU-Xray and the MIMIC cleaner to everything else.
 DEFAULT_CLEANER: dict[str, str] = {
@@ -54,7 +54,14 @@ class DataConfig:
     )
     image_size: int = field(default=224, metadata={"help": "Square side images are resized to."})
     max_words: int | None = field(
-        default=None, metadata={"help": "Report length cut in words; None = 60 for iu_xray, 100 otherwise."}
+        default=None,
+        metadata={"help": "Report length cut, counted like R2Gen's max_seq_length (BOS included, so 60 keeps 59 "
+                          "words) unless truncation='words'; None = 60 for iu_xray, 100 otherwise."},
+    )
+    truncation: Literal["r2gen", "words"] = field(
+        default="r2gen",
+        metadata={"help": "r2gen: keep max_words - 1 words as the published protocol; words: keep max_words "
+                          "words (this project's behaviour before the fix, one word more than the papers)."},
     )
     views: int = field(
         default=1, metadata={"help": "Images returned per study (IU-Xray: 2); studies with fewer are errors."}
@@ -83,8 +90,12 @@ class DataConfig:
             raise ValueError(f"dataset must be one of {sorted(DEFAULT_MAX_WORDS)}, got {self.dataset!r}")
         if self.image_size < 8:
             raise ValueError(f"image_size must be >= 8, got {self.image_size}")
-        if self.max_words is not None and self.max_words <= 0:
-            raise ValueError(f"max_words must be positive or None, got {self.max_words}")
+        if self.truncation not in ("r2gen", "words"):
+            raise ValueError(f"truncation must be 'r2gen' or 'words', got {self.truncation!r}")
+        least = 2 if self.truncation == "r2gen" else 1  # r2gen: BOS takes one slot
+        if self.max_words is not None and self.max_words < least:
+            raise ValueError(f"max_words must be >= {least} with truncation={self.truncation!r} (or None), "
+                             f"got {self.max_words}")
         if self.views < 1:
             raise ValueError(f"views must be >= 1, got {self.views}")
         if self.on_error not in ("raise", "skip"):
@@ -99,6 +110,13 @@ class DataConfig:
     @property
     def resolved_max_words(self) -> int:
         return self.max_words if self.max_words is not None else DEFAULT_MAX_WORDS[self.dataset]
+
+    @property
+    def kept_words(self) -> int:
+        """Words a long report keeps after cleaning."""
+        if self.truncation == "r2gen":
+            return r2gen_kept_words(self.resolved_max_words)
+        return self.resolved_max_words
 
     @property
     def resolved_cleaner(self) -> str:
@@ -138,7 +156,7 @@ class ReportDataset(Dataset):
             studies: the records (see :mod:`rlhf_rrg.data.annotation`); each needs at least ``views`` images.
             image_size: output image side.
             views: images per item; the first ``views`` of each study are used.
-            max_words: report length cut after cleaning.
+            max_words: words kept after cleaning (``DataConfig.kept_words``).
             clean: report cleaner.
             mean: normalisation mean (3 values).
             std: normalisation std (3 values).
@@ -289,7 +307,7 @@ def build_dataset(cfg: DataConfig, split: Split, train: bool) -> ReportDataset:
         studies,
         image_size=cfg.image_size,
         views=cfg.views,
-        max_words=cfg.resolved_max_words,
+        max_words=cfg.kept_words,
         clean=CLEANERS[cfg.resolved_cleaner],
         mean=cfg.mean,
         std=cfg.std,

@@ -168,9 +168,11 @@ class ReportGenerator(nn.Module):
             loss = loss + self.prompting.clues.loss_weight * bce
             metrics["clue_bce"] = bce.item()
         if refine:
-            hidden = out.hidden_states[-1]
+            # Image side: the projected query-image embeddings the LLM receives (hidden_states[0] is its input
+            # embedding sequence); report side: the last layer over the report tokens (SERPENT-VLM).
             image_mask = self._query_image_mask(inputs["input_ids"])
-            term = self_refining_loss(hidden, image_mask, hidden, inputs["labels"] != -100, self_refine.similarity)
+            term = self_refining_loss(out.hidden_states[0], image_mask, out.hidden_states[-1],
+                                      inputs["labels"] != -100, self_refine.similarity)
             loss = loss + self_refine.weight * term
             metrics["self_refine"] = term.item()
         return loss, metrics

@@ -8,6 +8,7 @@ computation (sampled-token log-probs, values, the SCST teacher-forcing NLL) runs
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -35,6 +36,18 @@ def _sequence_forward(
     logits = response_logits_slice(out.logits, prompt_len, response_len)
     hidden = response_logits_slice(out.hidden_states[-1], prompt_len, response_len) if output_hidden_states else None
     return logits, hidden
+
+
+def _generation_logprobs(model: nn.Module, logits: torch.Tensor, tokens: torch.Tensor,
+                         temperature: float) -> torch.Tensor:
+    """``(b, R)`` log-probs of ``tokens`` under the distribution ``generate`` samples from.
+
+    Generation suppresses the image token (its logit is -inf), which renormalises the other tokens:
+    ``log p'(x) = log p(x) - log(1 - p(image))``. Computed this way, no ``(b, R, v)`` copy of the logits is made.
+    """
+    image = torch.full_like(tokens, model.config.image_token_id)
+    image_logprobs = logprobs_from_logits(logits, image, temperature)
+    return logprobs_from_logits(logits, tokens, temperature) - torch.log1p(-image_logprobs.exp())
 
 
 def make_trainable(generator: ReportGenerator, lora: LoraSettings, freeze_vision: bool, train_clues: bool = False,
@@ -99,7 +112,7 @@ class PolicyWithValue(nn.Module):
             each sampled statement) when the rollout carries sampled clues.
         """
         logits, hidden = _sequence_forward(self.generator.model, rollout, self.value_head is not None)
-        out = {"logprobs": logprobs_from_logits(logits, rollout.response_ids, temperature)}
+        out = {"logprobs": _generation_logprobs(self.generator.model, logits, rollout.response_ids, temperature)}
         if self.value_head is not None:
             out["values"] = self.value_head(hidden)
         if with_entropy:
@@ -140,9 +153,14 @@ class ReferencePolicy:
 
     Args:
         model: The policy's LLaVA model (``PeftModel`` or plain), before any RL update.
+        autocast: The mixed-precision context the policy's forward runs in (``accelerator.autocast``): a prepared
+            policy is autocast under ``mixed_precision: bf16``, and the reference must be too, or the KL is not 0
+            at step 0.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module,
+                 autocast: Callable[[], AbstractContextManager[Any]] = nullcontext) -> None:
+        self._autocast = autocast
         self._live: PeftModel | None = model if isinstance(model, PeftModel) else None
         self._copy: nn.Module | None = None
         if self._live is None:
@@ -155,6 +173,6 @@ class ReferencePolicy:
     def logprobs(self, rollout: Rollout, temperature: float = 1.0) -> torch.Tensor:
         """``(b, R)`` reference log-probs of the rollout's response tokens."""
         model = self._live if self._live is not None else self._copy
-        with self._context():
+        with self._context(), self._autocast():
             logits, _ = _sequence_forward(model, rollout, output_hidden_states=False)
-        return logprobs_from_logits(logits, rollout.response_ids, temperature)
+        return _generation_logprobs(model, logits, rollout.response_ids, temperature)

@@ -1,27 +1,18 @@
-"""``accelerate launch stages/ppo.py``: one process, 2-process DDP on CPU, and DeepSpeed ZeRO-2 (one CPU process)."""
+"""``accelerate launch stages/ppo.py``: one process, 2-process DDP on CPU (PPO and SCST), DeepSpeed ZeRO-2 (one CPU
+process); each run reports the world size it ran with and follows the same lr schedule."""
 
 import importlib.util
-import os
-import socket
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from rlhf_rrg.config import load_config
 from rlhf_rrg.data.synthetic import SyntheticConfig, write_synthetic_dataset
-from rlhf_rrg.logging import read_jsonl
+from rlhf_rrg.optim import OptimConfig, lr_factor
+
+from .conftest import REPO, accelerate_launch, logged, world_size
 
 pytestmark = pytest.mark.distributed
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -44,28 +35,31 @@ def data_and_export(tmp_path_factory):
     return data, root / "sft" / "export"
 
 
-@pytest.mark.parametrize("launch", [
-    ["--config_file", "accelerate_configs/cpu_debug.yaml"],
-    ["--config_file", "accelerate_configs/cpu_ddp.yaml"],
-    ["--config_file", "accelerate_configs/zero2_cpu.yaml"],
-], ids=["single", "ddp2", "zero2"])
-def test_accelerate_launch_runs_ppo(data_and_export, tmp_path, launch):
+@pytest.mark.parametrize(("config", "algo", "processes"), [
+    ("cpu_debug.yaml", "ppo", 1),
+    ("cpu_ddp.yaml", "ppo", 2),
+    ("cpu_ddp.yaml", "scst", 2),
+    ("zero2_cpu.yaml", "ppo", 1),
+], ids=["single", "ddp2", "ddp2-scst", "zero2"])
+def test_accelerate_launch_runs_ppo(data_and_export, tmp_path, config, algo, processes):
     data, export = data_and_export
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", *launch, "--main_process_port", str(free_port()),
-        "stages/ppo.py", "--config", "stages/configs/ppo/debug.yaml", "--run.run_root", str(tmp_path),
-        "--run.init_from", str(export), "--data.annotation_path", str(data / "annotation.json"),
-        "--data.image_root", str(data / "images"), "--train.max_steps", "2", "--train.batch_size", "4",
-        "--ppo.minibatch_size", "2", "--ppo.ppo_epochs", "1", "--generation.max_new_tokens", "8",
+    result = accelerate_launch(config, "ppo", [
+        "--config", f"stages/configs/ppo/{'debug_scst' if algo == 'scst' else 'debug'}.yaml",
+        "--run.run_root", str(tmp_path), "--run.init_from", str(export),
+        "--data.annotation_path", str(data / "annotation.json"), "--data.image_root", str(data / "images"),
+        "--train.max_steps", "2", "--train.batch_size", "4", "--generation.max_new_tokens", "8",
+        "--optim.schedule", "linear", "--optim.warmup_steps", "1",
         "--eval.max_samples", "2", "--eval.max_new_tokens", "4",
-    ]
-    # The repo root on PYTHONPATH: the launched script sees this checkout whatever install the venv holds.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "ppo: reward" in result.stdout
-    rewards = [r["reward/mean"] for r in read_jsonl(tmp_path / "ppo" / "metrics.jsonl") if "reward/mean" in r]
-    assert len(rewards) == 2
+        *(["--ppo.minibatch_size", "2", "--ppo.ppo_epochs", "1"] if algo == "ppo" else ["--scst.num_samples", "2"]),
+    ])
+    assert f"{algo}: reward" in result.stdout
+    assert world_size(tmp_path, "ppo") == processes
+    assert len(logged(tmp_path, "ppo", "reward/mean")) == 2
+    # The schedule counts optimizer updates per process (PPO: 4 // 2 minibatches per step; SCST: one), so
+    # every process count walks it at the same pace.
+    updates = 2 if algo == "ppo" else 1
+    cfg = OptimConfig(lr=2e-4, warmup_steps=1, schedule="linear")
+    expected = [2e-4 * lr_factor(step * updates, 2 * updates, cfg) for step in (1, 2)]
+    assert logged(tmp_path, "ppo", "train/lr") == pytest.approx(expected)
     assert (tmp_path / "ppo" / "export" / "export_complete.json").is_file()
     assert (tmp_path / "ppo" / "checkpoints" / "step_000002").is_dir()

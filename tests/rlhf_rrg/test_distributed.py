@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from rlhf_rrg.distributed import gather_params, is_main_process, print0, rng_state, seed_everything, set_rng_state
+from rlhf_rrg.distributed import (
+    check_world_size,
+    gather_params,
+    is_main_process,
+    print0,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 
 
 def _draws() -> tuple:
@@ -75,6 +83,16 @@ def test_single_process_is_main_and_prints(capsys):
     assert is_main_process()
     print0("hello", 3)
     assert capsys.readouterr().out == "hello 3\n"
+
+
+def test_world_size_must_match_the_launcher(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    check_world_size(1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    check_world_size(2)
+    # What a CPU launch without ACCELERATE_USE_CPU gives: 2 processes that each see a world of 1.
+    with pytest.raises(RuntimeError, match="started 2 processes .* accelerate sees 1.*ACCELERATE_USE_CPU=true"):
+        check_world_size(1)
 
 
 def test_gather_params_is_a_no_op_without_zero3():

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from rlhf_rrg.checkpoint import CheckpointConfig, checkpoint_problem
-from rlhf_rrg.optim import OptimConfig, build_optimizer, build_scheduler
+from rlhf_rrg.optim import OptimConfig, build_optimizer, build_scheduler, lr_factor
 from rlhf_rrg.runroot import StageDirs
 from rlhf_rrg.training import EpochBatchSampler, NonFiniteLossError, TrainConfig, TrainState, fit, make_train_loader
 
@@ -82,6 +82,7 @@ def run_fit(
     ckpt: CheckpointConfig | None = None,
     eval_fn: Callable | None = None,
     export_fn: Callable | None = None,
+    prepare_scheduler: bool = False,
     **train_kwargs: Any,
 ) -> tuple[Net, TrainState, RecordingLogger]:
     """Builds everything from seed 0, like a fresh process would, and runs ``fit``."""
@@ -92,7 +93,9 @@ def run_fit(
     optimizer = build_optimizer(model, optim_cfg)
     scheduler = build_scheduler(optimizer, optim_cfg, max_steps)
     loader = make_train_loader(Regression(), batch_size, seed=3, collate_fn=collate)
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    if prepare_scheduler:
+        scheduler = accelerator.prepare(scheduler)
     logger = RecordingLogger()
     train_cfg = TrainConfig(
         max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, log_every=1, **train_kwargs
@@ -129,6 +132,19 @@ def test_grad_accumulation_1x4_equals_4x1(tmp_path):
     split_differently, _, _ = run_fit(tmp_path / "two", batch_size=2, grad_accum=1, max_steps=12)
     with pytest.raises(AssertionError):
         assert_same_weights(whole, split_differently)
+
+
+def test_lr_follows_the_schedule_once_per_optimizer_step_under_accumulation(tmp_path):
+    _, _, logger = run_fit(tmp_path, batch_size=1, grad_accum=4)
+    cfg = OptimConfig(lr=0.05, weight_decay=0.0, warmup_steps=2, grad_clip=0.0)
+    # train/lr is logged after the step's update: the rate the next step will use.
+    assert logger.series("train/lr") == pytest.approx([0.05 * lr_factor(s, 6, cfg) for s in range(1, 7)])
+
+
+def test_a_prepared_scheduler_is_refused(tmp_path):
+    # accelerate steps a prepared scheduler num_processes times per optimizer step: N processes, N x too fast.
+    with pytest.raises(TypeError, match="unprepared"):
+        run_fit(tmp_path, prepare_scheduler=True)
 
 
 def test_epoch_batch_sampler_order_depends_only_on_seed_and_epoch():

@@ -2,7 +2,7 @@
 
 import pytest
 
-from rlhf_rrg.data.cleaning import clean_report_iu_xray, clean_report_mimic_cxr, truncate_words
+from rlhf_rrg.data.cleaning import clean_report_iu_xray, clean_report_mimic_cxr, r2gen_kept_words, truncate_words
 
 
 @pytest.mark.parametrize(
@@ -62,3 +62,25 @@ def test_truncate_words() -> None:
     assert truncate_words("a b", 5) == "a b"
     with pytest.raises(ValueError, match="max_words"):
         truncate_words("a", 0)
+
+
+def _r2gen_cut(report: str, max_seq_length: int) -> str:
+    """R2Gen's own steps: Tokenizer.__call__ gives [0] + ids + [0], the dataset keeps ids[:max_seq_length], the
+    references are decoded from ids[1:] (0 ends decoding); words stand in for their ids here."""
+    ids = [0] + report.split() + [0]
+    words = []
+    for token in ids[:max_seq_length][1:]:
+        if token == 0:
+            break
+        words.append(token)
+    return " ".join(words)
+
+
+@pytest.mark.parametrize(("max_seq_length", "n_words"), [(60, 80), (100, 150), (60, 59), (60, 58), (100, 10)])
+def test_r2gen_cut_keeps_max_seq_length_minus_one_words(max_seq_length, n_words) -> None:
+    report = " ".join(f"w{i}" for i in range(n_words))
+    kept = truncate_words(report, r2gen_kept_words(max_seq_length))
+    assert kept == _r2gen_cut(report, max_seq_length)
+    assert len(kept.split()) == min(n_words, max_seq_length - 1)  # 59 for IU-Xray, 99 for MIMIC-CXR
+    with pytest.raises(ValueError, match="max_seq_length"):
+        r2gen_kept_words(1)

@@ -41,8 +41,11 @@ def test_iu_xray_defaults(tmp_path: Path) -> None:
     assert len(ds) == 3 and ds[1]["pixel_values"].shape == (2, 3, 16, 16)
     assert ds[1]["report"] == "borderline cardiomegaly . midline sternotomy xxxx . enlarged pulmonary arteries ."
     assert ds[1]["labels"] is None
+    # R2Gen keeps max_seq_length - 1 words ([0] + ids + [0] cut to max_seq_length); the old cut only on request.
     short = build_dataset(DataConfig(**{**cfg.__dict__, "max_words": 3}), "val", train=False)
-    assert short[1]["report"] == "borderline cardiomegaly ."
+    assert short[1]["report"] == "borderline cardiomegaly"
+    old = build_dataset(DataConfig(**{**cfg.__dict__, "max_words": 3, "truncation": "words"}), "val", train=False)
+    assert old[1]["report"] == "borderline cardiomegaly ."
 
 
 def test_mimic_views_and_cleaner(tmp_path: Path) -> None:

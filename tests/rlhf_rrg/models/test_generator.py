@@ -13,7 +13,7 @@ from rewards.observations import CHEXPERT_14
 from rlhf_rrg.data.context_dataset import ContextDataset, collate_context
 from rlhf_rrg.data.dataset import DataConfig, ReportDataset, build_dataset
 from rlhf_rrg.data.synthetic import SyntheticConfig, write_synthetic_dataset
-from rlhf_rrg.losses.self_refine import SelfRefineConfig
+from rlhf_rrg.losses.self_refine import SelfRefineConfig, self_refining_loss
 from rlhf_rrg.models.disease_clues import DiseaseClueConfig, DiseaseClueHead
 from rlhf_rrg.models.generator import PromptingConfig, ReportGenerator
 from rlhf_rrg.models.rrg import (
@@ -221,6 +221,28 @@ def test_sft_loss_adds_clue_and_self_refine_terms(data_root, tmp_path):
     assert gen.model.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
     _, plain = gen(batch)
     assert set(plain) == {"lm_loss", "clue_bce"}
+
+
+def test_self_refine_pairs_the_llm_input_image_embeddings_with_the_last_layer_report_states(data_root, tmp_path):
+    built = build(data_root, tmp_path, views=2)
+    gen, batch = built.generator.eval(), first_batch(built)
+    llava, captured = gen._llava, {}
+    hooks = [
+        llava.register_forward_pre_hook(lambda m, a, kw: captured.update(ids=kw["input_ids"], labels=kw["labels"]),
+                                        with_kwargs=True),
+        llava.model.language_model.register_forward_pre_hook(
+            lambda m, a, kw: captured.update(embeds=kw["inputs_embeds"]), with_kwargs=True),
+        llava.model.language_model.register_forward_hook(
+            lambda m, a, out: captured.update(last=out.last_hidden_state)),
+    ]
+    with torch.no_grad():
+        _, metrics = gen(batch, SelfRefineConfig(weight=0.5))
+    for hook in hooks:
+        hook.remove()
+    query, report = gen._query_image_mask(captured["ids"]), captured["labels"] != -100
+    # The image side is the projector output scattered into the LLM input, not a hidden state of the LLM.
+    expected = self_refining_loss(captured["embeds"], query, captured["last"], report)
+    assert metrics["self_refine"] == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_clues_without_labels_raise(data_root, tmp_path):
