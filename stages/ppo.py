@@ -309,7 +309,8 @@ def rl_step(cfg, accelerator, policy, unwrapped, optimizer, scheduler, reference
 def finish(cfg, generator: ReportGenerator, dirs, metric_logger, accelerator, before: dict, after: dict) -> None:
     """Exports the policy (merged weights + prompting) and prints the before/after summary."""
     if accelerator.is_main_process:
-        with writing_export(dirs.export, {"stage": "ppo", "algo": cfg.algo, "init_from": str(cfg.run.init_from)}) as out:
+        info = {"stage": "ppo", "algo": cfg.algo, "init_from": str(cfg.run.init_from)}
+        with writing_export(dirs.export, info) as out:
             generator.save(out)
         key = "ce/micro_f1_14"
         nan = float("nan")
