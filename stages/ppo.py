@@ -38,7 +38,7 @@ from rlhf_rrg.rl.kl import KLConfig, build_kl_controller
 from rlhf_rrg.rl.masked import masked_mean, masked_sum
 from rlhf_rrg.rl.policy import PolicyWithValue, ReferencePolicy, make_trainable
 from rlhf_rrg.rl.ppo_step import PPOConfig, ppo_targets, ppo_update
-from rlhf_rrg.rl.rollout import GenerationConfig, generate_rollout, repeat_batch
+from rlhf_rrg.rl.rollout import GenerationConfig, encode_batch_images, generate_rollout, repeat_batch
 from rlhf_rrg.rl.scoring import (
     NonFiniteRewardError,
     RewardConfig,
@@ -214,9 +214,11 @@ def rl_step(cfg, accelerator, policy, unwrapped, optimizer, scheduler, reference
     start = time.perf_counter()
     k = cfg.scst.num_samples if cfg.algo == "scst" else 1
     sampled_batch = repeat_batch(batch, k)
-    rollout = generate_rollout(unwrapped.generator, sampled_batch, gen.max_new_tokens, True, gen.temperature,
-                               gen.top_k)
-    greedy = generate_rollout(unwrapped.generator, batch, gen.max_new_tokens, False) if cfg.algo == "scst" else None
+    features = encode_batch_images(unwrapped.generator, batch)  # each image once per step (frozen tower)
+    rollout = generate_rollout(unwrapped.generator, batch, gen.max_new_tokens, True, gen.temperature,
+                               gen.top_k, repeats=k, features=features)
+    greedy = generate_rollout(unwrapped.generator, batch, gen.max_new_tokens, False,
+                              features=features) if cfg.algo == "scst" else None
     times["generate"] = time.perf_counter() - start
 
     # 2. reward (NaN/inf on any process stops every process)
@@ -256,7 +258,8 @@ def rl_step(cfg, accelerator, policy, unwrapped, optimizer, scheduler, reference
         greedy_scores = scores_tensor(greedy_out, device)
         advantages = scst_advantages(scores, greedy_scores.repeat_interleave(k))
         stats = scst_update(accelerator, policy, optimizer, scheduler, rollout, advantages, cfg.scst,
-                            gen.temperature, cfg.optim.grad_clip, nll_batch=batch)
+                            gen.temperature, cfg.optim.grad_clip,
+                            nll_batch={**batch, "vision_features": features})
         metrics["reward/greedy"] = greedy_scores.mean().item()
         metrics["rollout/advantage_abs"] = advantages.abs().mean().item()
     times["update"] = time.perf_counter() - start

@@ -19,10 +19,11 @@ from torch import nn
 
 from rlhf_rrg.config import load_config, save_config
 from rlhf_rrg.losses.self_refine import SelfRefineConfig, self_refining_loss
-from rlhf_rrg.models.disease_clues import DiseaseClueConfig, DiseaseClueHead, clue_bce_loss, clue_text
+from rlhf_rrg.models.disease_clues import DiseaseClueConfig, DiseaseClueHead, clue_bce_loss, clue_texts
 from rlhf_rrg.models.processor import RRGProcessor
 from rlhf_rrg.models.residual_context import attach_residual_context
 from rlhf_rrg.models.rrg import generate_response_ids, load_rrg, save_rrg, to_model_device
+from rlhf_rrg.models.vision_features import VisionFeatures
 from rlhf_rrg.retrieval.context import ContextConfig, build_context_prompt
 from rlhf_rrg.retrieval.retriever import ContextRetriever, embed_studies
 
@@ -86,25 +87,35 @@ class ReportGenerator(nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def clue_logits(self, pixel_values: torch.Tensor) -> torch.Tensor | None:
-        """TRRG clue logits ``(b, 14)`` from query images ``(b, V, 3, H, W)`` (None when clues are off)."""
+    def clue_logits(self, pixel_values: torch.Tensor, features: VisionFeatures | None = None) -> torch.Tensor | None:
+        """TRRG clue logits ``(b, 14)`` from query images ``(b, V, 3, H, W)`` (None when clues are off).
+
+        ``features``: the tower's outputs for all of each prompt's images (:meth:`images` order, already encoded
+        by :func:`encode_frozen`); the query views are the last ``V`` of each prompt, so nothing is re-encoded.
+        """
         if self.clue_head is None:
             return None
         b, v = pixel_values.shape[:2]
-        pooled = self.vision_tower(pixel_values.flatten(0, 1).to(self.device)).pooler_output
+        if features is None:
+            pooled = self.vision_tower(pixel_values.flatten(0, 1).to(self.device)).pooler_output
+        else:
+            pooled = features.pooled.unflatten(0, (b, -1))[:, -v:]
         return self.clue_head(pooled.reshape(b, v, -1).mean(1))
 
     def prompts(self, batch: dict[str, Any], clue_logits: torch.Tensor | None) -> list[str]:
         ctx, clues = self.prompting.context, self.prompting.clues
-        probs = torch.sigmoid(clue_logits.detach().float()) if clue_logits is not None else None
+        n = len(batch["ids"])
+        texts: list[str | None] = [None] * n
+        if clue_logits is not None:
+            # one device-to-host move for the whole batch
+            texts = clue_texts(torch.sigmoid(clue_logits.detach().float()).cpu(), clues.threshold)
         return [
             build_context_prompt(
-                batch["pos_reports"][i], batch["neg_reports"][i],
-                clue_text(probs[i].cpu(), clues.threshold) if probs is not None else None,
+                batch["pos_reports"][i], batch["neg_reports"][i], texts[i],
                 ctx.template, ctx.use_reports, ctx.max_context_words, self.prompting.views,
                 self.processor.image_token,
             )
-            for i in range(len(batch["ids"]))
+            for i in range(n)
         ]
 
     @staticmethod
@@ -112,9 +123,12 @@ class ReportGenerator(nn.Module):
         """All images of each prompt in placeholder order: context (negatives, positives), then the query views."""
         return torch.cat([batch["context_pixels"], batch["pixel_values"]], dim=1)
 
-    def generation_inputs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Left-padded ``input_ids``, ``attention_mask`` and ``pixel_values`` for ``generate`` (on this device)."""
-        prompts = self.prompts(batch, self.clue_logits(batch["pixel_values"]))
+    def generation_inputs(
+        self, batch: dict[str, Any], features: VisionFeatures | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Left-padded ``input_ids``, ``attention_mask`` and ``pixel_values`` for ``generate`` (on this device);
+        ``features`` as in :meth:`clue_logits`."""
+        prompts = self.prompts(batch, self.clue_logits(batch["pixel_values"], features))
         return to_model_device(self.model, self.processor.build_generation_batch(prompts, self.images(batch)))
 
     def attach_context(self, batch: dict[str, Any], exclude_self: bool = False) -> dict[str, Any]:
