@@ -34,6 +34,7 @@ from rlhf_rrg.models.rrg import LoraSettings
 from rlhf_rrg.optim import OptimConfig, build_optimizer, build_scheduler
 from rlhf_rrg.retrieval.retriever import dataset_neighbours
 from rlhf_rrg.rl.advantages import RunningMeanStd, scst_advantages
+from rlhf_rrg.rl.host_sync import reduce_to_host
 from rlhf_rrg.rl.kl import KLConfig, build_kl_controller
 from rlhf_rrg.rl.masked import masked_mean, masked_sum
 from rlhf_rrg.rl.policy import PolicyWithValue, ReferencePolicy, make_trainable
@@ -237,7 +238,7 @@ def rl_step(cfg, accelerator, policy, unwrapped, optimizer, scheduler, reference
     # 3. advantage  4. update
     start = time.perf_counter()
     mask = rollout.response_mask
-    metrics: dict[str, float] = {}
+    metrics: dict[str, torch.Tensor | float] = {}
     if cfg.algo == "ppo":
         with torch.no_grad():
             scored = unwrapped(rollout, gen.temperature, with_entropy=True)
@@ -252,7 +253,7 @@ def rl_step(cfg, accelerator, policy, unwrapped, optimizer, scheduler, reference
                            cfg.optim.grad_clip)
         sequence_kl = accelerator.reduce(masked_sum(targets.kl, mask, dim=1).mean(), "mean").item()
         metrics.update({"rollout/kl": sequence_kl, "rollout/kl_coef": kl_ctl.value,
-                        "rollout/entropy": masked_mean(scored["entropy"], mask).item()})
+                        "rollout/entropy": masked_mean(scored["entropy"], mask)})
         kl_ctl.update(sequence_kl, scores.numel() * accelerator.num_processes)
     else:
         greedy_scores = scores_tensor(greedy_out, device)
@@ -260,18 +261,17 @@ def rl_step(cfg, accelerator, policy, unwrapped, optimizer, scheduler, reference
         stats = scst_update(accelerator, policy, optimizer, scheduler, rollout, advantages, cfg.scst,
                             gen.temperature, cfg.optim.grad_clip,
                             nll_batch={**batch, "vision_features": features})
-        metrics["reward/greedy"] = greedy_scores.mean().item()
-        metrics["rollout/advantage_abs"] = advantages.abs().mean().item()
+        metrics["reward/greedy"] = greedy_scores.mean()
+        metrics["rollout/advantage_abs"] = advantages.abs().mean()
     times["update"] = time.perf_counter() - start
 
-    metrics.update({"rollout/response_length": mask.sum(1).float().mean().item(),
+    metrics.update({"rollout/response_length": mask.sum(1).float().mean(),
                     "rollout/empty_fraction": sum(not t.strip() for t in rollout.texts) / len(rollout.texts)})
     metrics.update({f"reward/{key}": value for key, value in out.log("sub").items() if key != "sub"})
     metrics.update({f"train/{key}": value for key, value in stats.items()})
     metrics.update({f"perf/{key}_s": value for key, value in times.items()})
-    # Per-process means averaged over processes; the reward moments come from all scores.
-    metrics = {key: accelerator.reduce(torch.tensor(value, device=device), "mean").item()
-               for key, value in metrics.items()}
+    # Per-process means averaged over processes (one transfer); the reward moments come from all scores.
+    metrics = reduce_to_host(accelerator, metrics)
     gathered = accelerator.gather(scores)
     metrics["reward/mean"] = gathered.mean().item()
     metrics["reward/std"] = gathered.std().item() if gathered.numel() > 1 else 0.0

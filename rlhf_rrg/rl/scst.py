@@ -13,6 +13,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from rlhf_rrg.rl.host_sync import to_host
 from rlhf_rrg.rl.losses import scst_loss
 from rlhf_rrg.rl.ppo_step import optimizer_step
 from rlhf_rrg.rl.rollout import Rollout
@@ -66,7 +67,7 @@ def scst_update(
     policy_loss = scst_loss(out["logprobs"], rollout.response_mask, advantages, cfg.length_normalize)
     loss = policy_loss + cfg.nll_weight * out["nll"] if "nll" in out else policy_loss
     optimizer_step(accelerator, model, optimizer, scheduler, loss, grad_clip)
-    stats = {"policy_loss": policy_loss.item()}
+    stats = {"policy_loss": policy_loss.detach()}
     if "nll" in out:
-        stats["nll"] = out["nll"].item()
-    return stats
+        stats["nll"] = out["nll"].detach()
+    return to_host(stats)
