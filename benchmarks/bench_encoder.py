@@ -1,7 +1,8 @@
 """Training cost of the Mamba encoders versus a ViT of equal width and depth at 224, 448 and 896 px.
 
-    python benchmarks/bench_encoder.py            # 3 timed repeats per point, width 192, depth 2, batch 1
-    python benchmarks/bench_encoder.py --quick    # 1 timed repeat, 224 and 448 px only
+    python benchmarks/bench_encoder.py              # 3 timed repeats per point, width 192, depth 6, batch 1
+    python benchmarks/bench_encoder.py --quick      # 1 timed repeat, 224 and 448 px only
+    python benchmarks/bench_encoder.py --depth 24   # Vim-S depth (slow on 2 cores)
 
 For each encoder and resolution (patch 16: 197 / 785 / 3137 tokens) one forward+backward of the whole encoder is
 measured three ways, each printed as the ratio to the ViT at the same resolution:
@@ -14,7 +15,8 @@ measured three ways, each printed as the ratio to the ViT at the same resolution
 - saved activations: bytes of the distinct storages autograd keeps for backward (``saved_tensors_hooks``), exact
   and noise-free; it is the part of the peak that grows with depth.
 
-Depth 2 keeps the run to a few minutes on 2 cores; both costs are per layer, so the ratios hold at depth 24.
+Saved activations grow with depth while one layer's backward temporaries do not, so the memory ratio falls with
+depth; depth 6 keeps the run to minutes on 2 cores, and the ratio at Vim's depth 24 is lower still.
 """
 
 from __future__ import annotations
@@ -34,13 +36,13 @@ from rlhf_rrg.models.vision import RRGVisionConfig, RRGVisionModel
 
 REPO = Path(__file__).resolve().parents[1]
 ENCODERS = ("vit", "vim", "arm")
-WIDTH, DEPTH, BATCH = 192, 2, 1
+WIDTH, BATCH = 192, 1
 
 
-def build(encoder: str, px: int) -> tuple[RRGVisionModel, torch.Tensor]:
+def build(encoder: str, px: int, depth: int) -> tuple[RRGVisionModel, torch.Tensor]:
     torch.manual_seed(0)
     config = RRGVisionConfig(encoder_type=encoder, image_size=px, patch_size=16, hidden_size=WIDTH,
-                             num_hidden_layers=DEPTH, num_attention_heads=3, intermediate_size=4 * WIDTH)
+                             num_hidden_layers=depth, num_attention_heads=3, intermediate_size=4 * WIDTH)
     return RRGVisionModel(config), torch.randn(BATCH, 3, px, px)
 
 
@@ -68,20 +70,21 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def child_peak(encoder: str, px: int) -> None:
+def child_peak(encoder: str, px: int, depth: int) -> None:
     """Runs in the subprocess: prints the RSS rise (bytes) of one forward+backward as JSON."""
-    model, pixels = build(encoder, px)
-    fwd_bwd(model, pixels)  # warm-up: lazily initialised kernels and grad buffers are not activations
-    model.zero_grad(set_to_none=False)
+    model, pixels = build(encoder, px, depth)
+    for p in model.parameters():  # gradient buffers exist before the measurement, as in training after step 1
+        p.grad = torch.zeros_like(p)
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     before = _status_kib("VmRSS")
     fwd_bwd(model, pixels)
     print(json.dumps({"peak_bytes": (_status_kib("VmHWM") - before) * 1024}))
 
 
-def peak_bytes(encoder: str, px: int, threads: int) -> int:
+def peak_bytes(encoder: str, px: int, depth: int, threads: int) -> int:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, "-m", "benchmarks.bench_encoder", "--child", encoder, str(px), "--threads", str(threads)]
+    cmd = [sys.executable, "-m", "benchmarks.bench_encoder", "--child", encoder, str(px), "--depth", str(depth),
+           "--threads", str(threads)]
     out = subprocess.run(cmd, env=env, cwd=REPO, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_bytes"]
 
@@ -103,20 +106,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one timed repeat, 224 and 448 px only")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: no oversubscription)")
+    parser.add_argument("--depth", type=int, default=6, help="layers of every encoder (default 6)")
     parser.add_argument("--child", nargs=2, metavar=("ENCODER", "PX"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     pin_threads(args.threads)
     if args.child:
-        child_peak(args.child[0], int(args.child[1]))
+        child_peak(args.child[0], int(args.child[1]), args.depth)
         return
     repeats, sizes = (1, (224, 448)) if args.quick else (3, (224, 448, 896))
-    print(f"encoder fwd+bwd, width {WIDTH}, depth {DEPTH}, batch {BATCH}, patch 16; {machine_line()}")
+    print(f"encoder fwd+bwd, width {WIDTH}, depth {args.depth}, batch {BATCH}, patch 16; {machine_line()}")
     print(f"{'px':>4} {'tokens':>6} {'encoder':>7} {'time s':>8} {'peak MiB':>9} {'saved MiB':>9} "
           f"{'time/ViT':>8} {'peak/ViT':>8} {'saved/ViT':>9}")
     for px in sizes:
-        models = {name: build(name, px) for name in ENCODERS}
+        models = {name: build(name, px, args.depth) for name in ENCODERS}
         times = median_time(models, repeats)
-        peaks = {name: peak_bytes(name, px, args.threads) for name in ENCODERS}
+        peaks = {name: peak_bytes(name, px, args.depth, args.threads) for name in ENCODERS}
         saved = {name: saved_bytes(*models[name]) for name in ENCODERS}
         for name in ENCODERS:
             tokens = (px // 16) ** 2 + (name != "arm")

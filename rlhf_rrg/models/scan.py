@@ -95,7 +95,8 @@ ScanArgs = tuple[
 
 def _scan_forward(args: ScanArgs, delta_softplus: bool, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward recurrence in time-major groups, (l, b, g, h, n) with d = g * h: each step touches one contiguous slab
-    and every contraction over n or h is a batched matmul.
+    and every contraction over n or h is a batched matmul. All elementwise work is done a chunk at a time, so the
+    only full-length tensors are the inputs and the output.
 
     Args:
         args: (u, delta, A, B, C, D, z, delta_bias) as in :func:`selective_scan`.
@@ -111,26 +112,26 @@ def _scan_forward(args: ScanArgs, delta_softplus: bool, chunk: int) -> tuple[tor
     b, d, length = u.shape
     n = A.shape[1]
     A_ = A.to(ct)
+    bias = None if delta_bias is None else delta_bias.to(ct)
     Bt, Ct = _time_major_groups(B.to(ct)), _time_major_groups(C.to(ct))  # (l, b, g, n)
     g = Bt.shape[2]
-    u_ = u.to(ct)
-    dt, _ = _discretise(delta.to(ct), None if delta_bias is None else delta_bias.to(ct), delta_softplus)
-    dt_t = dt.permute(2, 0, 1).contiguous()  # (l, b, d)
-    dtu_t = (dt_t * u_.permute(2, 0, 1)).contiguous()
     starts = range(0, length, chunk)
     h_ends = torch.empty(len(starts), b, d, n, dtype=ct, device=u.device)
-    y_t = torch.empty(length, b, d, dtype=ct, device=u.device)
+    y = torch.empty(b, d, length, dtype=ct, device=u.device)
     for k, s in enumerate(starts):
         e = min(s + chunk, length)
-        dA = torch.exp(dt_t[s:e, ..., None] * A_)
-        h = _chunk_states(dA, dtu_t[s:e], Bt[s:e], h_ends[k - 1] if k else None)
+        u_c = u[..., s:e].to(ct)
+        dt, _ = _discretise(delta[..., s:e].to(ct), bias, delta_softplus)
+        dt_t = dt.permute(2, 0, 1).contiguous()  # (T, b, d)
+        dtu_t = (dt_t * u_c.permute(2, 0, 1)).contiguous()
+        h = _chunk_states(torch.exp(dt_t[..., None] * A_), dtu_t, Bt[s:e], h_ends[k - 1] if k else None)
         h_ends[k] = h[-1]
-        y_t[s:e] = (h.view(e - s, b, g, d // g, n) @ Ct[s:e, ..., None]).view(e - s, b, d)
-    y = y_t.permute(1, 2, 0)
-    if D is not None:
-        y = y + D.to(ct)[:, None] * u_
-    if z is not None:
-        y = y * F.silu(z.to(ct))
+        y_c = (h.view(e - s, b, g, d // g, n) @ Ct[s:e, ..., None]).view(e - s, b, d).permute(1, 2, 0)
+        if D is not None:
+            y_c = y_c + D.to(ct)[:, None] * u_c
+        if z is not None:
+            y_c = y_c * F.silu(z[..., s:e].to(ct))
+        y[..., s:e] = y_c
     return y, h_ends
 
 
@@ -139,51 +140,60 @@ def _scan_backward(
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients of :func:`_scan_forward` w.r.t. (u, delta, A, B, C, D, z, delta_bias), each None when absent.
 
-    Each chunk's states are recomputed from the previous chunk's last state, and the ungated output ``C h + D u``
-    (needed for the gate's gradient) is rebuilt from them rather than saved.
+    Runs over the chunks in reverse: each chunk's states are recomputed from the previous chunk's last state, the
+    ungated output ``C h + D u`` (needed for the gate's gradient) is rebuilt from them rather than saved, and every
+    elementwise term is formed per chunk, so the full-length tensors are the inputs and the gradients.
     """
     u, delta, A, B, C, D, z, delta_bias = args
     ct = h_ends.dtype
     b, d, length = u.shape
     n = A.shape[1]
-    u_, A_ = u.to(ct), A.to(ct)
-    dt, ddt_draw = _discretise(delta.to(ct), None if delta_bias is None else delta_bias.to(ct), delta_softplus)
+    A_ = A.to(ct)
+    D_ = None if D is None else D.to(ct)[:, None]
+    bias = None if delta_bias is None else delta_bias.to(ct)
     Bt, Ct = _time_major_groups(B.to(ct)), _time_major_groups(C.to(ct))
     g = Bt.shape[2]
-    gy = grad_out.to(ct)
-    if z is not None:
-        z_ = z.to(ct)
-        sig = torch.sigmoid(z_)
-        gy = gy * z_ * sig
-
-    gy_t, dt_t = gy.permute(2, 0, 1).contiguous(), dt.permute(2, 0, 1).contiguous()  # (l, b, d)
-    u_t = u_.permute(2, 0, 1)
-    dtu_t = (dt_t * u_t).contiguous()
+    du = torch.empty(b, d, length, dtype=ct, device=u.device)
+    ddelta = torch.empty_like(du)
+    dz = torch.empty_like(du) if z is not None else None
     dB, dC = torch.empty_like(Bt), torch.empty_like(Ct)
-    lam_B = torch.empty_like(dt_t)  # sum_n lam_t B_t
-    ddt_A = torch.empty_like(dt_t)  # sum_n A * dL/d(dA_t) * dA_t
-    y_scan = torch.empty_like(dt_t) if z is not None else None  # C_t h_t, for the gate's gradient
     dA_param = torch.zeros_like(A_)
+    dD = torch.zeros(d, dtype=ct, device=u.device) if D is not None else None
     carry: torch.Tensor | None = None  # exp(dt_e A) lam_e from the chunk after this one
     for k, s in reversed(list(enumerate(range(0, length, chunk)))):
         e = min(s + chunk, length)
         grp = (e - s, b, g, d // g)
         h_before = h_ends[k - 1] if k else None
-        dA = torch.exp(dt_t[s:e, ..., None] * A_)
-        h = _chunk_states(dA, dtu_t[s:e], Bt[s:e], h_before)
-        if y_scan is not None:
-            y_scan[s:e] = (h.view(*grp, n) @ Ct[s:e, ..., None]).view(e - s, b, d)
+        u_c, gy = u[..., s:e].to(ct), grad_out[..., s:e].to(ct)  # (b, d, T)
+        dt, ddt_draw = _discretise(delta[..., s:e].to(ct), bias, delta_softplus)
+        if z is not None:
+            z_c = z[..., s:e].to(ct)
+            sig = torch.sigmoid(z_c)
+            gate_grad = gy  # dL/dy before the gate, for dz
+            gy = gy * z_c * sig
+        if dD is not None:
+            dD += (gy * u_c).sum((0, 2))
+        gy_t, dt_t = gy.permute(2, 0, 1).contiguous(), dt.permute(2, 0, 1).contiguous()  # (T, b, d)
+        u_t = u_c.permute(2, 0, 1)
+        dtu_t = (dt_t * u_t).contiguous()
+        dA = torch.exp(dt_t[..., None] * A_)
+        h = _chunk_states(dA, dtu_t, Bt[s:e], h_before)
+        if z is not None:
+            y_pre = (h.view(*grp, n) @ Ct[s:e, ..., None]).view(e - s, b, d).permute(1, 2, 0)
+            if D_ is not None:
+                y_pre = y_pre + D_ * u_c
+            dz[..., s:e] = gate_grad * y_pre * sig * (1 + z_c * (1 - sig))
         # adjoint recurrence: lam_t = dL/dh_t = g_t C_t + exp(dt_{t+1} A) lam_{t+1}
-        lam = (gy_t[s:e].view(*grp, 1) * Ct[s:e, :, :, None, :]).view(e - s, b, d, n)
+        lam = (gy_t.view(*grp, 1) * Ct[s:e, :, :, None, :]).view(e - s, b, d, n)
         if carry is not None:
             lam[-1].add_(carry)
         for t in range(e - s - 2, -1, -1):
             lam[t].addcmul_(dA[t + 1], lam[t + 1])
         carry = dA[0] * lam[0]
         lam_g = lam.view(*grp, n)
-        dC[s:e] = (gy_t[s:e].view(*grp)[..., None, :] @ h.view(*grp, n)).squeeze(-2)
-        dB[s:e] = (dtu_t[s:e].view(*grp)[..., None, :] @ lam_g).squeeze(-2)
-        lam_B[s:e] = (lam_g @ Bt[s:e, ..., None]).view(e - s, b, d)
+        dC[s:e] = (gy_t.view(*grp)[..., None, :] @ h.view(*grp, n)).squeeze(-2)
+        dB[s:e] = (dtu_t.view(*grp)[..., None, :] @ lam_g).squeeze(-2)
+        lam_B = (lam_g @ Bt[s:e, ..., None]).view(e - s, b, d)  # sum_n lam_t B_t
         # dL/d(dA_t) * dA_t = lam_t h_{t-1} exp(dt_t A), zero at t = 0; built in place of dA
         x = dA.mul_(lam)
         x[1:].mul_(h[:-1])
@@ -191,29 +201,21 @@ def _scan_backward(
             x[0].zero_()
         else:
             x[0].mul_(h_before)
-        ddt_A[s:e] = (x * A_).sum(-1)
-        dA_param += x.mul_(dt_t[s:e, ..., None]).sum((0, 1))
+        ddt_A = (x * A_).sum(-1)  # sum_n A * dL/d(dA_t) * dA_t
+        dA_param += x.mul_(dt_t[..., None]).sum((0, 1))
+        du_c = (lam_B * dt_t).permute(1, 2, 0)
+        du[..., s:e] = du_c if D_ is None else du_c + gy * D_
+        ddelta[..., s:e] = (ddt_A + lam_B * u_t).permute(1, 2, 0) * ddt_draw
 
-    dz = None
-    if z is not None:
-        y_pre = y_scan.permute(1, 2, 0)
-        if D is not None:
-            y_pre = y_pre + D.to(ct)[:, None] * u_
-        dz = (grad_out.to(ct) * y_pre * sig * (1 + z_ * (1 - sig))).to(z.dtype)
-    dD = None if D is None else (gy * u_).sum((0, 2)).to(D.dtype)
-    du = lam_B * dt_t
-    if D is not None:
-        du = du + (gy * D.to(ct)[:, None]).permute(2, 0, 1)
-    ddelta = (ddt_A + lam_B * u_t).permute(1, 2, 0) * ddt_draw
     ddelta_bias = None if delta_bias is None else ddelta.sum((0, 2)).to(delta_bias.dtype)
     return (
-        du.permute(1, 2, 0).to(u.dtype),
+        du.to(u.dtype),
         ddelta.to(delta.dtype),
         dA_param.to(A.dtype),
         _from_time_major_groups(dB, B),
         _from_time_major_groups(dC, C),
-        dD,
-        dz,
+        None if dD is None else dD.to(D.dtype),
+        None if dz is None else dz.to(z.dtype),
         ddelta_bias,
     )
 
