@@ -73,8 +73,7 @@ def _status_kib(field: str) -> int:
 def child_peak(encoder: str, px: int, depth: int) -> None:
     """Runs in the subprocess: prints the RSS rise (bytes) of one forward+backward as JSON."""
     model, pixels = build(encoder, px, depth)
-    for p in model.parameters():  # gradient buffers exist before the measurement, as in training after step 1
-        p.grad = torch.zeros_like(p)
+    fwd_bwd(model, pixels)  # warm-up: lazily initialised kernels and gradient buffers are not activations
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     before = _status_kib("VmRSS")
     fwd_bwd(model, pixels)
