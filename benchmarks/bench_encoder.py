@@ -12,8 +12,8 @@ measured three ways, each printed as the ratio to the ViT at the same resolution
   high-water mark (``VmHWM`` reset through ``/proc/self/clear_refs``) in a fresh subprocess per point. Torch's CPU
   allocator does not cache, and ``MALLOC_MMAP_THRESHOLD_`` is fixed so that glibc maps every block above 64 KiB
   and returns it on free: the peak RSS then follows the peak of live tensors. tracemalloc would not see them.
-- saved activations: bytes of the distinct storages autograd keeps for backward (``saved_tensors_hooks``), exact
-  and noise-free; it is the part of the peak that grows with depth.
+- saved activations: bytes of the distinct storages autograd keeps for backward (``saved_tensors_hooks``; weights and
+  the input image excluded), exact and noise-free; it is the part of the peak that grows with depth.
 
 Saved activations grow with depth while one layer's backward temporaries do not, so the memory ratio falls with
 depth; depth 6 keeps the run to minutes on 2 cores, and the ratio at Vim's depth 24 is lower still.
@@ -51,10 +51,13 @@ def fwd_bwd(model: RRGVisionModel, pixels: torch.Tensor) -> None:
 
 
 def saved_bytes(model: RRGVisionModel, pixels: torch.Tensor) -> int:
+    """Bytes of the distinct activation storages autograd saves (weights and the input image excluded)."""
+    held = {p.untyped_storage().data_ptr() for p in model.parameters()} | {pixels.untyped_storage().data_ptr()}
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        if t.untyped_storage().data_ptr() not in held:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
