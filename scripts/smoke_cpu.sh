@@ -4,7 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# Torch threads: the cores the current load leaves idle, at least 1 (oversubscribed threads made generate up to
+# 132x slower on a loaded 2-core machine, see benchmarks/machine.py).
+idle=$(( $(nproc) - $(cut -d. -f1 /proc/loadavg) ))
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( idle > 1 ? idle : 1 ))}
+export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 RRG_HOME=${RRG_HOME:-$PWD/rrg_home}
 DATA=$RRG_HOME/data/synthetic
 RUN=$RRG_HOME/runs/demo

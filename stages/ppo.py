@@ -38,6 +38,7 @@ from rlhf_rrg.models.generator import ReportGenerator
 from rlhf_rrg.models.rrg import LoraSettings
 from rlhf_rrg.optim import OptimConfig, build_optimizer, build_scheduler
 from rlhf_rrg.rl.advantages import RunningMeanStd
+from rlhf_rrg.rl.host_sync import reduce_to_host
 from rlhf_rrg.rl.kl import KLConfig, build_kl_controller
 from rlhf_rrg.rl.masked import masked_mean, masked_sum
 from rlhf_rrg.rl.monitors import HackingMonitor, MonitorConfig, text_statistics
@@ -45,7 +46,7 @@ from rlhf_rrg.rl.pg import PGConfig, observation_agreement, pg_update
 from rlhf_rrg.rl.pg import advantages as pg_advantages
 from rlhf_rrg.rl.policy import PolicyWithValue, ReferencePolicy, make_trainable
 from rlhf_rrg.rl.ppo_step import PPOConfig, ppo_targets, ppo_update
-from rlhf_rrg.rl.rollout import GenerationConfig, generate_rollout, repeat_batch
+from rlhf_rrg.rl.rollout import GenerationConfig, encode_batch_images, generate_rollout, repeat_batch
 from rlhf_rrg.rl.scoring import (
     NonFiniteRewardError,
     RewardConfig,
@@ -227,14 +228,16 @@ def rl_step(cfg, accelerator, policy, unwrapped, optimizer, scheduler, reference
     # 1. rollout: k samples per study, adjacent (SCST also decodes greedily: its baseline)
     start = time.perf_counter()
     sampled_batch = repeat_batch(batch, k)
+    features = encode_batch_images(unwrapped.generator, batch)  # each image once per step (frozen tower)
     clues = None
-    if cfg.pg.train_clues:
+    if cfg.pg.train_clues:  # the clue sentence of each sample is part of its action
         with torch.no_grad():
-            logits = unwrapped.generator.clue_logits(sampled_batch["pixel_values"]).float()
-        clues = torch.bernoulli(torch.sigmoid(logits / cfg.pg.clue_temperature)).bool()
-    rollout = generate_rollout(unwrapped.generator, sampled_batch, gen.max_new_tokens, True, gen.temperature,
-                               gen.top_k, clues)
-    greedy = generate_rollout(unwrapped.generator, batch, gen.max_new_tokens, False) if cfg.algo == "scst" else None
+            logits = unwrapped.generator.clue_logits(batch["pixel_values"], features).float()
+        clues = torch.bernoulli(torch.sigmoid(logits / cfg.pg.clue_temperature).repeat_interleave(k, 0)).bool()
+    rollout = generate_rollout(unwrapped.generator, batch, gen.max_new_tokens, True, gen.temperature,
+                               gen.top_k, repeats=k, features=features, clues=clues)
+    greedy = generate_rollout(unwrapped.generator, batch, gen.max_new_tokens, False,
+                              features=features) if cfg.algo == "scst" else None
     times["generate"] = time.perf_counter() - start
 
     # 2. reward (NaN/inf on any process stops every process); reports cut off at the budget may be penalised
@@ -254,7 +257,7 @@ def rl_step(cfg, accelerator, policy, unwrapped, optimizer, scheduler, reference
     # 3. advantage  4. update
     start = time.perf_counter()
     mask = rollout.response_mask
-    metrics: dict[str, float] = {}
+    metrics: dict[str, torch.Tensor | float] = {}
     if cfg.algo == "ppo":
         with torch.no_grad():
             scored = unwrapped(rollout, gen.temperature, with_entropy=True)
@@ -271,7 +274,7 @@ def rl_step(cfg, accelerator, policy, unwrapped, optimizer, scheduler, reference
                            cfg.optim.grad_clip)
         sequence_kl = accelerator.reduce(masked_sum(targets.kl, mask, dim=1).mean(), "mean").item()
         metrics.update({"rollout/kl": sequence_kl, "rollout/kl_coef": kl_ctl.value,
-                        "rollout/entropy": masked_mean(scored["entropy"], mask).item()})
+                        "rollout/entropy": masked_mean(scored["entropy"], mask)})
         kl_ctl.update(sequence_kl, scores.numel() * accelerator.num_processes)
     else:
         greedy_scores = scores_tensor(greedy_out, device) if greedy_out is not None else None
@@ -284,22 +287,22 @@ def rl_step(cfg, accelerator, policy, unwrapped, optimizer, scheduler, reference
             clue_advantage = pg_advantages(cfg.algo, agree, k, greedy_agree)
         ref_logprobs = reference.logprobs(rollout, gen.temperature) if reference is not None else None
         stats = pg_update(accelerator, policy, optimizer, scheduler, rollout, advantage, cfg.pg, gen.temperature,
-                          cfg.optim.grad_clip, ref_logprobs, nll_batch=batch, clue_advantage=clue_advantage)
+                          cfg.optim.grad_clip, ref_logprobs, nll_batch={**batch, "vision_features": features},
+                          clue_advantage=clue_advantage)
         if greedy_scores is not None:
-            metrics["reward/greedy"] = greedy_scores.mean().item()
-        metrics["rollout/advantage_abs"] = advantage.abs().mean().item()
+            metrics["reward/greedy"] = greedy_scores.mean()
+        metrics["rollout/advantage_abs"] = advantage.abs().mean()
     times["update"] = time.perf_counter() - start
 
-    metrics.update({"rollout/response_length": mask.sum(1).float().mean().item(),
+    metrics.update({"rollout/response_length": mask.sum(1).float().mean(),
                     "rollout/empty_fraction": sum(not t.strip() for t in rollout.texts) / len(rollout.texts),
-                    "rollout/truncated_fraction": truncated.float().mean().item()})
+                    "rollout/truncated_fraction": truncated.float().mean()})
     metrics.update({f"rollout/{key}": value for key, value in text_statistics(rollout.texts).items()})
     metrics.update({f"reward/{key}": value for key, value in out.log("sub").items() if key != "sub"})
     metrics.update({f"train/{key}": value for key, value in stats.items()})
     metrics.update({f"perf/{key}_s": value for key, value in times.items()})
-    # Per-process means averaged over processes; the reward moments come from all scores.
-    metrics = {key: accelerator.reduce(torch.tensor(value, device=device), "mean").item()
-               for key, value in metrics.items()}
+    # Per-process means averaged over processes (one transfer); the reward moments come from all scores.
+    metrics = reduce_to_host(accelerator, metrics)
     gathered = accelerator.gather(scores)
     metrics["reward/mean"] = gathered.mean().item()
     metrics["reward/std"] = gathered.std().item() if gathered.numel() > 1 else 0.0

@@ -2,7 +2,7 @@
 
 TRRG (Wang et al. 2024) injects the diseases a classifier finds in the image into the LLM input as
 text, so the report is conditioned on explicit findings. Here a small head on the pooled image
-features predicts the 14 CheXpert observations; :func:`clue_text` turns its probabilities into a
+features predicts the 14 CheXpert observations; :func:`clue_texts` turns its probabilities into a
 sentence for ``retrieval.context.build_context_prompt``; :func:`clue_bce_loss` trains it on
 CheXpert/CheXbert label codes (blank counts as negative, the uncertain policy is a setting).
 """
@@ -134,21 +134,31 @@ def clue_bce_loss(
     return (per_entry * keep).sum() / keep.sum().clamp(min=1.0)
 
 
-def clue_text(probs: torch.Tensor, threshold: float = 0.5, prefix: str = "findings suggest: ") -> str:
-    """States the observations predicted present, in CheXpert order, for one study.
+def clue_texts(probs: torch.Tensor, threshold: float = 0.5, prefix: str = "findings suggest: ") -> list[str]:
+    """States the observations predicted present, in CheXpert order, for each study of a batch.
 
     "No Finding" is never listed next to a disease; when nothing else passes ``threshold`` the clue is
-    "no finding".
+    "no finding". The probabilities are read in one device-to-host move.
 
     Args:
-        probs: ``(14,)`` probabilities in ``CHEXPERT_14`` order.
+        probs: ``(b, 14)`` probabilities in ``CHEXPERT_14`` order.
         threshold: Minimum probability to state an observation.
         prefix: Text before the list.
 
     Returns:
-        E.g. ``"findings suggest: cardiomegaly, pleural effusion"``.
+        ``b`` texts, e.g. ``"findings suggest: cardiomegaly, pleural effusion"``.
     """
+    if probs.dim() != 2 or probs.shape[1] != len(CHEXPERT_14):
+        raise ValueError(f"probs must have shape (b, {len(CHEXPERT_14)}), got {tuple(probs.shape)}")
+    texts = []
+    for row in probs.tolist():
+        found = [name.lower() for i, name in enumerate(CHEXPERT_14) if i != _NO_FINDING and row[i] >= threshold]
+        texts.append(prefix + (", ".join(found) if found else "no finding"))
+    return texts
+
+
+def clue_text(probs: torch.Tensor, threshold: float = 0.5, prefix: str = "findings suggest: ") -> str:
+    """:func:`clue_texts` for one study's ``(14,)`` probabilities."""
     if probs.shape != (len(CHEXPERT_14),):
         raise ValueError(f"probs must have shape ({len(CHEXPERT_14)},), got {tuple(probs.shape)}")
-    found = [name.lower() for i, name in enumerate(CHEXPERT_14) if i != _NO_FINDING and probs[i].item() >= threshold]
-    return prefix + (", ".join(found) if found else "no finding")
+    return clue_texts(probs[None], threshold, prefix)[0]

@@ -25,11 +25,12 @@ from rlhf_rrg.models.disease_clues import (
     DiseaseClueHead,
     clue_bce_loss,
     clue_targets,
-    clue_text,
+    clue_texts,
 )
 from rlhf_rrg.models.processor import RRGProcessor
 from rlhf_rrg.models.residual_context import attach_residual_context
 from rlhf_rrg.models.rrg import generate_response_ids, load_rrg, save_rrg, to_model_device
+from rlhf_rrg.models.vision_features import VisionFeatures
 from rlhf_rrg.retrieval.context import ContextConfig, build_context_prompt
 from rlhf_rrg.retrieval.retriever import ContextRetriever, embed_studies
 
@@ -93,12 +94,19 @@ class ReportGenerator(nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def clue_logits(self, pixel_values: torch.Tensor) -> torch.Tensor | None:
-        """TRRG clue logits ``(b, 14)`` from query images ``(b, V, 3, H, W)`` (None when clues are off)."""
+    def clue_logits(self, pixel_values: torch.Tensor, features: VisionFeatures | None = None) -> torch.Tensor | None:
+        """TRRG clue logits ``(b, 14)`` from query images ``(b, V, 3, H, W)`` (None when clues are off).
+
+        ``features``: the tower's outputs for all of each prompt's images (:meth:`images` order, already encoded
+        by :func:`encode_frozen`); the query views are the last ``V`` of each prompt, so nothing is re-encoded.
+        """
         if self.clue_head is None:
             return None
         b, v = pixel_values.shape[:2]
-        pooled = self.vision_tower(pixel_values.flatten(0, 1).to(self.device)).pooler_output
+        if features is None:
+            pooled = self.vision_tower(pixel_values.flatten(0, 1).to(self.device)).pooler_output
+        else:
+            pooled = features.pooled.unflatten(0, (b, -1))[:, -v:]
         return self.clue_head(pooled.reshape(b, v, -1).mean(1))
 
     def clue_presence(self, clue_logits: torch.Tensor | None) -> torch.Tensor | None:
@@ -110,16 +118,15 @@ class ReportGenerator(nn.Module):
     def prompts(self, batch: dict[str, Any], clues: torch.Tensor | None) -> list[str]:
         """One prompt per study; ``clues`` ``(b, 14)`` bool are the observations its clue sentence states (the
         head's :meth:`clue_presence`, or RL's samples), None for no clue sentence."""
-        ctx = self.prompting.context
-        stated = clues.float().cpu() if clues is not None else None  # one host transfer per batch
+        ctx, n = self.prompting.context, len(batch["ids"])
+        texts = clue_texts(clues.float(), 0.5) if clues is not None else [None] * n
         return [
             build_context_prompt(
-                batch["pos_reports"][i], batch["neg_reports"][i],
-                clue_text(stated[i], 0.5) if stated is not None else None,
+                batch["pos_reports"][i], batch["neg_reports"][i], texts[i],
                 ctx.template, ctx.use_reports, ctx.max_context_words, self.prompting.views,
                 self.processor.image_token,
             )
-            for i in range(len(batch["ids"]))
+            for i in range(n)
         ]
 
     @staticmethod
@@ -127,13 +134,15 @@ class ReportGenerator(nn.Module):
         """All images of each prompt in placeholder order: context (negatives, positives), then the query views."""
         return torch.cat([batch["context_pixels"], batch["pixel_values"]], dim=1)
 
-    def generation_inputs(self, batch: dict[str, Any], clues: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def generation_inputs(self, batch: dict[str, Any], clues: torch.Tensor | None = None,
+                          features: VisionFeatures | None = None) -> dict[str, torch.Tensor]:
         """Left-padded ``input_ids``, ``attention_mask`` and ``pixel_values`` for ``generate`` (on this device).
 
         ``clues`` ``(b, 14)`` bool replaces the clue head's statements (RL samples them); default: the head's.
+        ``features`` as in :meth:`clue_logits`.
         """
         if clues is None:
-            clues = self.clue_presence(self.clue_logits(batch["pixel_values"]))
+            clues = self.clue_presence(self.clue_logits(batch["pixel_values"], features))
         prompts = self.prompts(batch, clues)
         return to_model_device(self.model, self.processor.build_generation_batch(prompts, self.images(batch)))
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rlhf_rrg.models.scan import selective_scan
+from rlhf_rrg.models.scan import recomputed_selective_scan
 
 logger = logging.getLogger(__name__)
 
@@ -113,26 +114,52 @@ class MambaMixer(nn.Module):
         nn.init.kaiming_uniform_(self.out_proj.weight, a=math.sqrt(5))
         self.out_proj.weight.div_(math.sqrt(self.num_residual_layers))
 
-    def _scan_branch(self, x: torch.Tensor, z: torch.Tensor, sfx: str) -> torch.Tensor:
-        """x, z: (b, d_inner, l) -> (b, d_inner, l): conv, input-dependent (dt, B, C), selective scan gated by z."""
+    def _scan_inputs(
+        self,
+        reverse: bool,
+        x: torch.Tensor,
+        z: torch.Tensor,
+        conv_weight: torch.Tensor,
+        conv_bias: torch.Tensor,
+        x_proj_weight: torch.Tensor,
+        dt_proj_weight: torch.Tensor,
+        dt_proj_bias: torch.Tensor,
+        A_log: torch.Tensor,
+        D: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        """x, z: (b, d_inner, l) -> selective_scan's (u, delta, A, B, C, D, z, delta_bias) for one direction.
+
+        Reads the parameters as arguments (not through the modules) because it runs again in backward
+        (:func:`recomputed_selective_scan`), which must hand their gradients back explicitly.
+        """
+        if reverse:
+            x, z = x.flip(-1), z.flip(-1)
         length = x.shape[-1]
+        x = F.silu(F.conv1d(x, conv_weight, conv_bias, padding=self.d_conv - 1, groups=self.d_inner)[..., :length])
+        dt, B, C = F.linear(x.transpose(1, 2), x_proj_weight).split(
+            [self.dt_rank, self.d_state, self.d_state], dim=-1
+        )
+        delta = (dt @ dt_proj_weight.t()).transpose(1, 2)  # bias goes in as delta_bias, as in mamba-ssm
+        A = -torch.exp(A_log.float())
+        B, C = B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()
+        return x, delta, A, B, C, D.float(), z, dt_proj_bias.float()
+
+    def _scan_branch(self, x: torch.Tensor, z: torch.Tensor, sfx: str) -> torch.Tensor:
+        """x, z: (b, d_inner, l) -> (b, d_inner, l) in the branch's scan order (reversed for ``_b``): conv,
+        input-dependent (dt, B, C), selective scan gated by z. Only x, z and the parameters are saved for backward."""
         conv: nn.Conv1d = getattr(self, f"conv1d{sfx}")
-        x_proj: nn.Linear = getattr(self, f"x_proj{sfx}")
         dt_proj: nn.Linear = getattr(self, f"dt_proj{sfx}")
-        A = -torch.exp((self.A_log if sfx == "" else self.A_b_log).float())
-        D = self.D if sfx == "" else self.D_b
-        x = F.silu(conv(x)[..., :length])
-        dt, B, C = x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = (dt @ dt_proj.weight.t()).transpose(1, 2)  # bias goes in as delta_bias, as in mamba-ssm
-        return selective_scan(
+        return recomputed_selective_scan(
+            partial(self._scan_inputs, sfx == "_b"),
             x,
-            delta,
-            A,
-            B.transpose(1, 2).contiguous(),
-            C.transpose(1, 2).contiguous(),
-            D.float(),
-            z=z,
-            delta_bias=dt_proj.bias.float(),
+            z,
+            conv.weight,
+            conv.bias,
+            getattr(self, f"x_proj{sfx}").weight,
+            dt_proj.weight,
+            dt_proj.bias,
+            self.A_log if sfx == "" else self.A_b_log,
+            self.D if sfx == "" else self.D_b,
             delta_softplus=True,
         )
 
@@ -142,7 +169,7 @@ class MambaMixer(nn.Module):
         x, z = xz.chunk(2, dim=1)
         y = self._scan_branch(x, z, "")
         if self.bidirectional:
-            y_b = self._scan_branch(x.flip(-1), z.flip(-1), "_b")
+            y_b = self._scan_branch(x, z, "_b")
             y = y + y_b.flip(-1)
             if self.divide_out:
                 y = y / 2

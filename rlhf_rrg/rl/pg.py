@@ -29,6 +29,7 @@ from torch import nn
 from rewards.clinical import Labeler
 from rewards.observations import POSITIVE
 from rlhf_rrg.rl.advantages import group_normalized_advantages, rloo_advantages, scst_advantages
+from rlhf_rrg.rl.host_sync import to_host
 from rlhf_rrg.rl.kl import kl_per_token
 from rlhf_rrg.rl.losses import scst_loss
 from rlhf_rrg.rl.masked import masked_mean
@@ -159,4 +160,4 @@ def pg_update(
         loss = loss + cfg.nll_weight * out["nll"]
         stats["nll"] = out["nll"].detach()
     optimizer_step(accelerator, model, optimizer, scheduler, loss, grad_clip)
-    return {key: value.item() for key, value in stats.items()}
+    return to_host(stats)

@@ -19,6 +19,7 @@ from torch import nn
 
 from rlhf_rrg.models.generator import ReportGenerator
 from rlhf_rrg.models.rrg import LoraSettings, RRGModelConfig, apply_lora
+from rlhf_rrg.models.vision_features import replay_features
 from rlhf_rrg.rl.logprobs import entropy_from_logits, logprobs_from_logits, response_logits_slice
 from rlhf_rrg.rl.rollout import Rollout
 from rlhf_rrg.rl.value_head import ValueHead
@@ -30,8 +31,9 @@ def _sequence_forward(
     """Logits ``(b, R, v)`` predicting each response token (and last hidden states ``(b, R, h)`` when asked)."""
     input_ids = torch.cat([rollout.prompt_ids, rollout.response_ids], dim=1)
     attention_mask = torch.cat([rollout.prompt_mask, rollout.response_mask], dim=1)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=rollout.pixel_values,
-                output_hidden_states=output_hidden_states)
+    with replay_features(model, rollout.vision_features):
+        out = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=rollout.pixel_values,
+                    output_hidden_states=output_hidden_states)
     prompt_len, response_len = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
     logits = response_logits_slice(out.logits, prompt_len, response_len)
     hidden = response_logits_slice(out.hidden_states[-1], prompt_len, response_len) if output_hidden_states else None
@@ -129,20 +131,27 @@ class PolicyWithValue(nn.Module):
         b = rollout.prompt_ids.shape[0]
         per_prompt = rollout.pixel_values.shape[0] // b
         images = rollout.pixel_values.view(b, per_prompt, *rollout.pixel_values.shape[1:])
-        logits = self.generator.clue_logits(images[:, per_prompt - self.generator.views:]).float() / temperature
+        query = images[:, per_prompt - self.generator.views:]
+        logits = self.generator.clue_logits(query, rollout.vision_features).float() / temperature
         return -F.binary_cross_entropy_with_logits(logits, rollout.clues.to(logits), reduction="none")
 
     def _reference_nll(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Token-mean cross-entropy of the reference reports (the SFT LM loss, without clue or refine terms)."""
+        """Token-mean cross-entropy of the reference reports (the SFT LM loss, without clue or refine terms).
+
+        ``batch["vision_features"]`` (optional): the batch's images already encoded by ``encode_batch_images``.
+        """
         generator = self.generator
+        features = batch.get("vision_features")
         with torch.no_grad():
-            prompts = generator.prompts(batch, generator.clue_presence(generator.clue_logits(batch["pixel_values"])))
+            clues = generator.clue_presence(generator.clue_logits(batch["pixel_values"], features))
+            prompts = generator.prompts(batch, clues)
         inputs = generator.processor.build_sft_batch(prompts, batch["reports"], generator.images(batch),
                                                      generator.prompting.max_report_tokens)
         dtype = generator.model.get_input_embeddings().weight.dtype
         device = generator.device
         inputs = {k: v.to(device, dtype) if k == "pixel_values" else v.to(device) for k, v in inputs.items()}
-        return generator.model(**inputs).loss
+        with replay_features(generator.model, features):
+            return generator.model(**inputs).loss
 
 
 class ReferencePolicy:

@@ -16,6 +16,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from rlhf_rrg.rl.advantages import gae_advantages, kl_penalized_rewards
+from rlhf_rrg.rl.host_sync import to_host
 from rlhf_rrg.rl.kl import KLEstimator
 from rlhf_rrg.rl.losses import ppo_policy_loss, ppo_value_loss
 from rlhf_rrg.rl.masked import masked_whiten
@@ -156,7 +157,7 @@ def ppo_update(
     if b % cfg.minibatch_size:
         raise ValueError(f"rollout batch {b} is not a multiple of ppo.minibatch_size={cfg.minibatch_size}")
     mask = rollout.response_mask
-    stats: dict[str, list[float]] = defaultdict(list)
+    stats: dict[str, list[torch.Tensor]] = defaultdict(list)
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(b).to(mask.device)
         for start in range(0, b, cfg.minibatch_size):
@@ -168,8 +169,8 @@ def ppo_update(
                                                      mask[rows], cfg.clip_range_value)
             optimizer_step(accelerator, model, optimizer, scheduler, policy_loss + cfg.vf_coef * value_loss,
                            grad_clip)
-            stats["policy_loss"].append(policy_loss.item())
-            stats["value_loss"].append(value_loss.item())
+            stats["policy_loss"].append(policy_loss.detach())
+            stats["value_loss"].append(value_loss.detach())
             for key, value in {**policy_stats, **value_stats}.items():
-                stats[key].append(float(value))
-    return {key: sum(values) / len(values) for key, values in stats.items()}
+                stats[key].append(value)
+    return to_host({key: torch.stack(values).mean() for key, values in stats.items()})

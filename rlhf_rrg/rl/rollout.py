@@ -2,7 +2,8 @@
 
 Log-probabilities are not taken from ``generate``'s scores: the PPO ratio must compare two forward passes of
 the same function (:class:`rlhf_rrg.rl.policy.PolicyWithValue`), so old log-probs are recomputed after sampling,
-as in TRL and torchtune.
+as in TRL and torchtune. With the vision tower frozen, each distinct image of a step is encoded once
+(:func:`encode_batch_images`) and the rollout carries the features to every later forward of the step.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from rlhf_rrg.models.generator import ReportGenerator
 from rlhf_rrg.models.rrg import generate_response_ids
+from rlhf_rrg.models.vision_features import VisionFeatures, encode_frozen, replay_features
 
 
 @dataclass
@@ -48,6 +50,8 @@ class Rollout:
         response_ids: ``(b, R)`` right-padded response tokens (the EOS, when emitted, included).
         response_mask: ``(b, R)`` 1 up to and including each row's first EOS.
         texts: ``b`` decoded reports without special tokens.
+        vision_features: The frozen tower's outputs for ``pixel_values`` (same rows), replayed by every forward
+            instead of re-encoding; None when the tower trains.
         clues: ``(b, 14)`` bool clue statements sampled for the prompts (None: the clue head's own, or no clues).
     """
 
@@ -57,6 +61,7 @@ class Rollout:
     response_ids: torch.Tensor
     response_mask: torch.Tensor
     texts: list[str]
+    vision_features: VisionFeatures | None = None
     clues: torch.Tensor | None = None
 
     def ended(self, eos_token_id: int) -> torch.Tensor:
@@ -65,11 +70,17 @@ class Rollout:
 
     def select(self, rows: torch.Tensor) -> Rollout:
         """The rollout restricted to ``rows`` (a ``(m,)`` index tensor), e.g. one PPO minibatch."""
-        per_prompt = self.pixel_values.shape[0] // self.prompt_ids.shape[0]
-        image_rows = (rows.unsqueeze(1) * per_prompt + torch.arange(per_prompt, device=rows.device)).reshape(-1)
-        return Rollout(self.prompt_ids[rows], self.prompt_mask[rows], self.pixel_values[image_rows],
+        images = image_rows(rows, self.pixel_values.shape[0] // self.prompt_ids.shape[0])
+        features = None if self.vision_features is None else self.vision_features.select(images)
+        return Rollout(self.prompt_ids[rows], self.prompt_mask[rows], self.pixel_values[images],
                        self.response_ids[rows], self.response_mask[rows], [self.texts[i] for i in rows.tolist()],
-                       self.clues[rows] if self.clues is not None else None)
+                       features, self.clues[rows] if self.clues is not None else None)
+
+
+def image_rows(rows: torch.Tensor, per_prompt: int) -> torch.Tensor:
+    """Image indices ``(m * per_prompt,)`` of prompt ``rows`` ``(m,)`` when each prompt owns ``per_prompt`` adjacent
+    images."""
+    return (rows.unsqueeze(1) * per_prompt + torch.arange(per_prompt, device=rows.device)).reshape(-1)
 
 
 def response_mask(response_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
@@ -105,6 +116,13 @@ def repeat_batch(batch: dict[str, Any], times: int) -> dict[str, Any]:
     return out
 
 
+def encode_batch_images(generator: ReportGenerator, batch: dict[str, Any]) -> VisionFeatures | None:
+    """Every image of every study of ``batch`` (context and query, :meth:`ReportGenerator.images` order) through the
+    frozen tower once; None when the tower trains."""
+    dtype = generator.model.get_input_embeddings().weight.dtype
+    return encode_frozen(generator.model, generator.images(batch).flatten(0, 1).to(generator.device, dtype))
+
+
 @torch.no_grad()
 def generate_rollout(
     generator: ReportGenerator,
@@ -113,9 +131,11 @@ def generate_rollout(
     do_sample: bool,
     temperature: float = 1.0,
     top_k: int = 0,
+    repeats: int = 1,
+    features: VisionFeatures | None = None,
     clues: torch.Tensor | None = None,
 ) -> Rollout:
-    """Samples (or greedily decodes) one report per study of a ``collate_context`` batch.
+    """Samples (or greedily decodes) ``repeats`` reports per study of a ``collate_context`` batch.
 
     Args:
         generator: The policy (unwrapped).
@@ -124,19 +144,38 @@ def generate_rollout(
         do_sample: Sample (PPO, SCST samples) or decode greedily (SCST baseline, evaluation).
         temperature: Sampling temperature.
         top_k: Top-k filter while sampling (0: off).
-        clues: ``(b, 14)`` bool clue statements for the prompts instead of the clue head's (kept on the rollout).
+        repeats: Reports per study; the copies of a study are adjacent rows (``repeat_batch``'s layout).
+        features: ``encode_batch_images(generator, batch)`` when already computed this step; encoded here otherwise.
+        clues: ``(b * repeats, 14)`` bool clue statements, one set per sampled report, instead of the clue head's
+            (kept on the rollout).
 
     Returns:
-        The :class:`Rollout`; responses are at least one token long.
+        The :class:`Rollout` (``b * repeats`` rows); responses are at least one token long.
     """
-    inputs = generator.generation_inputs(batch, clues)
+    if features is None:
+        features = encode_batch_images(generator, batch)
+    b = len(batch["ids"])
+    rows = torch.arange(b, device=generator.device).repeat_interleave(repeats)
+    if clues is None:
+        inputs = generator.generation_inputs(batch, features=features)
+        if repeats > 1:
+            images = image_rows(rows, inputs["pixel_values"].shape[0] // b)
+            inputs = {**{k: inputs[k][rows] for k in ("input_ids", "attention_mask")},
+                      "pixel_values": inputs["pixel_values"][images]}
+    else:
+        # Each sampled report has its own clue sentence: one prompt per row of the repeated batch.
+        inputs = generator.generation_inputs(repeat_batch(batch, repeats), clues)
+    if features is not None and repeats > 1:
+        features = features.select(image_rows(rows, features.num_images // b))
     tokenizer = generator.processor.tokenizer
     sampling = {"temperature": temperature, "top_k": top_k} if do_sample else {}
-    response_ids = generate_response_ids(generator.model, generator.processor, inputs,
-                                         max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=1, **sampling)
+    with replay_features(generator.model, features):
+        response_ids = generate_response_ids(generator.model, generator.processor, inputs,
+                                             max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=1,
+                                             **sampling)
     mask = response_mask(response_ids, tokenizer.eos_token_id)
     # Tokens after the first EOS are padding: make them pad ids so decoding and forwards never see them.
     response_ids = torch.where(mask.bool(), response_ids, torch.full_like(response_ids, tokenizer.pad_token_id))
     texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
     return Rollout(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], response_ids, mask, texts,
-                   clues)
+                   features, clues)
