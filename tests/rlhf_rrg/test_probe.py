@@ -19,8 +19,9 @@ def test_probe_recovers_a_linear_rule_and_thresholds_come_from_heldout_data():
     xv, yv = _separable(200, 1)
     xt, yt = _separable(200, 2)
     probe = fit_logistic_probe(x, y, l2=1e-4)
-    thresholds = best_thresholds(probe_probabilities(xv, probe), yv)
-    assert thresholds[13] == 0.5  # no positives in val: default kept
+    val_probs = probe_probabilities(xv, probe)
+    thresholds = best_thresholds(val_probs, yv)
+    assert (val_probs[:, 13] < thresholds[13]).all()  # no positives in val: the column stays silent
     report = compare(yt, {"probe": probe_probabilities(xt, probe) >= thresholds, "silent": torch.zeros_like(yt)})
     assert report.micro["probe"]["f1"] > 0.9
     assert report.micro["silent"]["f1"] == 0.0
@@ -45,3 +46,14 @@ def test_compare_matches_ce_micro_f1():
     pred[0, 1] = pred[1, 2] = True  # one TP, one FP, one FN -> P = R = F1 = 0.5
     micro = compare(targets, {"x": pred}).micro["x"]
     assert micro == pytest.approx({"precision": 0.5, "recall": 0.5, "f1": 0.5})
+
+
+def test_thresholds_maximise_micro_f1_not_each_columns_own():
+    # Column 0 is easy; column 1 is noise with few positives. Its own best F1 comes from predicting every study
+    # positive (F1 = 2*2/(2+10) = 0.33), which costs the pooled score 8 false positives; silence is better for micro.
+    probs = torch.tensor([[0.9, 0.6]] * 5 + [[0.1, 0.6]] * 5, dtype=torch.float64)
+    targets = torch.zeros(10, 2, dtype=torch.bool)
+    targets[:5, 0] = True
+    targets[[0, 5], 1] = True
+    thresholds = best_thresholds(probs, targets)
+    assert thresholds[1] > 0.6 and 0.1 < thresholds[0] <= 0.9
