@@ -16,7 +16,9 @@ from .conftest import REPO, load_stage, run_stage
 
 pytestmark = pytest.mark.integration
 
-SMALL = ["--train.batch_size", "8", "--ppo.minibatch_size", "4", "--ppo.ppo_epochs", "2",
+# The LLM-training baseline of the stage (the demo config instead trains the clue head with the LLM fixed).
+SMALL = ["--algo", "ppo", "--pg.train_clues", "false", "--freeze_llm", "false", "--generation.num_samples", "1",
+         "--train.batch_size", "8", "--ppo.minibatch_size", "4", "--ppo.ppo_epochs", "2",
          "--generation.max_new_tokens", "16", "--eval.max_samples", "4", "--eval.max_new_tokens", "16",
          "--kl.controller", "fixed", "--kl.init_kl_coef", "0.01"]
 
@@ -136,7 +138,7 @@ def test_trl_backend_runs_two_steps(synthetic_data, sft_export, tmp_path, algo):
 def test_configs_parse(name):
     module = load_stage("ppo")
     cfg = load_config(module.PPOStageConfig, REPO / "stages" / "configs" / "ppo" / f"{name}.yaml", [])
-    assert cfg.algo in ("ppo", "scst") and cfg.reward.funcs
+    assert cfg.algo in ("ppo", "scst", "rloo", "grpo") and cfg.reward.funcs
 
 
 def test_probe_cli_prints_what_it_sees_vs_what_it_writes(sft_export, tmp_path, capsys):
@@ -149,3 +151,28 @@ def test_probe_cli_prints_what_it_sees_vs_what_it_writes(sft_export, tmp_path, c
     assert "what it sees vs what it writes" in printed
     assert "probe F1" in printed and "reports F1" in printed and "clue head F1" not in printed  # clues are off
     assert report.n == 8 and set(json.loads(out.read_text())["micro"]) == {"probe", "reports"}
+
+
+@pytest.fixture(scope="module")
+def sft_clue_export(synthetic_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sft_clue_run")
+    run_stage("sft", synthetic_data, root, "--run.init_from", "null", "--model.vision", "tiny-vit",
+              "--prompting.context.mode", "none", "--prompting.clues.gold_prompt_prob", "1.0",
+              "--self_refine.weight", "0", "--train.max_steps", "20", "--train.eval_every", "0",
+              "--checkpoint.save_every", "0", "--eval.max_samples", "4", "--eval.max_new_tokens", "8")
+    return root / "sft" / "export"
+
+
+@pytest.mark.parametrize("algo", ["rloo", "scst"])
+def test_clue_head_rl_trains_only_the_clue_head(synthetic_data, sft_clue_export, tmp_path, algo):
+    # The demo config: sampled clue statements, per-observation credit, LLM fixed.
+    run_stage("ppo", synthetic_data, tmp_path, "--run.init_from", str(sft_clue_export), "--algo", algo,
+              "--train.max_steps", "2", "--train.batch_size", "2", "--generation.num_samples", "2",
+              "--generation.max_new_tokens", "12", "--eval.max_samples", "4", "--eval.max_new_tokens", "12")
+    before = load_file(sft_clue_export / "model.safetensors")
+    after = load_file(tmp_path / "ppo" / "export" / "model.safetensors")
+    assert all(torch.equal(before[n], after[n]) for n in before)  # LLM, projector and encoder fixed
+    head_before = load_file(sft_clue_export / "prompting" / "clue_head.safetensors")
+    head_after = load_file(tmp_path / "ppo" / "export" / "prompting" / "clue_head.safetensors")
+    assert any(not torch.equal(head_before[n], head_after[n]) for n in head_before)
+    assert len(metric(tmp_path, "train/clue_loss")) == 2
