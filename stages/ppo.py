@@ -152,7 +152,7 @@ def main(cfg: PPOStageConfig) -> None:
     generator = make_trainable(generator, cfg.lora, cfg.freeze_vision, cfg.pg.train_clues,
                                cfg.freeze_llm).to(accelerator.device)
     reference = (ReferencePolicy(generator.model, autocast=accelerator.autocast)
-                 if cfg.algo == "ppo" or cfg.pg.kl_coef > 0 else None)
+                 if cfg.algo == "ppo" or (cfg.pg.kl_coef > 0 and not cfg.freeze_llm) else None)
     value_head = ValueHead(generator.model.config.text_config.hidden_size) if cfg.algo == "ppo" else None
     policy = PolicyWithValue(generator, value_head).to(accelerator.device)
 
@@ -288,7 +288,7 @@ def rl_step(cfg, accelerator, policy, unwrapped, optimizer, scheduler, reference
         ref_logprobs = reference.logprobs(rollout, gen.temperature) if reference is not None else None
         stats = pg_update(accelerator, policy, optimizer, scheduler, rollout, advantage, cfg.pg, gen.temperature,
                           cfg.optim.grad_clip, ref_logprobs, nll_batch={**batch, "vision_features": features},
-                          clue_advantage=clue_advantage)
+                          clue_advantage=clue_advantage, train_llm=not cfg.freeze_llm)
         if greedy_scores is not None:
             metrics["reward/greedy"] = greedy_scores.mean()
         metrics["rollout/advantage_abs"] = advantage.abs().mean()

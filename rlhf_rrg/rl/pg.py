@@ -119,6 +119,7 @@ def pg_update(
     ref_logprobs: torch.Tensor | None = None,
     nll_batch: dict[str, Any] | None = None,
     clue_advantage: torch.Tensor | None = None,
+    train_llm: bool = True,
 ) -> dict[str, float]:
     """One on-policy gradient step on the sampled reports.
 
@@ -135,24 +136,30 @@ def pg_update(
         ref_logprobs: ``(b, R)`` starting-policy log-probs (required when ``cfg.kl_coef > 0``).
         nll_batch: The studies whose reference reports give the NLL term (required when ``cfg.nll_weight > 0``).
         clue_advantage: ``(b, 14)`` per-observation advantages of sampled clues; default: ``advantage`` for all.
+        train_llm: False when the LLM is fixed (``freeze_llm``): only the clue term is computed, without running
+            the LLM over the responses (the KL and NLL terms, which only move the LLM, are skipped).
 
     Returns:
         ``policy_loss`` and, with those terms, ``clue_loss``, ``kl`` and ``nll``.
     """
-    if cfg.nll_weight > 0 and nll_batch is None:
+    if train_llm and cfg.nll_weight > 0 and nll_batch is None:
         raise ValueError("pg.nll_weight > 0 needs the batch of reference reports")
-    if cfg.kl_coef > 0 and ref_logprobs is None:
+    if train_llm and cfg.kl_coef > 0 and ref_logprobs is None:
         raise ValueError("pg.kl_coef > 0 needs the reference policy's log-probs")
-    out = model(rollout, temperature, nll_batch=nll_batch if cfg.nll_weight > 0 else None,
-                clue_temperature=cfg.clue_temperature)
-    policy_loss = scst_loss(out["logprobs"], rollout.response_mask, advantage, cfg.length_normalize)
-    loss, stats = policy_loss, {"policy_loss": policy_loss.detach()}
+    if not train_llm and rollout.clues is None:
+        raise ValueError("with the LLM fixed only sampled clue statements can train: the rollout has none")
+    out = model(rollout, temperature, nll_batch=nll_batch if train_llm and cfg.nll_weight > 0 else None,
+                clue_temperature=cfg.clue_temperature, score_responses=train_llm)
+    loss, stats = 0.0, {}
+    if train_llm:
+        loss = scst_loss(out["logprobs"], rollout.response_mask, advantage, cfg.length_normalize)
+        stats["policy_loss"] = loss.detach()
     if "clue_logprobs" in out:
         credit = clue_advantage if clue_advantage is not None else advantage.unsqueeze(1)
         clue_loss = -(credit.detach().to(out["clue_logprobs"]) * out["clue_logprobs"]).mean()
         loss = loss + cfg.clue_weight * clue_loss
         stats["clue_loss"] = clue_loss.detach()
-    if cfg.kl_coef > 0:
+    if train_llm and cfg.kl_coef > 0:
         kl = masked_mean(kl_per_token(out["logprobs"], ref_logprobs, "k3"), rollout.response_mask)
         loss = loss + cfg.kl_coef * kl
         stats["kl"] = kl.detach()

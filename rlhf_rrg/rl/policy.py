@@ -98,6 +98,7 @@ class PolicyWithValue(nn.Module):
         with_entropy: bool = False,
         nll_batch: dict[str, Any] | None = None,
         clue_temperature: float = 1.0,
+        score_responses: bool = True,
     ) -> dict[str, torch.Tensor]:
         """Scores a rollout under the current weights.
 
@@ -107,19 +108,23 @@ class PolicyWithValue(nn.Module):
             with_entropy: Also return per-token entropies (detached; for logging).
             nll_batch: A collated batch whose reference reports are teacher-forced for SCST's NLL term.
             clue_temperature: Temperature the rollout's clue statements were sampled at.
+            score_responses: Run the LLM over the responses (off when only the clue head trains: nothing the LLM
+                computes would reach a gradient).
 
         Returns:
             ``logprobs`` ``(b, R)``; ``values`` ``(b, R)`` with a value head; ``entropy`` ``(b, R)``;
             ``nll`` scalar when ``nll_batch`` is given; ``clue_logprobs`` ``(b, 14)`` (the Bernoulli log-prob of
             each sampled statement) when the rollout carries sampled clues.
         """
-        logits, hidden = _sequence_forward(self.generator.model, rollout, self.value_head is not None)
-        out = {"logprobs": _generation_logprobs(self.generator.model, logits, rollout.response_ids, temperature)}
-        if self.value_head is not None:
-            out["values"] = self.value_head(hidden)
-        if with_entropy:
-            with torch.no_grad():
-                out["entropy"] = entropy_from_logits(logits.detach(), temperature)
+        out = {}
+        if score_responses:
+            logits, hidden = _sequence_forward(self.generator.model, rollout, self.value_head is not None)
+            out["logprobs"] = _generation_logprobs(self.generator.model, logits, rollout.response_ids, temperature)
+            if self.value_head is not None:
+                out["values"] = self.value_head(hidden)
+            if with_entropy:
+                with torch.no_grad():
+                    out["entropy"] = entropy_from_logits(logits.detach(), temperature)
         if nll_batch is not None:
             out["nll"] = self._reference_nll(nll_batch)
         if rollout.clues is not None:

@@ -27,7 +27,8 @@ def test_advantages_errors():
 
 
 class PGToy(ToyPolicy):
-    def forward(self, rollout: Rollout, temperature: float = 1.0, nll_batch=None, clue_temperature=1.0):
+    def forward(self, rollout: Rollout, temperature: float = 1.0, nll_batch=None, clue_temperature=1.0,
+                score_responses=True):
         return super().forward(rollout, temperature)
 
 
@@ -93,3 +94,10 @@ def test_observation_agreement_counts_stated_findings_like_ce():
     wrong = {CHEXPERT_14[j] for j in torch.nonzero(agree[1] == 0).flatten().tolist()}
     # The second report misses the effusion and (with nothing positive) states No Finding.
     assert wrong == {"Pleural Effusion", "No Finding"}
+
+
+def test_fixed_llm_needs_sampled_clues():
+    model, optimizer, scheduler, rollout = _toy()
+    with pytest.raises(ValueError, match="clue statements"):
+        pg_update(Accelerator(cpu=True), model, optimizer, scheduler, rollout, torch.zeros(4), PGConfig(), 1.0, 0.0,
+                  train_llm=False)
