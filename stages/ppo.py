@@ -120,7 +120,7 @@ def main(cfg: PPOStageConfig) -> None:
 
     # 1. policy from the SFT export, data with context from its memory bank, reward
     generator = ReportGenerator.from_export(init)
-    reward = build_stage_reward(cfg.reward.funcs, cfg.reward.weights)
+    reward = build_stage_reward(cfg.reward.funcs, cfg.reward.weights, require_weights=cfg.reward.require_weights)
     worst = empty_report_reward(reward, cfg.reward.empty_reward)
     train_data = context_dataset(generator, build_dataset(cfg.data, "train", train=False), exclude_self=True)
     eval_data = eval_subset(context_dataset(generator, build_dataset(cfg.data, cfg.eval.split, train=False), False),
