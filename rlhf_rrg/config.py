@@ -291,6 +291,7 @@ REQUIRED_INPUTS: dict[str, tuple[str, str]] = {
     "data.annotation_path": ("file", "the dataset's annotation.json or CSV"),
     "data.image_root": ("dir", "the folder the annotation's image paths are relative to"),
     "model.llm_path": ("config.json", "the LLM's local Hugging Face folder (config.json + weights)"),
+    "text.path": ("config.json", "the report encoder's local Hugging Face folder"),
 }
 
 

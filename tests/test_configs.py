@@ -121,3 +121,13 @@ def test_sft_user_errors_exit_2_before_any_model(demo_home, capsys, argv, messag
         parse_stage_args(stage_config_class("sft"), None, [str(REPO / a) if a.endswith(".yaml") else a for a in argv])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_align_placeholder_text_encoder_is_named(demo_home, capsys):
+    data = ["--data.annotation_path", str(demo_home / "data/synthetic/annotation.json"),
+            "--data.image_root", str(demo_home / "data/synthetic/images")]
+    with pytest.raises(SystemExit) as exit_:
+        parse_stage_args(stage_config_class("align"), None,
+                         ["--config", str(REPO / "stages/configs/align/iu_xray.yaml"), *data])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "text.path: /path/to/BiomedVLP-CXR-BERT-general is not a folder" in err
