@@ -18,6 +18,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from rlhf_rrg.runroot import MissingStageOutputError, resolve_init
+
 T = TypeVar("T")
 
 
@@ -302,12 +304,10 @@ def check_inputs(cfg: Any, stage: str) -> None:
         ConfigError: naming the key, the path and what it should hold.
         rlhf_rrg.runroot.MissingStageOutputError: ``run.init_from`` names a stage without a finished export.
     """
-    from rlhf_rrg.runroot import resolve_init
-
     for dotted, (kind, what) in REQUIRED_INPUTS.items():
         found = _get_dotted(cfg, dotted)
         value = getattr(*found) if found is not None else None
-        if value is None:
+        if value is None or value == "":  # unset: the stage builds or needs nothing there
             continue
         path = Path(value)
         ok = {"file": path.is_file(), "dir": path.is_dir(), "config.json": (path / "config.json").is_file()}[kind]
@@ -326,8 +326,6 @@ def parse_stage_args(cls: type[T], description: str | None, argv: list[str] | No
     key, bad value, missing input file or export) print one line and exit with status 2, before any model is
     built.
     """
-    from rlhf_rrg.runroot import MissingStageOutputError
-
     parser = make_stage_parser(description, cls)
     args, overrides = parser.parse_known_args(argv)
     stage = cls.__name__.removesuffix("StageConfig").lower() or "stage"
