@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import yaml
 
 from rlhf_rrg.models.text_encoder import tiny_text_encoder
 from rlhf_rrg.runroot import EXPORT_MARKER
-from rlhf_rrg.testing.fixtures import IU_REPORTS, write_chexpert_plus_fixture, write_iu_xray_fixture
+from rlhf_rrg.testing.fixtures import IU_REPORTS, FixturePaths, write_chexpert_plus_fixture, write_iu_xray_fixture
 from rlhf_rrg.testing.tiny_llm import write_tiny_llm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,7 +138,7 @@ def test_dataset_settings_follow_the_papers(dataset: str, expected: str) -> None
 
 
 # A step or two of every stage on tiny models: 64 px tiny-ARM encoder, tiny BERT, tiny Llama-family LLM folder;
-# batches of one study (the CheXpert Plus fixture has one training study with findings).
+# batches of one study, two for PPO (whitening advantages needs two tokens).
 TINY = ["--data.image_size", "64", "--train.max_steps", "2", "--train.batch_size", "1", "--checkpoint.save_every", "0",
         "--optim.warmup_steps", "0"]
 CHAIN = {
@@ -149,12 +151,29 @@ CHAIN = {
                   "--prompting.context.mode", "none", "--prompting.context.residual", "false",
                   "--train.eval_every", "0", "--eval.max_samples", "2", "--eval.num_beams", "1",
                   "--eval.max_new_tokens", "4", "--eval.metrics", "[bleu, ce]"],
-    "05_ppo.sh": [*TINY, "--train.max_steps", "1", "--ppo.minibatch_size", "1", "--ppo.ppo_epochs", "1",
+    "05_ppo.sh": [*TINY, "--train.max_steps", "1", "--train.batch_size", "2", "--ppo.minibatch_size", "2",
+                  "--ppo.ppo_epochs", "1",
                   "--generation.max_new_tokens", "4", "--eval.max_samples", "2", "--eval.max_new_tokens", "4",
                   "--eval.metrics", "[bleu, ce]", "--reward.funcs", "[chexpert_f1]",
                   "--reward.require_weights", "false", "--lora.r", "2"],
     "06_eval.sh": ["--num-beams", "1", "--max-new-tokens", "4", "--batch-size", "2"],
 }
+
+
+def add_training_patient(fixture: FixturePaths, source: str, new: str) -> None:
+    """Copies the CSV rows and images of training patient ``source`` as patient ``new`` (two studies to train on)."""
+    with fixture.annotation_path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        columns, rows = reader.fieldnames, list(reader)
+    copies = [{k: v.replace(source, new) for k, v in row.items()} for row in rows if row["deid_patient_id"] == source]
+    for row in copies:
+        image = Path(row["path_to_image"]).with_suffix(".png")
+        (fixture.image_root / image).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(fixture.image_root / str(image).replace(new, source), fixture.image_root / image)
+    with fixture.annotation_path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows + copies)
 
 
 @pytest.mark.integration
@@ -164,7 +183,7 @@ def test_the_whole_chain_runs_on_real_layouts(dataset: str, tmp_path: Path) -> N
         write_iu_xray_fixture(tmp_path / "data")
         reports = list(IU_REPORTS)
     else:
-        write_chexpert_plus_fixture(tmp_path / "data")
+        add_training_patient(write_chexpert_plus_fixture(tmp_path / "data")[0], "patient00001", "patient00004")
         reports = ["Heart size is normal. No effusion.", "Mild cardiomegaly.", "Small right pleural effusion."]
     llm = write_tiny_llm(tmp_path / "models" / "llm", "llama", [*reports, "describe the findings"])
     bert = tiny_text_encoder(reports, tmp_path / "models" / "bert")
