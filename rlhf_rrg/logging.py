@@ -22,6 +22,9 @@ logger = logging.getLogger(__name__)
 
 Scalar = int | float | bool | str
 BACKENDS: tuple[str, ...] = ("jsonl", "tensorboard", "wandb")
+# The optional backends' packages, and how to install them with the package.
+BACKEND_PACKAGES: dict[str, str] = {"tensorboard": "tensorboard", "wandb": "wandb"}
+TRACKING_EXTRA = "or all trackers: pip install -e '.[tracking]'"
 
 
 class MetricLogger(Protocol):
@@ -131,7 +134,8 @@ class TensorBoardLogger:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as err:
-            raise ImportError("the 'tensorboard' logging backend needs `pip install tensorboard`") from err
+            raise ImportError("the 'tensorboard' logging backend needs `pip install tensorboard` "
+                              f"({TRACKING_EXTRA})") from err
         self._writer = SummaryWriter(log_dir=str(log_dir))
 
     def log_dict(self, payload: Mapping[str, Any], step: int) -> None:
@@ -169,7 +173,7 @@ class WandbLogger:
         try:
             import wandb
         except ImportError as err:
-            raise ImportError("the 'wandb' logging backend needs `pip install wandb`") from err
+            raise ImportError(f"the 'wandb' logging backend needs `pip install wandb` ({TRACKING_EXTRA})") from err
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         id_file = out_dir / "wandb_run_id"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import logging
 import shutil
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from accelerate.utils import broadcast_object_list
 from rlhf_rrg.checkpoint import latest_step, select_valid_checkpoint
 from rlhf_rrg.config import save_config, to_dict
 from rlhf_rrg.distributed import check_world_size, seed_everything
-from rlhf_rrg.logging import MetricLogger, build_loggers
+from rlhf_rrg.logging import BACKEND_PACKAGES, BACKENDS, TRACKING_EXTRA, MetricLogger, build_loggers
 from rlhf_rrg.runlock import LOCK_NAME, RunLock, exit_with_parent
 from rlhf_rrg.runroot import StageDirs
 
@@ -29,12 +30,21 @@ class StageFolderError(RuntimeError):
     """The stage folder holds another run's outputs, or settings a resume cannot apply."""
 
 
+def installed(package: str) -> bool:
+    """Whether ``package`` can be imported (without importing it)."""
+    return importlib.util.find_spec(package) is not None
+
+
 @dataclass
 class RunConfig:
     run_root: str = field(default="runs/demo", metadata={"help": "root folder shared by all stages of a run"})
     seed: int = field(default=0, metadata={"help": "seed for init, data order and sampling"})
     init_from: str | None = field(default=None, metadata={"help": "stage name or folder with starting weights"})
-    loggers: list[str] = field(default_factory=lambda: ["jsonl"], metadata={"help": "jsonl, tensorboard, wandb"})
+    loggers: list[str] = field(default_factory=lambda: ["jsonl"], metadata={
+        "help": "any of jsonl, tensorboard, wandb (the last two: pip install -e '.[tracking]')"})
+    project: str = field(default="rlhf-rrg", metadata={"help": "W&B project of the run"})
+    run_name: str | None = field(default=None, metadata={
+        "help": "W&B run name; None: '<run_root folder name>-<stage>'"})
     overwrite: bool = field(default=False, metadata={
         "help": "delete this stage's folder (checkpoints, metrics, export) before starting; needed to start over "
                 "with checkpoint.resume false on a used run root"})
@@ -42,6 +52,14 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not self.run_root:
             raise ValueError("run.run_root must be a non-empty path")
+        unknown = [name for name in self.loggers if name not in BACKENDS]
+        if unknown:
+            raise ValueError(f"run.loggers: unknown backend(s) {unknown}; choose from {list(BACKENDS)}")
+        # A missing tracker fails at parse time, not after the models are built.
+        absent = [name for name in self.loggers if name in BACKEND_PACKAGES and not installed(BACKEND_PACKAGES[name])]
+        if absent:
+            raise ValueError(f"run.loggers names {absent} but the package is not installed: "
+                             f"pip install {' '.join(BACKEND_PACKAGES[n] for n in absent)} ({TRACKING_EXTRA})")
 
 
 @dataclass
@@ -123,7 +141,9 @@ def setup_stage(stage: str, cfg: Any, run: RunConfig, grad_accum: int = 1, resum
     if failure[0] is not None:
         raise StageFolderError(f"the main process could not set up {dirs.root}: {failure[0]}")
     drop_after = resume_step if resume_step is not None else (0 if resume else None)
-    metric_logger = build_loggers(dirs.root, run.loggers, accelerator.is_main_process, drop_after_step=drop_after)
+    metric_logger = build_loggers(dirs.root, run.loggers, accelerator.is_main_process, drop_after_step=drop_after,
+                                  wandb_project=run.project,
+                                  run_name=run.run_name or f"{Path(run.run_root).name}-{stage}")
     metric_logger.log_config(to_dict(cfg))
     # Multi-process tests read the world size back from here: a launch that silently ran one process must fail.
     metric_logger.log_dict({"run/num_processes": accelerator.num_processes}, drop_after or 0)

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Step 1: check that the dataset is in place under $RRG_HOME/data and readable; print the split sizes.
-#   RRG_HOME=~/rrg bash scripts/01_prepare_data.sh iu_xray
+# CheXpert Plus: val is the CSV's valid split, test a patient-level 10% of its train split (rlhf_rrg.data.annotation).
+#   RRG_HOME=~/rrg bash scripts/01_prepare_data.sh iu_xray [--data.on_error skip]
 . "$(dirname "$0")/lib/common.sh"
 need_data
 check_inputs
-python - "${DATA_ARGS[@]}" <<'PY'
+python - "${DATA_ARGS[@]}" "${EXTRA[@]}" <<'PY'
 import sys
 
 from rlhf_rrg.config import load_config

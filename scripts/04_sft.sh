@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Step 4: LLaVA-style SFT with LoRA and retrieved context -> runs/<dataset>/sft/export.
-# RRG_LLM names the LLM (default qwen2.5-1.5b); RRG_LLM_PATH is its local folder (config.json + weights).
+# RRG_LLM_PATH is the local folder of any Hugging Face causal LM (config.json + weights + tokenizer); RRG_LLM names it
+# (default qwen2.5-1.5b: a shortcut that also checks the folder holds that model; any other name, e.g. llama-3.1-8b,
+# takes the folder as it is).
 #   RRG_HOME=~/rrg RRG_LLM_PATH=~/models/Qwen2.5-1.5B ACCEL=zero2.yaml bash scripts/04_sft.sh iu_xray
 . "$(dirname "$0")/lib/common.sh"
 LLM=${RRG_LLM:-qwen2.5-1.5b}

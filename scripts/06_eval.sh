@@ -6,5 +6,5 @@ need_data
 need_export sft 04_sft.sh
 check_inputs
 python -m rlhf_rrg.evaluate_run --run-root "$RUN_ROOT" --split test --num-beams "$RRG_NUM_BEAMS" \
-  --max-new-tokens "$RRG_MAX_NEW_TOKENS" --device "${DEVICE:-cuda}" "${DATA_ARGS[@]}"
+  --max-new-tokens "$RRG_MAX_NEW_TOKENS" --device "${DEVICE:-cuda}" "${DATA_ARGS[@]}" "${EXTRA[@]}"
 python -m rlhf_rrg.viewer --run-root "$RUN_ROOT" --out "$RUN_ROOT/eval/viewer.html"

@@ -131,7 +131,7 @@ def main(cfg: PPOStageConfig) -> None:
 
     # 1. policy from the SFT export, data with context from its memory bank, reward
     generator = ReportGenerator.from_export(init)
-    reward = build_stage_reward(cfg.reward.funcs, cfg.reward.weights)
+    reward = build_stage_reward(cfg.reward.funcs, cfg.reward.weights, require_weights=cfg.reward.require_weights)
     # The CheXpert labeler that scores each sampled clue statement (pg.clue_credit: observation).
     clue_labeler = build_labeler("rule") if cfg.pg.train_clues and cfg.pg.clue_credit == "observation" else None
     worst = empty_report_reward(reward, cfg.reward.empty_reward)

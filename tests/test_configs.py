@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
+import re
 import sys
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
 
 from rewards.composite import build_reward
-from rlhf_rrg.config import ConfigError, load_config
+from rlhf_rrg.config import ConfigError, load_config, parse_stage_args
+from rlhf_rrg.runroot import EXPORT_MARKER, resolve_init
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "stages" / "configs").glob("**/*.yaml"))
@@ -71,3 +75,67 @@ def test_every_stage_of_a_dataset_uses_the_pretrain_image_size(dataset):
     sizes = {stage: yaml.safe_load((REPO / "stages" / "configs" / stage / f"{dataset}.yaml").read_text())["data"]
              ["image_size"] for stage in ("pretrain", "align", "sft", "ppo")}
     assert set(sizes.values()) == {sizes["pretrain"]}, sizes
+
+
+def leaf_keys(cls: type, prefix: str = "") -> list[str]:
+    hints = typing.get_type_hints(cls)
+    keys = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        keys += leaf_keys(tp, f"{prefix}{f.name}.") if dataclasses.is_dataclass(tp) else [f"{prefix}{f.name}"]
+    return keys
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "align", "sft", "ppo"])
+def test_stage_help_lists_every_key(stage, capsys):
+    cls = stage_config_class(stage)
+    with pytest.raises(SystemExit):
+        parse_stage_args(cls, None, ["--help"])
+    listed = re.findall(r"^  --(\S+) ", capsys.readouterr().out, flags=re.M)
+    assert listed == ["config", "print-config", *leaf_keys(cls)]
+
+
+@pytest.fixture
+def demo_home(tmp_path, monkeypatch):
+    """What scripts/smoke_cpu.sh leaves under RRG_HOME: the synthetic data and the demo run's SFT export."""
+    (tmp_path / "data" / "synthetic" / "images").mkdir(parents=True)
+    (tmp_path / "data" / "synthetic" / "annotation.json").write_text("{}")
+    export = tmp_path / "runs" / "demo" / "sft" / "export"
+    export.mkdir(parents=True)
+    (export / EXPORT_MARKER).write_text("{}")
+    monkeypatch.setenv("RRG_HOME", str(tmp_path))
+    return tmp_path
+
+
+def test_ppo_without_arguments_continues_from_the_demo(demo_home):
+    cfg = parse_stage_args(stage_config_class("ppo"), None, [])
+    assert resolve_init(cfg.run.run_root, "ppo", cfg.run.init_from) == demo_home / "runs" / "demo" / "sft" / "export"
+    assert cfg.data.annotation_path == demo_home / "data" / "synthetic" / "annotation.json"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--config", "stages/configs/sft/iu_xray.yaml", "--data.annotation_path",
+          "{home}/data/synthetic/annotation.json", "--data.image_root", "{home}/data/synthetic/images"],
+         "model.llm_path: MUST_BE_SET is not a folder with config.json"),
+        (["--model.vision", "vim-huge"], "vision 'vim-huge' is neither one of ['tiny-arm', "),
+        (["--run.init_from", "align", "--run.run_root", "{home}/runs/other"], "run stages/align.py with the same"),
+    ],
+)
+def test_sft_user_errors_exit_2_before_any_model(demo_home, capsys, argv, message):
+    argv = [a.format(home=demo_home) for a in argv]
+    with pytest.raises(SystemExit) as exit_:
+        parse_stage_args(stage_config_class("sft"), None, [str(REPO / a) if a.endswith(".yaml") else a for a in argv])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_align_placeholder_text_encoder_is_named(demo_home, capsys):
+    data = ["--data.annotation_path", str(demo_home / "data/synthetic/annotation.json"),
+            "--data.image_root", str(demo_home / "data/synthetic/images")]
+    with pytest.raises(SystemExit) as exit_:
+        parse_stage_args(stage_config_class("align"), None,
+                         ["--config", str(REPO / "stages/configs/align/iu_xray.yaml"), *data])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "text.path: /path/to/BiomedVLP-CXR-BERT-general is not a folder" in err

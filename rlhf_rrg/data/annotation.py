@@ -8,7 +8,9 @@ Two layouts are supported:
   ``subject_id``; the CXPMRG-Bench CheXpert Plus release and our synthetic set use the same layout.
 - The official CheXpert Plus ``df_chexpert_plus_240401.csv``: one row per image (``path_to_image``,
   ``split`` in {train, valid}, ``deid_patient_id``, ``frontal_lateral``, ``section_findings``, ...), grouped
-  here into studies by their ``patientN/studyM`` folder; the report is the findings section.
+  here into studies by their ``patientN/studyM`` folder; the report is the findings section. The CSV has no
+  test split: "val" is the official "valid" split and "test" is carved from "train" by patient (see
+  :func:`chexpert_plus_split`), so no patient is in two splits and every machine gets the same split.
 
 File-level problems (unreadable or malformed file, missing split) always raise :class:`DataError`.
 Record-level problems (missing field, empty report, missing image, bad labels) raise too, unless
@@ -18,6 +20,7 @@ Record-level problems (missing field, empty report, missing image, bad labels) r
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 from collections import Counter
@@ -34,7 +37,9 @@ Split = Literal["train", "val", "test"]
 OnError = Literal["raise", "skip"]
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 # The official CheXpert Plus CSV calls the validation split "valid" and has no test split.
-_CSV_SPLIT_NAMES = {"train": "train", "val": "valid", "test": "test"}
+_CSV_SPLIT_NAMES = {"train": "train", "valid": "val", "test": "test"}
+# Share of the CSV's training patients held out as our CheXpert Plus test split.
+CHEXPERT_PLUS_TEST_FRACTION = 0.1
 _LABEL_CODES = frozenset({BLANK, POSITIVE, NEGATIVE, UNCERTAIN})
 
 
@@ -218,6 +223,24 @@ def _study_key(path_to_image: str) -> str:
     return str(Path(path_to_image).parent)
 
 
+def _patient_key(path_to_image: str) -> str:
+    # "train/patient00001/study1/view1_frontal.jpg" -> "patient00001"
+    return Path(path_to_image).parent.parent.name
+
+
+def chexpert_plus_split(csv_split: str, patient_id: str, test_fraction: float = CHEXPERT_PLUS_TEST_FRACTION) -> str:
+    """Our split of a CheXpert Plus CSV row: "valid" is "val"; a "train" patient is "test" when the first 8 bytes
+    of SHA-256(``patient_id``), read as a fraction of 2**64, fall below ``test_fraction``, else "train".
+
+    The hash (not a seeded shuffle) keeps a patient's split fixed when rows are added, removed or reordered.
+    """
+    split = _CSV_SPLIT_NAMES.get(csv_split, csv_split)
+    if split != "train":
+        return split
+    digest = hashlib.sha256(patient_id.encode("utf-8")).digest()
+    return "test" if int.from_bytes(digest[:8], "big") < test_fraction * 2**64 else "train"
+
+
 def read_chexpert_plus_csv(
     path: str | Path,
     image_root: str | Path,
@@ -230,7 +253,8 @@ def read_chexpert_plus_csv(
     """Reads one split of the official CheXpert Plus ``df_chexpert_plus_240401.csv``, findings section.
 
     Rows (one per image) are grouped into studies by their ``patientN/studyM`` folder; frontal views come
-    first. The CSV's "valid" split is returned as "val"; the CSV has no test split.
+    first. The CSV's "valid" split is returned as "val"; "test" is the patient-level hold-out of the CSV's
+    "train" split given by :func:`chexpert_plus_split` (``CHEXPERT_PLUS_TEST_FRACTION`` of the patients).
 
     Args:
         path: the CSV file.
@@ -254,7 +278,6 @@ def read_chexpert_plus_csv(
     path, image_root = Path(path), Path(image_root)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    csv_split = _CSV_SPLIT_NAMES[split]
     try:
         with path.open(newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
@@ -265,14 +288,16 @@ def read_chexpert_plus_csv(
             rows = list(reader)
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise DataError(f"{path}: cannot read CSV ({err})") from err
-    present = sorted({row["split"] for row in rows})
-    if csv_split not in present:
-        raise DataError(f"{path}: missing split '{csv_split}' (present: {present})")
-
     groups: dict[str, list[tuple[int, dict[str, str]]]] = {}
+    present = set()
     for line, row in enumerate(rows, start=2):  # line 1 is the header
-        if row["split"] == csv_split:
+        row_split = chexpert_plus_split(row["split"], row.get("deid_patient_id") or _patient_key(row["path_to_image"]))
+        present.add(row_split)
+        if row_split == split:
             groups.setdefault(_study_key(row["path_to_image"]), []).append((line, row))
+    if split not in present:
+        raise DataError(f"{path}: no rows of split '{split}' (CSV splits: {sorted({r['split'] for r in rows})}; "
+                        f"'test' holds {CHEXPERT_PLUS_TEST_FRACTION:.0%} of the 'train' patients)")
 
     log = _SkipLog(path, on_error)
     studies = []

@@ -1,9 +1,10 @@
-"""Named LLM settings for the report generator.
+"""LLM settings for the report generator.
 
 "tiny" models are built in-process from a config (random weights, vocabulary from our word-level
-tokenizer) so tests and the CPU demo need no download. Every other name is a pretrained model that
-must already sit in a local directory (``config.json`` + safetensors, as ``save_pretrained`` writes);
-the name only pins which architecture that directory has to contain, so a wrong path fails early.
+tokenizer) so tests and the CPU demo need no download. Any other name is a pretrained Hugging Face causal
+LM (Llama, Qwen2/3, Mistral, Vicuna, ...) that must already sit in the local directory ``llm_path``
+(``config.json`` + safetensors, as ``save_pretrained`` writes); its width comes from that config. The names
+in ``PRETRAINED_LLMS`` are shortcuts that also pin the architecture, so a wrong path fails early.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedModel, Qwen2Config
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +25,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass(frozen=True)
 class PretrainedLLM:
-    """What a named pretrained LLM's local ``config.json`` must declare."""
+    """What a shortcut name's local ``config.json`` must declare."""
 
     model_type: str
     hidden_size: int
@@ -31,6 +33,8 @@ class PretrainedLLM:
 
 TINY_LLMS = {"tiny": "llama", "tiny-llama": "llama", "tiny-qwen2": "qwen2"}
 
+# Shortcuts only: any other name loads whatever causal LM ``llm_path`` holds. A shortcut also checks that the
+# folder holds that model, so a wrong path fails before training.
 PRETRAINED_LLMS = {
     "llama-2-7b": PretrainedLLM("llama", 4096),
     "llama-3.2-1b": PretrainedLLM("llama", 2048),
@@ -38,8 +42,6 @@ PRETRAINED_LLMS = {
     "qwen2.5-1.5b": PretrainedLLM("qwen2", 1536),
     "qwen2.5-7b": PretrainedLLM("qwen2", 3584),
 }
-
-LLM_NAMES = (*TINY_LLMS, *PRETRAINED_LLMS)
 
 
 def tiny_text_config(
@@ -69,14 +71,18 @@ def tiny_text_config(
 
 
 def check_llm_path(name: str, path: str | Path | None) -> Path:
-    """Checks that ``path`` holds the pretrained LLM ``name`` and returns it.
+    """Checks that ``path`` holds a Hugging Face causal LM (of the architecture ``name`` pins, for a shortcut).
+
+    Args:
+        name: a ``PRETRAINED_LLMS`` shortcut, or any label (e.g. "llama-3.1-8b") for the LLM in ``path``.
+        path: its local folder (``config.json`` + weights, as ``save_pretrained`` writes).
 
     Raises:
-        ValueError: for an unknown name, a missing directory or ``config.json``, or an architecture that
-            does not match the name.
+        ValueError: a tiny name, a missing directory or ``config.json``, a model type transformers cannot load
+            as a causal LM, or an architecture that does not match the shortcut.
     """
-    if name not in PRETRAINED_LLMS:
-        raise ValueError(f"unknown pretrained LLM {name!r}; choose one of {sorted(PRETRAINED_LLMS)}")
+    if name in TINY_LLMS:
+        raise ValueError(f"LLM {name!r} is built in-process and takes no llm_path")
     if path is None:
         raise ValueError(f"LLM {name!r} needs llm_path: a local directory with its config.json and weights")
     path = Path(path)
@@ -84,13 +90,18 @@ def check_llm_path(name: str, path: str | Path | None) -> Path:
     if not config_file.is_file():
         raise ValueError(f"llm_path for {name!r} has no config.json: {config_file} does not exist")
     declared = json.loads(config_file.read_text())
-    expected = PRETRAINED_LLMS[name]
-    got = (declared.get("model_type"), declared.get("hidden_size"))
-    if got != (expected.model_type, expected.hidden_size):
-        raise ValueError(
-            f"{config_file} declares model_type/hidden_size {got}, but {name!r} is "
-            f"({expected.model_type!r}, {expected.hidden_size})"
-        )
+    model_type = declared.get("model_type")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ValueError(f"{config_file}: model_type {model_type!r} is not a causal LM this transformers version "
+                         "can load (AutoModelForCausalLM)")
+    expected = PRETRAINED_LLMS.get(name)
+    if expected is not None:
+        got = (model_type, declared.get("hidden_size"))
+        if got != (expected.model_type, expected.hidden_size):
+            raise ValueError(
+                f"{config_file} declares model_type/hidden_size {got}, but {name!r} is "
+                f"({expected.model_type!r}, {expected.hidden_size}); use another llm name for other models"
+            )
     return path
 
 

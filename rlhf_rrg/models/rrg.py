@@ -31,7 +31,7 @@ from transformers import (
 )
 
 from rlhf_rrg.export.remote_code import write_remote_code
-from rlhf_rrg.models.llm_configs import DTYPES, LLM_NAMES, TINY_LLMS, load_pretrained_llm, tiny_text_config
+from rlhf_rrg.models.llm_configs import DTYPES, PRETRAINED_LLMS, TINY_LLMS, load_pretrained_llm, tiny_text_config
 from rlhf_rrg.models.processor import ImageInput, RRGProcessor
 from rlhf_rrg.models.tokenizer import IMAGE_TOKEN, add_image_token
 from rlhf_rrg.models.vision import VISION_CONFIGS, tiny_vision_config
@@ -78,7 +78,9 @@ class RRGModelConfig:
         default="tiny-vit",
         metadata={"help": "'tiny-vit' | 'tiny-vim' | 'tiny-arm', or a directory with an exported vision encoder."},
     )
-    llm: str = field(default="tiny", metadata={"help": f"LLM name, one of {list(LLM_NAMES)}."})
+    llm: str = field(default="tiny", metadata={
+        "help": f"{list(TINY_LLMS)} (built in-process), or any name for the Hugging Face causal LM in llm_path; "
+                f"the shortcuts {list(PRETRAINED_LLMS)} also check its architecture."})
     llm_path: str | None = field(
         default=None, metadata={"help": "Local directory with the pretrained LLM (required unless llm is tiny)."}
     )
@@ -97,8 +99,6 @@ class RRGModelConfig:
     lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "LoRA settings."})
 
     def __post_init__(self) -> None:
-        if self.llm not in LLM_NAMES:
-            raise ValueError(f"llm must be one of {list(LLM_NAMES)}, got {self.llm!r}")
         if self.llm not in TINY_LLMS and self.llm_path is None:
             raise ValueError(f"llm_path is required for the pretrained LLM {self.llm!r}")
         if self.llm_dtype not in DTYPES:

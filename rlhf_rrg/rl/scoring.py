@@ -11,6 +11,7 @@ import torch
 
 from rewards import REGISTRY, CompositeReward, Reward, RewardOutput, build_reward_from_config, default_reward
 from rewards.base import score_nonempty
+from rewards.weights import WeightsNotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +25,10 @@ class RewardConfig:
     funcs: list[Any] = field(default_factory=lambda: ["radcliq_v1"], metadata={
         "help": "registry names, dotted paths 'pkg.mod:fn' or {name, weight, kwargs} mappings; one registry name "
                 "without weights falls back to the weight-free clinical_offline reward when its model weights "
-                "are missing"})
+                "are missing, unless reward.require_weights"})
+    require_weights: bool = field(default=False, metadata={
+        "help": "a model-based reward (e.g. radcliq_v1) whose weights are missing stops the stage before training, "
+                "naming the missing files, instead of falling back to clinical_offline with a warning"})
     weights: list[float] | None = field(default=None, metadata={"help": "one weight per entry of funcs"})
     empty_reward: float | None = field(default=None, metadata={
         "help": "reward of empty reports; None uses the reward's own worst value (required for rewards without "
@@ -42,17 +46,31 @@ class RewardConfig:
             raise ValueError(f"reward.weights has {len(self.weights)} entries for {len(self.funcs)} reward.funcs")
 
 
-def build_stage_reward(funcs: list[Any], weights: list[float] | None, device: str = "cpu") -> Reward:
+def build_stage_reward(
+    funcs: list[Any], weights: list[float] | None, device: str = "cpu", require_weights: bool = False
+) -> Reward:
     """The configured reward; a lone model-based registry name goes through :func:`rewards.default_reward`.
 
     Args:
         funcs: Reward specs (see :func:`rewards.build_reward`).
         weights: Their weights, or None.
         device: Device of model-based rewards.
+        require_weights: load a model-based reward's weights now and fail if they are missing (no fallback).
+
+    Raises:
+        rewards.weights.WeightsNotFoundError: ``require_weights`` and a model's weights are missing (the message
+            names the file and where it was searched).
     """
     reward = build_reward_from_config(funcs, weights)
+    if require_weights and hasattr(reward, "load"):
+        try:
+            reward.load()
+        except WeightsNotFoundError as err:
+            raise WeightsNotFoundError(f"reward.require_weights is true and reward {reward.name!r} cannot load its "
+                                       f"weights (set reward.require_weights false to fall back to the weight-free "
+                                       f"clinical_offline reward): {err}") from None
     # Only model-based rewards (those with weights to load) have the weight-free fallback.
-    if len(funcs) == 1 and weights is None and funcs[0] in REGISTRY and hasattr(reward, "load") \
+    elif len(funcs) == 1 and weights is None and funcs[0] in REGISTRY and hasattr(reward, "load") \
             and not isinstance(reward, CompositeReward):
         reward = default_reward(prefer=funcs[0], device=device)
     logger.info("reward: %s (configured %s)", reward.name, funcs)

@@ -135,7 +135,8 @@ def write_chexpert_plus_fixture(root: Path, seed: int = 0) -> tuple[FixturePaths
     holding ``.png`` files (16-bit), plus a CXPMRG-Bench style ``annotation.json`` over the same root.
 
     Studies: train patient00001/study1 (frontal + lateral, findings), train patient00002/study1 (no findings
-    section), valid patient00003/study1 (frontal only, findings).
+    section), valid patient00003/study1 (frontal only, findings), train patient00006/study1 (frontal only,
+    findings; in the test split carved from train).
 
     Returns:
         (csv fixture, json fixture); the CSV's ``path_to_image`` needs ``image_suffix=".png"``.
@@ -158,6 +159,8 @@ def write_chexpert_plus_fixture(root: Path, seed: int = 0) -> tuple[FixturePaths
         ),
         ("train/patient00002/study1/view1_frontal.jpg", "Frontal", "patient00002", ""),
         ("valid/patient00003/study1/view1_frontal.jpg", "Frontal", "patient00003", "Small right pleural effusion."),
+        # A training patient that the patient-level hold-out puts in our test split.
+        ("train/patient00006/study1/view1_frontal.jpg", "Frontal", "patient00006", "Mild cardiomegaly."),
     ]
     csv_path = base / "df_chexpert_plus_240401.csv"
     base.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,7 @@
 # Shared by the numbered reproduction scripts (sourced, never run): dataset settings, input checks, launch line.
 # Every path lives under RRG_HOME: data in $RRG_HOME/data/<dataset>, runs in $RRG_HOME/runs/<dataset>.
+# Arguments after the dataset are passed on as overrides (stage keys such as --train.max_steps 2 for 02..05,
+# --data.* keys for 01, evaluate_run options for 06); they come last, so they win over the script's own.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -33,6 +35,7 @@ case " $DATASETS " in
   *" $DATASET "*) ;;
   *) fail "usage: $SCRIPT <dataset>, one of: $DATASETS (got '${DATASET}')" ;;
 esac
+EXTRA=("${@:2}")
 . "$REPO/scripts/datasets/$DATASET.env"
 
 ANNOTATION=$RRG_HOME/$RRG_ANNOTATION
@@ -55,11 +58,12 @@ need_stage_config() {
   need "accelerate_configs/$ACCEL" "set ACCEL to a file in accelerate_configs/"
 }
 
-# launch_stage STAGE [overrides...]: one stage under accelerate with the dataset's data and seed settings.
+# launch_stage STAGE [overrides...]: one stage under accelerate with the dataset's data and seed settings, then
+# the script's overrides, then the user's extra arguments.
 launch_stage() {
   local stage=$1
   shift
   accelerate launch --config_file "accelerate_configs/$ACCEL" "stages/$stage.py" \
     --config "stages/configs/$stage/$DATASET.yaml" --run.run_root "$RUN_ROOT" --run.seed "$SEED" \
-    "${DATA_ARGS[@]}" "$@"
+    "${DATA_ARGS[@]}" "$@" "${EXTRA[@]}"
 }

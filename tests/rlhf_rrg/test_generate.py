@@ -14,7 +14,7 @@ from rlhf_rrg.data.images import load_image
 from rlhf_rrg.inference import ReportGenerator
 from rlhf_rrg.models.generator import PromptingConfig
 from rlhf_rrg.retrieval.context import ContextConfig
-from rlhf_rrg.testing.fixtures import write_iu_xray_fixture
+from rlhf_rrg.testing.fixtures import write_chexpert_plus_fixture, write_iu_xray_fixture
 from rlhf_rrg.testing.tiny_models import tiny_rrg
 
 
@@ -126,7 +126,7 @@ def test_cli_errors_name_the_bad_input(tiny_export: Path, tmp_path: Path) -> Non
         gen.main(["--checkpoint", str(tiny_export), "--images", str(broken), "--out", out])
     with pytest.raises(SystemExit, match="--study-views 2 but checkpoint"):
         gen.main(["--checkpoint", str(tiny_export), "--images", str(broken), "--study-views", "2", "--out", out])
-    assert not Path(out).exists()
+    assert Path(out).read_text() == ""
 
 
 def test_cli_annotation_split_with_two_view_export(tmp_path: Path) -> None:
@@ -157,3 +157,52 @@ def test_cli_annotation_split_with_two_view_export(tmp_path: Path) -> None:
     assert all(isinstance(r["report"], str) for r in rows)
     with pytest.raises(SystemExit):
         gen.main(["--checkpoint", str(export), "--annotation", str(data.annotation_path), "--out", str(out)])
+
+
+class FailingGenerator(SpyGenerator):
+    """Fails on its ``fail_at``-th generate call, as a crash in a late batch would."""
+
+    def __init__(self, views: int, fail_at: int) -> None:
+        super().__init__(views)
+        self.fail_at = fail_at
+
+    def generate(self, pixel_values, ids=None, max_new_tokens=100, num_beams=1):
+        if len(self.calls) + 1 == self.fail_at:
+            raise ValueError("generation failed")
+        return super().generate(pixel_values, ids, max_new_tokens, num_beams)
+
+
+def test_reports_are_streamed_so_a_late_error_keeps_earlier_ones(tmp_path: Path, monkeypatch) -> None:
+    images = [str(_png(tmp_path / f"img{i}.png", 30 * i)) for i in range(5)]
+    monkeypatch.setattr(gen, "load_generator", lambda path, device: FailingGenerator(views=1, fail_at=3))
+    out = tmp_path / "reports.jsonl"
+    with pytest.raises(SystemExit, match=rf"generation failed \(4 reports generated before it are in {out}\)"):
+        gen.main(["--checkpoint", "x", "--images", *images, "--batch-size", "2", "--out", str(out)])
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == images[:4]
+
+
+def test_on_error_skip_drops_and_counts_bad_studies(tmp_path: Path, monkeypatch, caplog) -> None:
+    images = [str(_png(tmp_path / f"img{i}.png", 30 * i)) for i in range(3)]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    monkeypatch.setattr(gen, "load_generator", lambda path, device: SpyGenerator(views=1))
+    argv = ["--checkpoint", "x", "--images", images[0], str(broken), *images[1:], "--out", str(tmp_path / "r.jsonl")]
+    with pytest.raises(SystemExit, match="broken.png: cannot decode image"):
+        gen.main(argv)
+    with caplog.at_level("INFO", logger="rlhf_rrg.generate"):
+        rows = gen.main([*argv, "--on-error", "skip", "--batch-size", "2"])
+    assert [r["id"] for r in rows] == images
+    assert "wrote 3 reports" in caplog.text and "skipped 1 studies (bad_image: 1)" in caplog.text
+
+
+def test_chexpert_plus_csv_options(tmp_path: Path, monkeypatch, caplog) -> None:
+    csv_fx, _ = write_chexpert_plus_fixture(tmp_path)
+    monkeypatch.setattr(gen, "load_generator", lambda path, device: SpyGenerator(views=1))
+    argv = ["--checkpoint", "x", "--annotation", str(csv_fx.annotation_path), "--image-root", str(csv_fx.image_root),
+            "--out", str(tmp_path / "r.jsonl")]
+    (row,) = gen.main([*argv, "--image-suffix", ".png", "--split", "test"])
+    assert row["id"] == "train/patient00006/study1" and row["images"][0].endswith("view1_frontal.png")
+    # As listed in the CSV (.jpg) the images are missing; the study without findings is counted on its own.
+    with caplog.at_level("INFO", logger="rlhf_rrg.generate"):
+        assert gen.main([*argv, "--split", "train", "--skip-empty-findings", "--on-error", "skip"]) == []
+    assert "skipped 2 studies (empty_findings: 1, missing_image: 1)" in caplog.text

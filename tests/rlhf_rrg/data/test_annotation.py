@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_rrg.data.annotation import DataError, read_chexpert_plus_csv, read_r2gen_annotation
+from rlhf_rrg.data.annotation import (
+    CHEXPERT_PLUS_TEST_FRACTION,
+    DataError,
+    chexpert_plus_split,
+    read_chexpert_plus_csv,
+    read_r2gen_annotation,
+)
 from rlhf_rrg.testing.fixtures import (
     IU_REPORTS,
     write_chexpert_plus_fixture,
@@ -65,12 +71,27 @@ def test_chexpert_plus_csv_errors(tmp_path: Path) -> None:
         read_chexpert_plus_csv(path, root, "train", skip_empty_findings=True)
     skipped = read_chexpert_plus_csv(path, root, "train", on_error="skip")
     assert len(skipped) == 0 and skipped.skipped == {"empty_report": 1, "missing_image": 1}
-    with pytest.raises(DataError, match=r"missing split 'test' \(present: \['train', 'valid'\]\)"):
-        read_chexpert_plus_csv(path, root, "test")
+    only_valid = tmp_path / "valid_only.csv"
+    only_valid.write_text("".join(line for line in path.read_text().splitlines(keepends=True)
+                                  if not line.startswith("train/")))
+    with pytest.raises(DataError, match=r"no rows of split 'test' \(CSV splits: \['valid'\]"):
+        read_chexpert_plus_csv(only_valid, root, "test")
     bad = tmp_path / "bad.csv"
     bad.write_text("path_to_image,split\nx.png,train\n")
     with pytest.raises(DataError, match=r"bad\.csv: missing column 'section_findings'"):
         read_chexpert_plus_csv(bad, root, "train")
+
+
+def test_chexpert_plus_test_split_is_a_patient_level_hold_out_of_train(tmp_path: Path) -> None:
+    csv_fx, _ = write_chexpert_plus_fixture(tmp_path)
+    (study,) = read_chexpert_plus_csv(csv_fx.annotation_path, csv_fx.image_root, "test", image_suffix=".png")
+    assert (study.id, study.split, study.report) == ("train/patient00006/study1", "test", "Mild cardiomegaly.")
+    # The hold-out is decided per patient (a hash of the id), so it does not depend on row order.
+    patients = [f"patient{i:05d}" for i in range(2000)]
+    held_out = {p for p in patients if chexpert_plus_split("train", p) == "test"}
+    assert abs(len(held_out) / len(patients) - CHEXPERT_PLUS_TEST_FRACTION) < 0.02
+    assert chexpert_plus_split("valid", "patient00006") == "val"
+    assert chexpert_plus_split("train", "patient00006", test_fraction=0.0) == "train"
 
 
 def test_chexpert_plus_json(tmp_path: Path) -> None:

@@ -172,7 +172,7 @@ def test_pretrained_llm_is_grafted_and_embeddings_resized(tmp_path):
 def test_config_errors_name_the_field_and_path(tmp_path):
     with pytest.raises(ValueError, match="llm_path"):
         RRGModelConfig(llm="qwen2.5-0.5b")
-    with pytest.raises(ValueError, match="llm must be one of"):
+    with pytest.raises(ValueError, match="llm_path is required for the pretrained LLM 'gpt-5'"):
         RRGModelConfig(llm="gpt-5")
     with pytest.raises(ValueError, match="tiny-vit"):
         RRGModelConfig(vision=str(tmp_path / "nowhere"))

@@ -3,6 +3,7 @@ import math
 import pytest
 
 from rewards import RewardOutput
+from rewards.weights import WeightsNotFoundError
 from rlhf_rrg.rl.scoring import (
     NonFiniteRewardError,
     RewardConfig,
@@ -66,6 +67,15 @@ def test_config_swaps_rewards_and_falls_back_without_weights(monkeypatch, tmp_pa
     assert build_stage_reward(["radcliq_v1"], None).name == "clinical_offline"
     user = build_stage_reward([f"{CountingReward.__module__}:CountingReward"], None)
     assert user.score(["a b c"], ["r"]).scores == [3.0]
+
+
+def test_required_weights_turn_the_fallback_into_an_error_naming_the_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("RRG_RADGRAPH_PATH", str(tmp_path / "radgraph.tar.gz"))
+    with pytest.raises(WeightsNotFoundError, match=rf"require_weights .*{tmp_path}/radgraph.tar.gz.* does not exist"):
+        build_stage_reward(["radcliq_v1"], None, require_weights=True)
+    assert build_stage_reward(["radcliq_v1"], None, require_weights=False).name == "clinical_offline"
+    # Weight-free rewards have nothing to require.
+    assert build_stage_reward(["chexpert_f1"], None, require_weights=True).name == "chexpert_f1"
 
 
 def test_reward_config_validates_weights():
