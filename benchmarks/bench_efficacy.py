@@ -1,0 +1,146 @@
+"""Does RL turn what the model sees into what it writes? Every RL algorithm from one SFT export, at an equal
+budget of sampled reports, scored on the test split next to the export's probe ceiling.
+
+    python benchmarks/bench_efficacy.py --run-root rrg_home/runs/demo            # after scripts/smoke_cpu.sh
+    python benchmarks/bench_efficacy.py --run-root R --variants rloo,scst --budget 3840 --threads 1
+
+For each variant (``VARIANTS``) the RL stage runs as a user runs it (``accelerate launch stages/ppo.py`` on the
+stage config, ``--run.init_from <run-root>/sft/export``, a run root under ``--out``) with ``train.max_steps = budget /
+(batch_size * num_samples)``; its export then generates greedy reports for the whole test split. The table gives
+CE (CheXpert-14 micro, rule labeler, positives only) P/R/F1, BLEU-4, ROUGE-L, mean length / reference length,
+distinct-2, the share of reports repeating a sentence, the mean training reward of the greedy test reports, and the
+stage's wall time. Above them: the linear probe on the SFT export's frozen pooled vision features (fit on train,
+per-observation thresholds from val), the SFT clue head, and the SFT reports; "gap closed" is
+``(F1_rl - F1_sft) / (F1_probe - F1_sft)``. Threads are pinned (``--threads``) and printed with the load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from rlhf_rrg.config import load_config
+from rlhf_rrg.data.dataset import DataConfig, build_dataset
+from rlhf_rrg.evaluate_run import resolve_data_config
+from rlhf_rrg.evaluation import EvalConfig, generate_and_score, with_context
+from rlhf_rrg.models.generator import ReportGenerator
+from rlhf_rrg.probe import probe_export
+from rlhf_rrg.rl.monitors import text_statistics
+from rlhf_rrg.rl.scoring import build_stage_reward, empty_report_reward, score_reports
+
+REPO = Path(__file__).resolve().parents[1]
+COLUMNS = ("CE-F1", "CE-P", "CE-R", "B4", "R-L", "len", "dist-2", "rep", "reward", "steps", "wall s")
+# Runs the table compares: name -> stage overrides on top of the config. PPO cannot sample clue statements (its
+# ratio and value head are per token), so it trains the LLM, with the settings of the earlier LLM-training demo;
+# "rloo-llm" is RLOO on the LLM alone at the same budget, to show what the clue action adds.
+VARIANTS: dict[str, list[str]] = {
+    "ppo-llm": ["--algo", "ppo", "--pg.train_clues", "false", "--optim.lr", "2e-4", "--generation.temperature", "0.7"],
+    "scst": ["--algo", "scst"],
+    "rloo": ["--algo", "rloo"],
+    "grpo": ["--algo", "grpo"],
+    "rloo-llm": ["--algo", "rloo", "--pg.train_clues", "false", "--optim.lr", "2e-5"],
+}
+
+
+def load_stage_config(config: Path, overrides: list[str]):
+    """The RL stage's resolved config (imports ``stages/ppo.py`` for its dataclass)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("stage_ppo", REPO / "stages" / "ppo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return load_config(module.PPOStageConfig, config, overrides)
+
+
+def row(scores: dict[str, float], rows: list[dict], reward, worst: float) -> dict[str, float]:
+    predictions, references = [r["prediction"] for r in rows], [r["reference"] for r in rows]
+    text = text_statistics(predictions, references)
+    mean_reward = sum(score_reports(reward, predictions, references, worst).scores) / len(rows)
+    return {"CE-F1": scores["ce/micro_f1_14"], "CE-P": scores["ce/micro_precision_14"],
+            "CE-R": scores["ce/micro_recall_14"], "B4": scores["bleu_4"], "R-L": scores["rouge_l"],
+            "len": text["length_ratio"], "dist-2": text["distinct_2"], "rep": text["repeated_sentence_rate"],
+            "reward": mean_reward}
+
+
+def format_row(name: str, values: dict[str, float]) -> str:
+    cells = []
+    for column in COLUMNS:
+        value = values.get(column)
+        cells.append("" if value is None else f"{value:.0f}" if column in ("steps", "wall s") else f"{value:.3f}")
+    return f"| {name} | " + " | ".join(cells) + " |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-root", type=Path, required=True, help="run root with sft/export (and its config)")
+    parser.add_argument("--config", type=Path, default=REPO / "stages/configs/ppo/debug.yaml")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {list(VARIANTS)}")
+    parser.add_argument("--budget", type=int, default=0,
+                        help="sampled reports per algorithm; 0: the config's max_steps * batch_size * num_samples")
+    parser.add_argument("--out", type=Path, default=None, help="run roots and results (default <run-root>/efficacy)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads here and in every stage run")
+    parser.add_argument("--max-new-tokens", type=int, default=60)
+    args, extra = parser.parse_known_args()
+    torch.set_num_threads(args.threads)
+    out = args.out or args.run_root / "efficacy"
+    out.mkdir(parents=True, exist_ok=True)
+    sft_export = args.run_root / "sft" / "export"
+    data: DataConfig = resolve_data_config(args.run_root, [])
+    data_args = ["--data.annotation_path", str(data.annotation_path), "--data.image_root", str(data.image_root)]
+    cfg = load_stage_config(args.config, [*data_args, *extra])
+    per_step = cfg.train.batch_size * cfg.generation.num_samples
+    steps = max(1, (args.budget or cfg.train.max_steps * per_step) // per_step)
+    reward = build_stage_reward(cfg.reward.funcs, cfg.reward.weights)
+    worst = empty_report_reward(reward, cfg.reward.empty_reward)
+    eval_cfg = EvalConfig(split="test", batch_size=16, max_new_tokens=args.max_new_tokens)
+    print(f"threads {args.threads}, load average {os.getloadavg()[0]:.1f}; budget {steps * per_step} sampled "
+          f"reports per algorithm ({steps} steps x {cfg.train.batch_size} studies x {cfg.generation.num_samples})",
+          flush=True)
+
+    # 1. the ceiling: probe, clue head and SFT reports on test
+    sft = ReportGenerator.from_export(sft_export)
+    test = build_dataset(data, "test", train=False)
+    probe, sft_scores, sft_rows = probe_export(sft, build_dataset(data, "train", train=False),
+                                               build_dataset(data, "val", train=False), test, eval_cfg)
+    results = {"sft": row(sft_scores, sft_rows, reward, worst)}
+
+    # 2. each algorithm at the same budget, run as a user runs it
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    for algo in [a for a in args.variants.split(",") if a]:
+        run_root = out / algo
+        command = ["accelerate", "launch", "--config_file", str(REPO / "accelerate_configs/cpu_debug.yaml"),
+                   str(REPO / "stages/ppo.py"), "--config", str(args.config), *data_args, *VARIANTS[algo],
+                   "--run.run_root", str(run_root), "--run.init_from", str(sft_export),
+                   "--train.max_steps", str(steps), "--run.overwrite", "true", *extra]
+        start = time.perf_counter()
+        subprocess.run(command, check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL)
+        wall = time.perf_counter() - start
+        policy = ReportGenerator.from_export(run_root / "ppo" / "export")
+        scores, rows = generate_and_score(policy, with_context(policy, test, exclude_self=False), eval_cfg)
+        results[algo] = {**row(scores, rows, reward, worst), "steps": steps, "wall s": wall}
+        print(f"{algo}: test CE-F1 {results[algo]['CE-F1']:.3f} in {wall:.0f} s", flush=True)
+
+    # 3. one table
+    ceiling, start_f1 = probe.micro["probe"]["f1"], results["sft"]["CE-F1"]
+    lines = [f"| source | {' | '.join(COLUMNS)} |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for source, name in (("probe", "probe ceiling (frozen features)"), ("clue head", "sft clue head")):
+        if source in probe.micro:
+            micro = probe.micro[source]
+            lines.append(format_row(name, {"CE-F1": micro["f1"], "CE-P": micro["precision"], "CE-R": micro["recall"]}))
+    lines += [format_row(name, values) for name, values in results.items()]
+    gaps = [f"{name} {(v['CE-F1'] - start_f1) / (ceiling - start_f1):+.2f}"
+            for name, v in results.items() if name != "sft" and ceiling > start_f1]
+    table = "\n".join(lines) + f"\n\ngap to the probe ceiling closed: {', '.join(gaps)}\n"
+    (out / "efficacy.md").write_text(table, encoding="utf-8")
+    (out / "efficacy.json").write_text(json.dumps({"probe": probe.to_json(), "results": results}, indent=2) + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
