@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from rlhf_rrg.checkpoint import CheckpointConfig
 from rlhf_rrg.config import parse_stage_args
 from rlhf_rrg.data.collate import ReportTextCollator
-from rlhf_rrg.data.dataset import DataConfig, build_dataset
+from rlhf_rrg.data.dataset import DataConfig, build_dataset, labels_tensor
 from rlhf_rrg.losses.contrastive import ClipLoss, ContrastiveConfig
 from rlhf_rrg.models.rrg import build_vision_model
 from rlhf_rrg.models.study_aligner import StudyAligner, StudyAlignerConfig, build_study_aligner, save_aligner
@@ -108,9 +108,10 @@ def main(cfg: AlignStageConfig) -> None:
         out = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
         return out.loss, {"logit_scale": core.aligner.loss.scale().item()}
 
-    # 5. evaluate: Recall@K on the whole val split, duplicate reports counted as hits
+    # 5. evaluate: Recall@K on the whole val split (duplicate reports counted as hits) and label-aware retrieval
     def eval_fn(model) -> dict[str, float]:
-        return evaluate_retrieval(core, val_loader, val_set.report, cfg.eval.ks, accelerator.gather_for_metrics)
+        return evaluate_retrieval(core, val_loader, val_set.report, cfg.eval.ks, accelerator.gather_for_metrics,
+                                  lambda i: labels_tensor(val_set.studies[i].labels), cfg.eval.label_k)
 
     # 6. export: vision tower for sft, text tower and heads for retrieval; the marker goes last
     def export_fn(unwrapped: StudyAligner) -> None:

@@ -35,6 +35,7 @@ from rlhf_rrg.models.rrg import RRGModelConfig, apply_lora, build_processor, bui
 from rlhf_rrg.models.tokenizer import build_word_tokenizer
 from rlhf_rrg.optim import OptimConfig, build_optimizer, build_scheduler
 from rlhf_rrg.retrieval.context import check_report_sharing
+from rlhf_rrg.retrieval.metrics import LABEL_K, leave_one_out_label_match
 from rlhf_rrg.retrieval.retriever import ContextRetriever, dataset_neighbours
 from rlhf_rrg.runroot import resolve_init, writing_export
 from rlhf_rrg.stage_setup import RunConfig, setup_stage
@@ -130,6 +131,10 @@ def main(cfg: SFTStageConfig) -> None:
 
     # 3. context retrieval (R2GenCSR): bank of training studies, neighbours of every study
     retriever, neighbours = build_retriever(cfg, vision, ContextDataset(bank_set), ContextDataset(val_set))
+    if retriever is not None:
+        # How often a training study's nearest bank studies share its findings, against random retrieval.
+        quality = leave_one_out_label_match(retriever.bank.embeddings, retriever.bank.labels, LABEL_K)
+        ctx.metric_logger.log_dict({f"bank/{k}": v for k, v in quality.items()}, 0)
     train_data = ContextDataset(train_set, retriever, neighbours["train"])
     val_data = ContextDataset(val_set, retriever, neighbours["val"])
     generator = ReportGenerator(model, processor, cfg.prompting, retriever, clue_head)

@@ -49,6 +49,9 @@ def test_loss_falls_and_recall_beats_chance(memorised_val, tmp_path):
     assert final["eval/i2t_recall@5"] >= 5 / 16 + 3 / 16 and final["eval/t2i_recall@5"] >= 5 / 16 + 3 / 16
     assert final["eval/i2t_recall@1"] + final["eval/t2i_recall@1"] > 2 / 16
     assert final["eval/i2t_recall@1"] <= final["eval/i2t_recall@5"]
+    assert final["eval/recall@5_chance"] == pytest.approx(5 / 16)
+    for key in ("i2t_label_match@5", "i2i_label_match@5"):
+        assert 0 <= final[f"eval/{key}_chance"] <= 1 and 0 <= final[f"eval/{key}"] <= 1
     assert (tmp_path / "align" / "export" / EXPORT_MARKER).is_file()
 
 

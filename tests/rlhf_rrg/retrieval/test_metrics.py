@@ -1,7 +1,13 @@
 import pytest
 import torch
 
-from rlhf_rrg.retrieval.metrics import retrieval_recall_at_k
+from rewards.observations import BLANK, NEGATIVE, POSITIVE
+from rlhf_rrg.retrieval.metrics import (
+    label_match_at_k,
+    leave_one_out_label_match,
+    recall_chance,
+    retrieval_recall_at_k,
+)
 
 # With text embeddings = identity, image_emb @ text_emb.T is this matrix itself: row i = image i's
 # similarity to reports 0..3. Ranks of the true pair, worked out by hand:
@@ -27,6 +33,10 @@ def test_recall_by_hand():
         "t2i_recall@1": 0.25,
         "t2i_recall@2": 1.0,
         "t2i_recall@4": 1.0,
+        # One relevant report out of 4: chance is k / 4.
+        "recall@1_chance": 0.25,
+        "recall@2_chance": 0.5,
+        "recall@4_chance": 1.0,
     }
 
 
@@ -37,6 +47,10 @@ def test_duplicate_reports_count_as_hits():
     assert got["i2t_recall@1"] == 0.5
     assert got["i2t_recall@2"] == 0.75
     assert got["t2i_recall@1"] == 0.25
+    # Rows 0 and 1 have 2 relevant reports of 4 (a random top-1 hits with 1/2, a random top-2 misses only when it
+    # picks both others: 1 - 1/6), rows 2 and 3 have one (1/4 and 1/2).
+    assert got["recall@1_chance"] == pytest.approx((0.5 + 0.5 + 0.25 + 0.25) / 4)
+    assert got["recall@2_chance"] == pytest.approx((5 / 6 + 5 / 6 + 0.5 + 0.5) / 4)
 
 
 def test_duplicates_help_report_to_image_too():
@@ -49,7 +63,58 @@ def test_duplicates_help_report_to_image_too():
 
 def test_perfect_embeddings_give_full_recall():
     emb = torch.nn.functional.normalize(torch.randn(6, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
-    assert set(retrieval_recall_at_k(emb, emb, ks=(1,)).values()) == {1.0}
+    got = retrieval_recall_at_k(emb, emb, ks=(1,))
+    assert got["i2t_recall@1"] == got["t2i_recall@1"] == 1.0
+    assert got["recall@1_chance"] == pytest.approx(1 / 6)
+
+
+def test_recall_chance_by_hand():
+    # n = 5; a row with r = 2 relevant misses a random top-2 with C(3, 2) / C(5, 2) = 3 / 10.
+    relevant = torch.tensor([[1, 1, 0, 0, 0], [0, 0, 1, 0, 0]], dtype=torch.bool)
+    got = recall_chance(relevant, (1, 2, 5))
+    assert got[1] == pytest.approx((2 / 5 + 1 / 5) / 2)
+    assert got[2] == pytest.approx((7 / 10 + 2 / 5) / 2)
+    assert got[5] == pytest.approx(1.0)
+
+
+def labels(*positives: set[int], negated: int | None = None):
+    """(n, 14) codes: POSITIVE at the given observations, NEGATIVE at ``negated``, BLANK elsewhere."""
+    out = torch.full((len(positives), 14), BLANK)
+    for row, pos in enumerate(positives):
+        out[row, list(pos)] = POSITIVE
+        if negated is not None and negated not in pos:
+            out[row, negated] = NEGATIVE
+    return out
+
+
+def test_label_match_by_hand():
+    # Queries: A = {2}, B = {} (normal). Candidates: {2}, {2} with obs 5 negated (same positives), {3}, {}.
+    query = labels({2}, set())
+    cands = torch.cat([labels({2}), labels({2}, negated=5), labels({3}, set())])
+    sims = torch.tensor([[0.9, 0.1, 0.8, 0.0],   # top-2: c0 (match), c2 (no) -> 1/2
+                         [0.0, 0.5, 0.2, 0.3]])  # top-2: c1 (no), c3 (match) -> 1/2
+    got = label_match_at_k(sims, query, cands, k=2)
+    assert got["label_match@2"] == pytest.approx(0.5)
+    # Random retrieval: A matches 2 of 4 candidates, B 1 of 4.
+    assert got["label_match@2_chance"] == pytest.approx((2 / 4 + 1 / 4) / 2)
+    # Excluding c0 for A: its top-2 become c2, c1 (1/2), and its chance 1/3.
+    exclude = torch.tensor([[True, False, False, False], [False, False, False, False]])
+    got = label_match_at_k(sims, query, cands, k=2, exclude=exclude)
+    assert got["label_match@2"] == pytest.approx(0.5)
+    assert got["label_match@2_chance"] == pytest.approx((1 / 3 + 1 / 4) / 2)
+    with pytest.raises(ValueError, match="k must lie"):
+        label_match_at_k(sims, query, cands, k=4, exclude=exclude)
+    with pytest.raises(ValueError, match="does not match"):
+        label_match_at_k(sims, query[:1], cands, k=1)
+
+
+def test_leave_one_out_never_retrieves_itself():
+    # Rows 0 and 1 share findings but point apart; row 2 (other findings) sits next to row 0.
+    emb = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1]])
+    got = leave_one_out_label_match(emb, labels({1}, {1}, {4}), k=1)
+    # Row 0 -> row 2 (miss), row 1 -> row 2 (miss, 0.1 > 0), row 2 -> row 0 (miss); the self match never counts.
+    assert got["label_match@1"] == 0.0
+    assert got["label_match@1_chance"] == pytest.approx((1 / 2 + 1 / 2 + 0) / 3)
 
 
 def test_bad_inputs_are_named():

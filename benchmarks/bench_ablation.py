@@ -1,0 +1,191 @@
+"""What stages 1 and 2 buy SFT: the same SFT budget from a random encoder, the pretrain export and the align export.
+
+    python benchmarks/bench_ablation.py --sft-steps 500                      # the README table
+    python benchmarks/bench_ablation.py --sft-steps 100 --fractions 1.0      # a quicker look
+    python benchmarks/bench_ablation.py --stage-root rrg_home/runs/demo      # reuse a demo's pretrain/align exports
+
+On the embedded default (the demo's synthetic set: 1000 train / 100 val / 200 test studies, 64 px, seed 0), this
+runs stages/pretrain.py and stages/align.py on their debug configs (unless ``--stage-root`` holds their exports),
+then stages/sft.py on its debug config for ``--sft-steps`` steps from each of three tiny-arm encoders (random init,
+pretrain export, align export), on all training studies and on the first ``fraction`` of them (val and test
+unchanged). Each SFT run is evaluated once, at its last step, and exports that model. Columns, on the test split:
+
+- CE-F1: CheXpert-14 micro F1 of the greedy reports (rule labeler, as ``evaluate_run``'s CE).
+- clue F1: the export's TRRG clue head at its prompt threshold, against the gold labels.
+- probe F1: a logistic-regression probe per observation on the export's frozen pooled vision features, fit on the
+  run's training studies, threshold 0.5 (``rlhf_rrg/probe.py`` is not on this branch yet).
+- bank@5: the fraction of each training study's 5 nearest memory-bank studies (SFT's starting encoder) whose
+  positive findings equal its own, next to random retrieval's score (``bank/label_match@5`` in SFT's metrics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from rewards.clinical import ce_metrics
+from rewards.evaluate import evaluate_reports
+from rewards.observations import BLANK, POSITIVE
+from rlhf_rrg.config import load_config
+from rlhf_rrg.data.context_dataset import ContextDataset, collate_context
+from rlhf_rrg.data.dataset import build_dataset
+from rlhf_rrg.data.synthetic import SyntheticConfig, write_synthetic_dataset
+from rlhf_rrg.generate import StudyImages, generate_for_studies
+from rlhf_rrg.logging import read_jsonl
+from rlhf_rrg.models.generator import ReportGenerator
+from rlhf_rrg.retrieval.metrics import LABEL_K
+from rlhf_rrg.retrieval.retriever import embed_studies
+from rlhf_rrg.runroot import EXPORT_MARKER
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_DATA = SyntheticConfig(n_train=1000, n_val=100, n_test=200, image_size=64, seed=0)
+INITS = ("random", "pretrain", "align")
+
+
+def load_stage(name: str):
+    spec = importlib.util.spec_from_file_location(f"stage_{name}_bench", REPO / "stages" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_stage(name: str, data: Path, run_root: Path, *overrides: str):
+    module = load_stage(name)
+    config_cls = next(v for k, v in vars(module).items() if k.endswith("StageConfig"))
+    cfg = load_config(config_cls, REPO / "stages" / "configs" / name / "debug.yaml", [
+        "--run.run_root", str(run_root), "--data.annotation_path", str(data / "annotation.json"),
+        "--data.image_root", str(data / "images"), *overrides])
+    module.main(cfg)
+    return cfg
+
+
+def subset(data: Path, fraction: float, out: Path) -> Path:
+    """The first ``fraction`` of the training studies, val and test unchanged, images shared."""
+    annotation = json.loads((data / "annotation.json").read_text())
+    annotation["train"] = annotation["train"][: max(1, round(fraction * len(annotation["train"])))]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "annotation.json").write_text(json.dumps(annotation))
+    if not (out / "images").exists():
+        (out / "images").symlink_to((data / "images").resolve())
+    return out
+
+
+def fit_probe(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-3, max_iter: int = 200,
+              ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Logistic regression per column of ``y (n, 14)`` on standardised ``x (n, d)`` (L-BFGS, L2 on the weights).
+
+    Returns:
+        A function from features ``(m, d)`` to probabilities ``(m, 14)``.
+    """
+    mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
+    z, t = ((x - mean) / std).double(), y.double()
+    weight = torch.zeros(x.shape[1], y.shape[1], dtype=torch.float64, requires_grad=True)
+    # Start at the prior log-odds, so observations without positives stay silent.
+    prior = t.mean(0).clamp(1e-4, 1 - 1e-4)
+    bias = torch.log(prior / (1 - prior)).requires_grad_(True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(z @ weight + bias, t) + l2 * weight.pow(2).sum() / 2
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    weight, bias = weight.detach(), bias.detach()
+    return lambda features: torch.sigmoid(((features - mean) / std).double() @ weight + bias)
+
+
+def micro_f1(present: torch.Tensor, targets: torch.Tensor) -> float:
+    """CheXpert-14 micro F1 of ``(n, 14)`` bool predictions, positives only (CE's convention)."""
+    codes = [torch.where(m, POSITIVE, BLANK) for m in (present, targets)]
+    return ce_metrics(*codes).scores["micro_f1_14"]
+
+
+@torch.no_grad()
+def features_and_clues(generator: ReportGenerator, dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pooled vision features ``(n, d)``, clue-head probabilities ``(n, 14)`` and gold positives ``(n, 14)``."""
+    feats, probs, gold = [], [], []
+    for batch in DataLoader(ContextDataset(dataset), batch_size=32, collate_fn=collate_context):
+        feats.append(embed_studies(generator.vision_tower, batch["pixel_values"]))
+        probs.append(torch.sigmoid(generator.clue_logits(batch["pixel_values"]).float()).cpu())
+        gold.append(batch["labels"] == POSITIVE)
+    return torch.cat(feats), torch.cat(probs), torch.cat(gold)
+
+
+def evaluate_export(run_root: Path, cfg, max_new_tokens: int) -> dict[str, float]:
+    """Test CE-F1, clue-head F1, probe F1 and the memory bank's label match of one SFT run."""
+    generator = ReportGenerator.from_export(run_root / "sft" / "export").eval()
+    train, test = build_dataset(cfg.data, "train", train=False), build_dataset(cfg.data, "test", train=False)
+    studies = [StudyImages(s.id, tuple(s.image_paths[: cfg.data.views])) for s in test.studies]
+    reports = [r["report"] for r in generate_for_studies(generator, studies, 16, max_new_tokens)]
+    ce = evaluate_reports(reports, [test.report(i) for i in range(len(test))], ["ce"])["scores"]["ce/micro_f1_14"]
+    train_x, _, train_y = features_and_clues(generator, train)
+    test_x, test_probs, test_y = features_and_clues(generator, test)
+    probe = fit_probe(train_x, train_y)
+    (bank,) = [r for r in read_jsonl(run_root / "sft" / "metrics.jsonl") if f"bank/label_match@{LABEL_K}" in r]
+    return {
+        "ce_f1": ce,
+        "clue_f1": micro_f1(test_probs >= generator.prompting.clues.threshold, test_y),
+        "probe_f1": micro_f1(probe(test_x) >= 0.5, test_y),
+        "bank": bank[f"bank/label_match@{LABEL_K}"],
+        "bank_chance": bank[f"bank/label_match@{LABEL_K}_chance"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path("rrg_home/bench_ablation"), help="output folder")
+    parser.add_argument("--data-dir", type=Path, help="annotation.json + images/ (default: the demo set, written)")
+    parser.add_argument("--stage-root", type=Path, help="run root with pretrain/ and align/ exports to reuse")
+    parser.add_argument("--sft-steps", type=int, default=500, help="SFT steps of every run (debug.yaml: 500)")
+    parser.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.1], help="shares of training studies")
+    parser.add_argument("--inits", nargs="+", choices=INITS, default=list(INITS), help="SFT starting encoders")
+    parser.add_argument("--max-new-tokens", type=int, default=80, help="test generation budget (debug.yaml: 80)")
+    args = parser.parse_args()
+    if args.sft_steps < 1 or not all(0 < f <= 1 for f in args.fractions):
+        raise SystemExit("--sft-steps must be >= 1 and every --fractions value in (0, 1]")
+
+    data = args.data_dir or args.work / "data"
+    if not (data / "annotation.json").is_file():
+        write_synthetic_dataset(data, DEMO_DATA)
+    stage_root = args.stage_root or args.work / "stages"
+    start = time.perf_counter()
+    for stage in ("pretrain", "align"):
+        if not (stage_root / stage / "export" / EXPORT_MARKER).is_file():
+            run_stage(stage, data, stage_root)
+    stage_s = time.perf_counter() - start
+    init_from = {"random": "null", "pretrain": str(stage_root / "pretrain" / "export"),
+                 "align": str(stage_root / "align" / "export")}
+
+    print(f"SFT ablation: {args.sft_steps} SFT steps per run (stages/configs/sft/debug.yaml, tiny-arm encoder), "
+          f"test split of {data}; pretrain+align {stage_s:.0f} s", flush=True)
+    print(f"| init | train studies | test CE-F1 | clue F1 | probe F1 | bank label match@{LABEL_K} (random) |")
+    print("|---|---|---|---|---|---|", flush=True)
+    for fraction in args.fractions:
+        sft_data = data if fraction == 1.0 else subset(data, fraction, args.work / f"data_{fraction:g}")
+        for init in args.inits:
+            run_root = args.work / f"sft_{init}_{fraction:g}"
+            cfg = run_stage("sft", sft_data, run_root, "--run.init_from", init_from[init],
+                            "--model.vision", "tiny-arm", "--train.max_steps", str(args.sft_steps),
+                            "--train.eval_every", "0", "--checkpoint.save_every", "0",
+                            "--eval.max_new_tokens", str(args.max_new_tokens))
+            m = evaluate_export(run_root, cfg, args.max_new_tokens)
+            n_train = len(build_dataset(cfg.data, "train", train=False))
+            # Rows print as they finish, so a long run shows its table as it goes.
+            print(f"| {init} | {n_train} ({fraction:.0%}) | {m['ce_f1']:.3f} | {m['clue_f1']:.3f} "
+                  f"| {m['probe_f1']:.3f} | {m['bank']:.3f} ({m['bank_chance']:.3f}) |", flush=True)
+    print(f"total {time.perf_counter() - start:.0f} s")
+
+if __name__ == "__main__":
+    main()
