@@ -102,7 +102,7 @@ def demo_home(tmp_path, monkeypatch):
     (tmp_path / "data" / "synthetic" / "annotation.json").write_text("{}")
     export = tmp_path / "runs" / "demo" / "sft" / "export"
     export.mkdir(parents=True)
-    (export / EXPORT_MARKER).write_text("{}")
+    (export / EXPORT_MARKER).write_text('{"stage": "sft"}')
     monkeypatch.setenv("RRG_HOME", str(tmp_path))
     return tmp_path
 

@@ -28,6 +28,9 @@ def test_project_and_run_name_reach_wandb(tmp_path, monkeypatch):
         id = "run-1"
         config = types.SimpleNamespace(update=lambda *args, **kwargs: None)
 
+        def log(self, *args, **kwargs):
+            pass
+
         def finish(self):
             pass
 
