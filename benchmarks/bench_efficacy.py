@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -54,6 +55,7 @@ def load_stage_config(config: Path, overrides: list[str]):
 
     spec = importlib.util.spec_from_file_location("stage_ppo", REPO / "stages" / "ppo.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve the module's annotations through sys.modules
     spec.loader.exec_module(module)
     return load_config(module.PPOStageConfig, config, overrides)
 
