@@ -48,7 +48,7 @@ def test_accelerate_launch_runs_ppo(data_and_export, tmp_path, config, algo, pro
         "--run.run_root", str(tmp_path), "--run.init_from", str(export),
         "--data.annotation_path", str(data / "annotation.json"), "--data.image_root", str(data / "images"),
         "--train.max_steps", "2", "--train.batch_size", "4", "--generation.max_new_tokens", "8",
-        "--optim.schedule", "linear", "--optim.warmup_steps", "1",
+        "--optim.lr", "2e-4", "--optim.schedule", "linear", "--optim.warmup_steps", "1",
         "--eval.max_samples", "2", "--eval.max_new_tokens", "4",
         # PPO trains the LLM (it cannot sample clue statements; the export has no clue head either).
         *(["--algo", "ppo", "--pg.train_clues", "false", "--generation.num_samples", "1", "--ppo.minibatch_size",
