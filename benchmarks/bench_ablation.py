@@ -21,9 +21,7 @@ unchanged). Each SFT run is evaluated once, at its last step, and exports that m
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,18 +43,11 @@ from rlhf_rrg.models.generator import ReportGenerator
 from rlhf_rrg.retrieval.metrics import LABEL_K
 from rlhf_rrg.retrieval.retriever import embed_studies
 from rlhf_rrg.runroot import EXPORT_MARKER
+from rlhf_rrg.testing.stage_scripts import load_stage
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DATA = SyntheticConfig(n_train=1000, n_val=100, n_test=200, image_size=64, seed=0)
 INITS = ("random", "pretrain", "align")
-
-
-def load_stage(name: str):
-    spec = importlib.util.spec_from_file_location(f"stage_{name}_bench", REPO / "stages" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_stage(name: str, data: Path, run_root: Path, *overrides: str):

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from rlhf_rrg.models.generator import ReportGenerator
 from rlhf_rrg.probe import probe_export
 from rlhf_rrg.rl.monitors import text_statistics
 from rlhf_rrg.rl.scoring import build_stage_reward, empty_report_reward, score_reports
+from rlhf_rrg.testing.stage_scripts import stage_config_class
 
 REPO = Path(__file__).resolve().parents[1]
 COLUMNS = ("CE-F1", "CE-P", "CE-R", "B4", "R-L", "len", "dist-2", "rep", "reward", "steps", "wall s")
@@ -47,17 +47,6 @@ VARIANTS: dict[str, list[str]] = {
     "grpo": ["--algo", "grpo"],
     "rloo-llm": ["--algo", "rloo", "--pg.train_clues", "false", "--optim.lr", "2e-5"],
 }
-
-
-def load_stage_config(config: Path, overrides: list[str]):
-    """The RL stage's resolved config (imports ``stages/ppo.py`` for its dataclass)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("stage_ppo", REPO / "stages" / "ppo.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve the module's annotations through sys.modules
-    spec.loader.exec_module(module)
-    return load_config(module.PPOStageConfig, config, overrides)
 
 
 def row(scores: dict[str, float], rows: list[dict], reward, worst: float) -> dict[str, float]:
@@ -95,7 +84,7 @@ def main() -> None:
     sft_export = args.run_root / "sft" / "export"
     data: DataConfig = resolve_data_config(args.run_root, [])
     data_args = ["--data.annotation_path", str(data.annotation_path), "--data.image_root", str(data.image_root)]
-    cfg = load_stage_config(args.config, [*data_args, *extra])
+    cfg = load_config(stage_config_class("ppo"), args.config, [*data_args, *extra])
     per_step = cfg.train.batch_size * cfg.generation.num_samples
     steps = max(1, (args.budget or cfg.train.max_steps * per_step) // per_step)
     reward = build_stage_reward(cfg.reward.funcs, cfg.reward.weights)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import importlib.util
 import sys
 import tempfile
 import time
@@ -46,6 +45,7 @@ from rlhf_rrg.logging import read_jsonl
 from rlhf_rrg.models.generator import PromptingConfig, ReportGenerator
 from rlhf_rrg.retrieval.context import ContextConfig
 from rlhf_rrg.runroot import mark_export_complete
+from rlhf_rrg.testing.stage_scripts import load_stage
 from rlhf_rrg.testing.tiny_models import tiny_rrg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,14 +95,6 @@ class StepCounters:
         finally:
             for name, method in originals.items():
                 setattr(torch.Tensor, name, method)
-
-
-def load_stage():
-    spec = importlib.util.spec_from_file_location("stage_ppo_bench", REPO / "stages" / "ppo.py")
-    stage = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = stage
-    spec.loader.exec_module(stage)
-    return stage
 
 
 def run_stage(stage, args, data: Path, export: Path, run_root: Path, counters: StepCounters) -> list[dict]:
@@ -166,7 +158,7 @@ def main() -> None:
             data = tmp_dir / "data"
             write_synthetic_dataset(data, SyntheticConfig(n_train=64, n_val=8, n_test=8, image_size=64, seed=0))
         export = args.export or tiny_export(tmp_dir)
-        stage = load_stage()
+        stage = load_stage("ppo")
         counters = StepCounters()
         start = time.perf_counter()
         rows = run_stage(stage, args, data, export, tmp_dir / "run", counters)

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
-import importlib.util
 import re
-import sys
 import typing
 from pathlib import Path
 
@@ -16,19 +13,10 @@ import yaml
 from rewards.composite import build_reward
 from rlhf_rrg.config import ConfigError, load_config, parse_stage_args
 from rlhf_rrg.runroot import EXPORT_MARKER, resolve_init
+from rlhf_rrg.testing.stage_scripts import stage_config_class
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "stages" / "configs").glob("**/*.yaml"))
-
-
-@functools.cache
-def stage_config_class(stage: str) -> type:
-    """The ``*StageConfig`` dataclass of ``stages/<stage>.py``, imported as the stage tests do (not a package)."""
-    spec = importlib.util.spec_from_file_location(f"stage_{stage}", REPO / "stages" / f"{stage}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return next(v for k, v in vars(module).items() if k.endswith("StageConfig"))
 
 
 def config_id(path: Path) -> str:

@@ -1,14 +1,13 @@
 """``accelerate launch stages/ppo.py``: one process, 2-process DDP on CPU (PPO and SCST), DeepSpeed ZeRO-2 (one CPU
 process); each run reports the world size it ran with and follows the same lr schedule."""
 
-import importlib.util
-import sys
 
 import pytest
 
 from rlhf_rrg.config import load_config
 from rlhf_rrg.data.synthetic import SyntheticConfig, write_synthetic_dataset
 from rlhf_rrg.optim import OptimConfig, lr_factor
+from rlhf_rrg.testing.stage_scripts import load_stage
 
 from .conftest import REPO, accelerate_launch, logged, world_size
 
@@ -20,10 +19,7 @@ def data_and_export(tmp_path_factory):
     root = tmp_path_factory.mktemp("ppo_launch")
     data = root / "data"
     write_synthetic_dataset(data, SyntheticConfig(n_train=32, n_val=8, n_test=8, image_size=64, seed=0))
-    spec = importlib.util.spec_from_file_location("stage_sft_for_launch", REPO / "stages" / "sft.py")
-    sft = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = sft  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(sft)
+    sft = load_stage("sft")
     cfg = load_config(sft.SFTStageConfig, REPO / "stages" / "configs" / "sft" / "debug.yaml", [
         "--run.run_root", str(root), "--run.init_from", "null",
         "--data.annotation_path", str(data / "annotation.json"),

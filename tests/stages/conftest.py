@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
 from rlhf_rrg.config import load_config
 from rlhf_rrg.data.synthetic import SyntheticConfig, write_synthetic_dataset
+from rlhf_rrg.testing.stage_scripts import load_stage
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -19,15 +18,6 @@ def synthetic_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synthetic")
     write_synthetic_dataset(out, SyntheticConfig(n_train=96, n_val=16, n_test=16, image_size=64, seed=0))
     return out
-
-
-def load_stage(name: str):
-    """Imports ``stages/<name>.py`` as a module (stages are scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", REPO / "stages" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def stage_overrides(data_dir: Path, run_root: Path, *extra: str) -> list[str]:
