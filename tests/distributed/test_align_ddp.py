@@ -21,10 +21,10 @@ def test_two_process_align_finishes_and_exports(tmp_path):
         "--run.run_root", str(run_root), "--run.init_from", "null",
         "--data.annotation_path", str(data / "annotation.json"), "--data.image_root", str(data / "images"),
         "--train.max_steps", "3", "--train.batch_size", "4", "--train.log_every", "1", "--eval.batch_size", "3",
-        "--optim.warmup_steps", "1", "--checkpoint.save_every", "0",
+        "--optim.lr", "4e-3", "--optim.warmup_steps", "1", "--checkpoint.save_every", "0",
     ])
     assert world_size(run_root, "align") == 2
-    # One schedule step per optimizer step, as with one process (the debug config's lr, cosine to 0).
+    # One schedule step per optimizer step, as with one process (cosine to 0).
     cfg = OptimConfig(lr=4e-3, warmup_steps=1)
     assert logged(run_root, "align", "train/lr") == pytest.approx([4e-3 * lr_factor(s, 3, cfg) for s in (1, 2, 3)])
     export = run_root / "align" / "export"
