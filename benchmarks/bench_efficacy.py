@@ -37,15 +37,17 @@ from rlhf_rrg.testing.stage_scripts import stage_config_class
 
 REPO = Path(__file__).resolve().parents[1]
 COLUMNS = ("CE-F1", "CE-P", "CE-R", "B4", "R-L", "len", "dist-2", "rep", "reward", "steps", "wall s")
-# Runs the table compares: name -> stage overrides on top of the config. PPO cannot sample clue statements (its
-# ratio and value head are per token), so it trains the LLM, with the settings of the earlier LLM-training demo;
-# "rloo-llm" is RLOO on the LLM alone at the same budget, to show what the clue action adds.
+# Runs the table compares: name -> stage overrides on top of the config (the demo's PPO on the LLM). The "+clues"
+# runs sample each report's clue sentence from the clue head and train the head by policy gradient
+# (pg.train_clues), the LLM barely moving; PPO cannot sample clue statements (its ratio and value head are per
+# token). "rloo" trains the LLM like PPO does, with RLOO's group baseline instead of a critic.
+CLUES = ["--pg.train_clues", "true", "--optim.lr", "1e-6", "--generation.temperature", "1.0"]
 VARIANTS: dict[str, list[str]] = {
-    "ppo-llm": ["--algo", "ppo", "--pg.train_clues", "false", "--optim.lr", "2e-4", "--generation.temperature", "0.7"],
-    "scst": ["--algo", "scst"],
-    "rloo": ["--algo", "rloo"],
-    "grpo": ["--algo", "grpo"],
-    "rloo-llm": ["--algo", "rloo", "--pg.train_clues", "false", "--optim.lr", "2e-5"],
+    "ppo": ["--algo", "ppo"],
+    "scst+clues": ["--algo", "scst", *CLUES],
+    "rloo+clues": ["--algo", "rloo", *CLUES],
+    "grpo+clues": ["--algo", "grpo", *CLUES],
+    "rloo": ["--algo", "rloo", "--optim.lr", "2e-5", "--generation.temperature", "1.0"],
 }
 
 
