@@ -31,19 +31,21 @@ from rlhf_rrg.evaluate_run import resolve_data_config
 from rlhf_rrg.evaluation import EvalConfig, generate_and_score, with_context
 from rlhf_rrg.models.generator import ReportGenerator
 from rlhf_rrg.probe import probe_export
-from rlhf_rrg.rl.monitors import text_statistics
-from rlhf_rrg.rl.scoring import build_stage_reward, empty_report_reward, score_reports
+from rlhf_rrg.rl.scoring import build_stage_reward, empty_report_reward, heldout_report_metrics
 from rlhf_rrg.testing.stage_scripts import stage_config_class
 
 REPO = Path(__file__).resolve().parents[1]
 COLUMNS = ("CE-F1", "CE-P", "CE-R", "B4", "R-L", "len", "dist-2", "rep", "reward", "steps", "wall s")
-# Runs the table compares: name -> stage overrides on top of the config (the demo's PPO on the LLM). The "+clues"
+# Runs the table compares: name -> stage overrides on top of the config (the demo's PPO on the LLM with the
+# sentence-level clinical credit). "ppo-report" is the same PPO on the report-level reward alone. The "+clues"
 # runs sample each report's clue sentence from the clue head and train the head by policy gradient
 # (pg.train_clues), the LLM barely moving; PPO cannot sample clue statements (its ratio and value head are per
-# token). "rloo" trains the LLM like PPO does, with RLOO's group baseline instead of a critic.
+# token). "rloo" trains the LLM like PPO does, with RLOO's group baseline instead of a critic. The non-PPO runs add
+# each report's total sentence credit to its reward.
 CLUES = ["--pg.train_clues", "true", "--optim.lr", "1e-6", "--generation.temperature", "1.0"]
 VARIANTS: dict[str, list[str]] = {
     "ppo": ["--algo", "ppo"],
+    "ppo-report": ["--algo", "ppo", "--sentence_credit.weight", "0"],
     "scst+clues": ["--algo", "scst", *CLUES],
     "rloo+clues": ["--algo", "rloo", *CLUES],
     "grpo+clues": ["--algo", "grpo", *CLUES],
@@ -52,13 +54,12 @@ VARIANTS: dict[str, list[str]] = {
 
 
 def row(scores: dict[str, float], rows: list[dict], reward, worst: float) -> dict[str, float]:
-    predictions, references = [r["prediction"] for r in rows], [r["reference"] for r in rows]
-    text = text_statistics(predictions, references)
-    mean_reward = sum(score_reports(reward, predictions, references, worst).scores) / len(rows)
+    """The table's cells for one export's greedy test reports (the RL stage's own held-out metrics)."""
+    extra = heldout_report_metrics(reward, [r["prediction"] for r in rows], [r["reference"] for r in rows], worst)
     return {"CE-F1": scores["ce/micro_f1_14"], "CE-P": scores["ce/micro_precision_14"],
             "CE-R": scores["ce/micro_recall_14"], "B4": scores["bleu_4"], "R-L": scores["rouge_l"],
-            "len": text["length_ratio"], "dist-2": text["distinct_2"], "rep": text["repeated_sentence_rate"],
-            "reward": mean_reward}
+            "len": extra["length_ratio"], "dist-2": extra["distinct_2"], "rep": extra["repeated_sentence_rate"],
+            "reward": extra["reward"]}
 
 
 def format_row(name: str, values: dict[str, float]) -> str:

@@ -7,7 +7,9 @@ subtracted first (``ppo.group_baseline``). ``--algo scst | rloo | grpo``: one RE
 baseline is the greedy report (Rennie et al. 2017), the leave-one-out mean (Ahmadian et al. 2024) or the
 normalised group mean (Shao et al. 2024), prompted with context exactly as in SFT; ``--group.backend trl`` runs
 GRPO/RLOO through TRL's trainers instead (exports without retrieved context). The reward is config only
-(``reward.funcs``/``reward.weights``: registry names, dotted paths to user functions, or weighted composites).
+(``reward.funcs``/``reward.weights``: registry names, dotted paths to user functions, or weighted composites);
+``sentence_credit.weight`` adds the per-sentence clinical credit (on each sentence's tokens for PPO, as a report total
+for the others).
 Held-out evaluations log degeneration statistics and warn when the reward rises while CE-F1 falls.
 
     accelerate launch --config_file accelerate_configs/cpu_debug.yaml stages/ppo.py \
@@ -52,9 +54,11 @@ from rlhf_rrg.rl.scoring import (
     RewardConfig,
     build_stage_reward,
     empty_report_reward,
+    heldout_report_metrics,
     score_reports,
     scores_tensor,
 )
+from rlhf_rrg.rl.sentence_credit import SentenceCreditConfig, sentence_credit_rewards
 from rlhf_rrg.rl.trl_adapter import GroupConfig, run_trl
 from rlhf_rrg.rl.value_head import ValueHead
 from rlhf_rrg.runroot import resolve_init, writing_export
@@ -82,6 +86,7 @@ class PPOStageConfig:
     data: DataConfig = field(default_factory=DataConfig)
     algo: Literal["ppo", "scst", "grpo", "rloo"] = field(default="ppo", metadata={"help": "ppo|scst|grpo|rloo"})
     reward: RewardConfig = field(default_factory=RewardConfig)
+    sentence_credit: SentenceCreditConfig = field(default_factory=SentenceCreditConfig)
     kl: KLConfig = field(default_factory=KLConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     pg: PGConfig = field(default_factory=PGConfig)
@@ -108,6 +113,9 @@ class PPOStageConfig:
                              f"ppo.minibatch_size={self.ppo.minibatch_size}")
         if self.freeze_llm and not self.pg.train_clues:
             raise ValueError("freeze_llm: true needs pg.train_clues: true (otherwise nothing trains)")
+        if self.algo in ("grpo", "rloo") and self.group.backend == "trl" and self.sentence_credit.weight > 0:
+            raise ValueError("group.backend trl does not apply sentence_credit: set --sentence_credit.weight 0 "
+                             "(or use our backend, group.backend ours)")
         if self.algo == "ppo" and self.pg.train_clues:
             raise ValueError("pg.train_clues applies to algo scst, rloo or grpo (PPO keeps the clue head fixed)")
         if self.algo in ("grpo", "rloo") and self.generation.num_samples < 2:
@@ -119,9 +127,8 @@ def evaluate(generator: ReportGenerator, dataset, cfg: PPOStageConfig, reward, w
     """Greedy-report metrics of ``rlhf_rrg.evaluation``, the mean training reward of those reports and their
     degeneration statistics (distinct-n, repeated sentences, length)."""
     scores, rows = generate_and_score(generator, dataset, cfg.eval)
-    predictions, references = [r["prediction"] for r in rows], [r["reference"] for r in rows]
-    out = score_reports(reward, predictions, references, worst)
-    return {**scores, **text_statistics(predictions, references), "reward": sum(out.scores) / len(out.scores)}
+    return {**scores, **heldout_report_metrics(reward, [r["prediction"] for r in rows],
+                                               [r["reference"] for r in rows], worst)}
 
 
 def main(cfg: PPOStageConfig) -> None:
@@ -134,6 +141,7 @@ def main(cfg: PPOStageConfig) -> None:
     reward = build_stage_reward(cfg.reward.funcs, cfg.reward.weights, require_weights=cfg.reward.require_weights)
     # The CheXpert labeler that scores each sampled clue statement (pg.clue_credit: observation).
     clue_labeler = build_labeler("rule") if cfg.pg.train_clues and cfg.pg.clue_credit == "observation" else None
+    credit_labeler = build_labeler(cfg.sentence_credit.labeler) if cfg.sentence_credit.weight > 0 else None
     worst = empty_report_reward(reward, cfg.reward.empty_reward)
     train_data = with_context(generator, build_dataset(cfg.data, "train", train=False), exclude_self=True)
     eval_data = eval_subset(with_context(generator, build_dataset(cfg.data, cfg.eval.split, train=False), False),
@@ -196,7 +204,7 @@ def main(cfg: PPOStageConfig) -> None:
         # Any failure (NaN, a raising user reward) saves the failing state; only NaN/inf is raised on every process.
         with ckpt.saving_state_on_error(state.step, f"ppo[{cfg.algo}]", (NonFiniteRewardError, NonFiniteLossError)):
             metrics = rl_step(cfg, accelerator, policy, unwrapped, optimizer, scheduler, reference, kl_ctl,
-                              score_stats, reward, worst, clue_labeler, batch)
+                              score_stats, reward, worst, clue_labeler, credit_labeler, batch)
         state.step += 1
         progress.update(1)
         if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
@@ -220,7 +228,7 @@ def main(cfg: PPOStageConfig) -> None:
 
 
 def rl_step(cfg, accelerator, policy, unwrapped, optimizer, scheduler, reference, kl_ctl, score_stats, reward,
-            worst, clue_labeler, batch) -> dict[str, float]:
+            worst, clue_labeler, credit_labeler, batch) -> dict[str, float]:
     """One RL step (rollout -> reward -> advantage -> update); returns the metrics to log."""
     gen, device, k = cfg.generation, accelerator.device, cfg.generation.num_samples
     eos = unwrapped.generator.processor.tokenizer.eos_token_id
@@ -252,6 +260,14 @@ def rl_step(cfg, accelerator, policy, unwrapped, optimizer, scheduler, reference
         raise error or NonFiniteRewardError("another process got a non-finite reward")
     truncated = ~rollout.ended(eos)
     scores = scores_tensor(out, device) - cfg.reward.missing_eos_penalty * truncated.to(device)
+    tokenizer = unwrapped.generator.processor.tokenizer
+    credit = greedy_credit = None
+    if credit_labeler is not None:  # (b*k, R): PPO takes it per token, the others as a report total
+        credit = cfg.sentence_credit.weight * sentence_credit_rewards(
+            rollout.response_ids, rollout.response_mask, tokenizer, credit_labeler, sampled_batch["reports"])
+        if greedy is not None:
+            greedy_credit = cfg.sentence_credit.weight * sentence_credit_rewards(
+                greedy.response_ids, greedy.response_mask, tokenizer, credit_labeler, batch["reports"])
     times["reward"] = time.perf_counter() - start
 
     # 3. advantage  4. update
@@ -269,7 +285,7 @@ def rl_step(cfg, accelerator, policy, unwrapped, optimizer, scheduler, reference
         if k > 1 and cfg.ppo.group_baseline:
             shaped = pg_advantages("rloo", shaped, k)
         targets = ppo_targets(shaped, scored["logprobs"], ref_logprobs, scored["values"], mask, kl_ctl.value,
-                              cfg.kl.estimator, cfg.ppo.gamma, cfg.ppo.lam, cfg.ppo.whiten_rewards)
+                              cfg.kl.estimator, cfg.ppo.gamma, cfg.ppo.lam, cfg.ppo.whiten_rewards, credit)
         stats = ppo_update(accelerator, policy, optimizer, scheduler, rollout, targets, cfg.ppo, gen.temperature,
                            cfg.optim.grad_clip)
         sequence_kl = accelerator.reduce(masked_sum(targets.kl, mask, dim=1).mean(), "mean").item()
@@ -278,7 +294,11 @@ def rl_step(cfg, accelerator, policy, unwrapped, optimizer, scheduler, reference
         kl_ctl.update(sequence_kl, scores.numel() * accelerator.num_processes)
     else:
         greedy_scores = scores_tensor(greedy_out, device) if greedy_out is not None else None
-        advantage = pg_advantages(cfg.algo, scores, k, greedy_scores)
+        totals, greedy_totals = scores, greedy_scores
+        if credit is not None:
+            totals = scores + credit.sum(1)
+            greedy_totals = greedy_scores + greedy_credit.sum(1) if greedy_scores is not None else None
+        advantage = pg_advantages(cfg.algo, totals, k, greedy_totals)
         clue_advantage = None
         if clues is not None and cfg.pg.clue_credit == "observation":
             agree = observation_agreement(clue_labeler, rollout.texts, sampled_batch["reports"]).to(device)
@@ -299,6 +319,8 @@ def rl_step(cfg, accelerator, policy, unwrapped, optimizer, scheduler, reference
                     "rollout/truncated_fraction": truncated.float().mean()})
     metrics.update({f"rollout/{key}": value for key, value in text_statistics(rollout.texts).items()})
     metrics.update({f"reward/{key}": value for key, value in out.log("sub").items() if key != "sub"})
+    if credit is not None:
+        metrics["reward/sentence_credit"] = credit.sum(1).mean()
     metrics.update({f"train/{key}": value for key, value in stats.items()})
     metrics.update({f"perf/{key}_s": value for key, value in times.items()})
     # Per-process means averaged over processes (one transfer); the reward moments come from all scores.

@@ -77,6 +77,7 @@ def ppo_targets(
     gamma: float,
     lam: float,
     whiten_rewards: bool,
+    token_rewards: torch.Tensor | None = None,
 ) -> PPOTargets:
     """Advantages and returns of a rollout batch.
 
@@ -91,11 +92,14 @@ def ppo_targets(
         gamma: Discount.
         lam: GAE lambda.
         whiten_rewards: Rescale the per-token rewards (mean kept, as TRL's ``whiten_rewards``).
+        token_rewards: ``(b, R)`` dense rewards added on top (e.g. :mod:`rlhf_rrg.rl.sentence_credit`), or None.
 
     Returns:
         :class:`PPOTargets` with whitened advantages.
     """
     rewards, kl = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, estimator)
+    if token_rewards is not None:
+        rewards = rewards + token_rewards.to(rewards.dtype) * mask
     if whiten_rewards:
         rewards = masked_whiten(rewards, mask, shift_mean=False)
     advantages, returns = gae_advantages(rewards, values, mask, gamma, lam)

@@ -12,6 +12,7 @@ import torch
 from rewards import REGISTRY, CompositeReward, Reward, RewardOutput, build_reward_from_config, default_reward
 from rewards.base import score_nonempty
 from rewards.weights import WeightsNotFoundError
+from rlhf_rrg.rl.monitors import text_statistics
 
 logger = logging.getLogger(__name__)
 
@@ -109,3 +110,11 @@ def score_reports(reward: Reward, reports: list[str], references: list[str], wor
 def scores_tensor(out: RewardOutput, device: torch.device) -> torch.Tensor:
     """``(b,)`` float32 scores of a :class:`RewardOutput`."""
     return torch.tensor(out.scores, dtype=torch.float32, device=device)
+
+
+def heldout_report_metrics(reward: Reward, predictions: list[str], references: list[str],
+                           worst: float) -> dict[str, float]:
+    """What RL adds to the usual scores of held-out greedy reports: their degeneration statistics (distinct-n,
+    repeated sentences, length ratio) and their mean training reward."""
+    out = score_reports(reward, predictions, references, worst)
+    return {**text_statistics(predictions, references), "reward": sum(out.scores) / len(out.scores)}

@@ -92,6 +92,24 @@ def test_reward_rises_and_only_trainable_weights_move(synthetic_data, sft_export
         assert metric(tmp_path, "rollout/entropy")
 
 
+def test_sentence_credit_reaches_the_ppo_rewards(synthetic_data, sft_export, tmp_path):
+    run_ppo(synthetic_data, tmp_path, sft_export, "--train.max_steps", "2", "--sentence_credit.weight", "0.5")
+    credit = metric(tmp_path, "reward/sentence_credit")
+    assert len(credit) == 2 and all(math.isfinite(c) for c in credit)
+    # Untrained tiny reports state few findings correctly: the credit is not all zero.
+    assert any(c != 0 for c in credit), credit
+    with pytest.raises(ValueError, match="trl does not apply sentence_credit"):
+        load_config(load_stage("ppo").PPOStageConfig, None, ["--algo", "grpo", "--group.backend", "trl",
+                                                             "--generation.num_samples", "2",
+                                                             "--sentence_credit.weight", "0.5"])
+
+
+def test_sentence_credit_joins_the_report_reward_of_scst(synthetic_data, sft_export, tmp_path):
+    run_ppo(synthetic_data, tmp_path, sft_export, "--algo", "scst", "--generation.num_samples", "2",
+            "--train.max_steps", "1", "--sentence_credit.weight", "0.5")
+    assert len(metric(tmp_path, "reward/sentence_credit")) == 1
+
+
 def test_lora_reference_is_frozen_and_adapter_trains(synthetic_data, sft_export, tmp_path):
     run_ppo(synthetic_data, tmp_path, sft_export, "--train.max_steps", "2", "--lora.enabled", "true",
             "--lora.r", "4", "--lora.alpha", "8", "--lora.dropout", "0.0", "--optim.lr", "1e-2")
@@ -131,7 +149,8 @@ def test_a_raising_reward_saves_the_failing_state_like_nan(synthetic_data, sft_e
 @pytest.mark.parametrize("algo", ["grpo", "rloo"])
 def test_trl_backend_runs_two_steps(synthetic_data, sft_export, tmp_path, algo):
     run_ppo(synthetic_data, tmp_path, sft_export, "--algo", algo, "--train.max_steps", "2", "--train.batch_size", "4",
-            "--group.backend", "trl", "--generation.num_samples", "4", "--optim.lr", "1e-2",
+            "--group.backend", "trl", "--sentence_credit.weight", "0", "--generation.num_samples", "4",
+            "--optim.lr", "1e-2",
             *user_reward("negation_reward"))
     losses = metric(tmp_path, "trl/loss")
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)

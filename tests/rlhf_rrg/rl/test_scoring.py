@@ -3,12 +3,14 @@ import math
 import pytest
 
 from rewards import RewardOutput
+from rewards.form import DistinctSentenceReward
 from rewards.weights import WeightsNotFoundError
 from rlhf_rrg.rl.scoring import (
     NonFiniteRewardError,
     RewardConfig,
     build_stage_reward,
     empty_report_reward,
+    heldout_report_metrics,
     score_reports,
 )
 
@@ -81,3 +83,8 @@ def test_required_weights_turn_the_fallback_into_an_error_naming_the_file(monkey
 def test_reward_config_validates_weights():
     with pytest.raises(ValueError, match="reward.weights"):
         RewardConfig(funcs=["bleu"], weights=[1.0, 2.0])
+
+
+def test_heldout_report_metrics_adds_text_statistics_and_the_mean_reward():
+    out = heldout_report_metrics(DistinctSentenceReward(), ["a . a .", "b . c ."], ["x y z w", "x y z w"], 0.0)
+    assert out["reward"] == 0.75 and out["repeated_sentence_rate"] == 0.5 and out["length_ratio"] == 1.0

@@ -1,0 +1,139 @@
+"""Sentence-level clinical credit: a dense reward on the tokens that state (or wrongly deny) a finding.
+
+A report-level CheXpert F1 gives all tokens of a sampled report one number, so the policy cannot tell which
+sentence earned it: RL on it learned to write "edema" for edema but also wrote it where there is none, and dropped
+correct findings on the way (the demo export, test). Here each sentence of a sampled report is labelled on its own
+and credited, at its last token, per observation against the reference's labels:
+
+- stated present, present in the reference: ``+1`` the first time (restating it earns nothing); stated present,
+  absent there: ``-1`` (a hallucination);
+- stated absent (negated) while the reference has it: ``-1`` (a contradiction, e.g. "no pulmonary edema");
+- present in the reference and stated present by no sentence: ``-1`` at the report's last token (an omission);
+- a sentence that repeats an earlier one word for word: ``-1`` (the dense form of ``distinct_sentences``).
+
+"No Finding" is left to the report-level reward (it is a statement about the whole report), and uncertain
+statements earn nothing, as CE counts uncertain as absent. Stating a finding thus pays exactly when it is more
+likely present than not, the decision micro-F1 rewards. PPO adds the credit to its per-token rewards, next to the
+KL penalty and the sequence score on the last token (Ziegler et al. 2019's token-level reward form); SCST, RLOO and
+GRPO, which take one advantage per report, add each report's total credit to its reward.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from rewards.clinical import LABELERS, Labeler
+from rewards.observations import CHEXPERT_14, NEGATIVE, POSITIVE
+
+_SENTENCE_END = re.compile(r"[.!?;]")
+_NO_FINDING = CHEXPERT_14.index("No Finding")
+
+
+@dataclass
+class SentenceCreditConfig:
+    """The per-sentence clinical reward (off at weight 0)."""
+
+    weight: float = field(default=0.0, metadata={
+        "help": "scale of the per-sentence clinical credit: PPO adds it on each sentence's tokens, scst/rloo/grpo "
+                "add each report's total to its reward (0: off)"})
+    labeler: str = field(default="rule", metadata={"help": "labeler of the sentences: rule or chexbert"})
+
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise ValueError(f"sentence_credit.weight must be >= 0, got {self.weight}")
+        if self.labeler not in LABELERS:
+            raise ValueError(f"sentence_credit.labeler must be one of {LABELERS}, got {self.labeler!r}")
+
+
+def sentence_ends(token_texts: Sequence[str]) -> list[int]:
+    """Indices of the tokens that close a sentence (their text holds ``.``, ``!``, ``?`` or ``;``); the last token
+    always closes the final sentence, so a report without punctuation is one sentence."""
+    ends = [i for i, text in enumerate(token_texts) if _SENTENCE_END.search(text)]
+    last = len(token_texts) - 1
+    if last >= 0 and (not ends or ends[-1] != last):
+        ends.append(last)
+    return ends
+
+
+def credit_matrix(
+    sentence_labels: torch.Tensor, reference: torch.Tensor, repeats: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Credits of one report's sentences and of its omissions.
+
+    Args:
+        sentence_labels: ``(s, 14)`` CheXpert codes of the report's sentences, each labelled alone.
+        reference: ``(14,)`` codes of the reference report.
+        repeats: ``(s,)`` bool, True for a sentence that repeats an earlier one (None: no repeats).
+
+    Returns:
+        ``(per_sentence, omission)``: ``(s,)`` credits and the scalar (0-dim) penalty of findings present in the
+        reference that no sentence states.
+    """
+    if sentence_labels.dim() != 2 or sentence_labels.shape[1] != len(CHEXPERT_14):
+        raise ValueError(f"sentence_labels must be (s, {len(CHEXPERT_14)}), got {tuple(sentence_labels.shape)}")
+    if reference.shape != (len(CHEXPERT_14),):
+        raise ValueError(f"reference must be ({len(CHEXPERT_14)},), got {tuple(reference.shape)}")
+    scored = torch.ones(len(CHEXPERT_14), dtype=torch.bool)
+    scored[_NO_FINDING] = False
+    present = (reference == POSITIVE) & scored
+    stated = (sentence_labels == POSITIVE) & scored
+    denied = (sentence_labels == NEGATIVE) & scored
+    first = stated & (stated.long().cumsum(0) == 1)
+    per_sentence = ((first & present).sum(1) - (stated & ~present).sum(1) - (denied & present).sum(1)).float()
+    if repeats is not None:
+        per_sentence = per_sentence - repeats.float()
+    omission = -(present & ~stated.any(0)).sum().float()
+    return per_sentence, omission
+
+
+@torch.no_grad()
+def sentence_credit_rewards(
+    response_ids: torch.Tensor,
+    mask: torch.Tensor,
+    tokenizer: PreTrainedTokenizerBase,
+    labeler: Labeler,
+    references: Sequence[str],
+) -> torch.Tensor:
+    """Per-token clinical credit of sampled reports: each sentence's credit on its last token, omissions on the
+    report's last real token.
+
+    Args:
+        response_ids: ``(b, R)`` right-padded response tokens.
+        mask: ``(b, R)`` 1 on real response tokens (the EOS included).
+        tokenizer: The policy's tokenizer (decodes tokens and sentences, special tokens skipped).
+        labeler: CheXpert labeler of sentences and references.
+        references: ``b`` reference reports.
+
+    Returns:
+        ``(b, R)`` float rewards, zero off the sentence ends and on padding.
+    """
+    b = response_ids.shape[0]
+    if len(references) != b:
+        raise ValueError(f"{len(references)} references for {b} responses")
+    rows = response_ids.tolist()
+    lengths = mask.sum(1).tolist()
+    token_texts = {t: tokenizer.decode([t], skip_special_tokens=True) for t in set(response_ids.flatten().tolist())}
+    spans: list[tuple[int, int, int]] = []  # (row, first token, last token) of each sentence
+    for i, (row, length) in enumerate(zip(rows, lengths, strict=True)):
+        start = 0
+        for end in sentence_ends([token_texts[t] for t in row[:length]]):
+            spans.append((i, start, end))
+            start = end + 1
+    texts = tokenizer.batch_decode([rows[i][s:e + 1] for i, s, e in spans], skip_special_tokens=True)
+    labels = labeler.label(texts)
+    ref_labels = labeler.label(list(references))
+    rewards = torch.zeros(response_ids.shape, dtype=torch.float32)
+    for i in range(b):
+        idx = [j for j, span in enumerate(spans) if span[0] == i]
+        normalised = [" ".join(_SENTENCE_END.sub(" ", texts[j].lower()).split()) for j in idx]
+        repeats = torch.tensor([bool(t) and t in normalised[:n] for n, t in enumerate(normalised)])
+        per_sentence, omission = credit_matrix(labels[idx], ref_labels[i], repeats)
+        for j, credit in zip(idx, per_sentence.tolist(), strict=True):
+            rewards[i, spans[j][2]] += credit
+        rewards[i, lengths[i] - 1] += float(omission)
+    return rewards.to(response_ids.device)

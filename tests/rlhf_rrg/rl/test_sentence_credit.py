@@ -1,0 +1,98 @@
+import pytest
+import torch
+
+from rewards.labeler import RuleLabeler
+from rewards.observations import CHEXPERT_14, NEGATIVE, POSITIVE
+from rlhf_rrg.models.tokenizer import build_word_tokenizer
+from rlhf_rrg.rl.ppo_step import ppo_targets
+from rlhf_rrg.rl.sentence_credit import SentenceCreditConfig, credit_matrix, sentence_credit_rewards, sentence_ends
+
+EDEMA, EFFUSION, NO_FINDING = (CHEXPERT_14.index(n) for n in ("Edema", "Pleural Effusion", "No Finding"))
+
+CORPUS = ["there is mild pulmonary edema . the heart is enlarged . no pleural effusion . no pleural effusion .",
+          "no pulmonary edema . there is a small right pleural effusion ; normal mediastinal contours"]
+
+
+def _codes(**codes: int) -> torch.Tensor:
+    row = torch.zeros(len(CHEXPERT_14), dtype=torch.long)
+    for name, code in codes.items():
+        row[CHEXPERT_14.index(name.replace("_", " "))] = code
+    return row
+
+
+def test_sentence_ends_close_on_punctuation_and_the_last_token():
+    assert sentence_ends(["a", ".", "b", "c", ";", "d"]) == [1, 4, 5]
+    assert sentence_ends(["no", "punctuation"]) == [1]
+    assert sentence_ends(["x", "."]) == [1]
+
+
+def test_credit_matrix_rewards_true_statements_and_penalises_the_rest():
+    reference = _codes(Edema=POSITIVE, Cardiomegaly=POSITIVE, No_Finding=NEGATIVE)
+    sentences = torch.stack([
+        _codes(Edema=POSITIVE),                   # correct positive: +1
+        _codes(Pleural_Effusion=POSITIVE),        # hallucination: -1
+        _codes(Edema=NEGATIVE),                   # contradicts the reference: -1
+        _codes(Pneumothorax=NEGATIVE),            # true negative: 0
+        _codes(No_Finding=POSITIVE),              # left to the report-level reward: 0
+    ])
+    per_sentence, omission = credit_matrix(sentences, reference)
+    torch.testing.assert_close(per_sentence, torch.tensor([1.0, -1.0, -1.0, 0.0, 0.0]))
+    assert omission.item() == -1.0  # cardiomegaly is never stated
+
+
+def test_restating_a_finding_earns_nothing_and_repeating_a_sentence_costs():
+    reference = _codes(Edema=POSITIVE)
+    sentences = torch.stack([_codes(Edema=POSITIVE), _codes(Edema=POSITIVE), _codes(Pneumothorax=NEGATIVE),
+                             _codes(Pneumothorax=NEGATIVE)])
+    per_sentence, omission = credit_matrix(sentences, reference, torch.tensor([False, True, False, True]))
+    torch.testing.assert_close(per_sentence, torch.tensor([1.0, -1.0, 0.0, -1.0]))
+    assert omission.item() == 0.0
+
+
+def test_credit_matrix_shape_errors():
+    with pytest.raises(ValueError, match="sentence_labels"):
+        credit_matrix(torch.zeros(2, 5, dtype=torch.long), _codes())
+    with pytest.raises(ValueError, match="reference"):
+        credit_matrix(torch.zeros(1, 14, dtype=torch.long), torch.zeros(3, dtype=torch.long))
+
+
+def test_rewards_land_on_each_sentences_last_token(tmp_path):
+    tokenizer = build_word_tokenizer(CORPUS, tmp_path)
+    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in CORPUS]
+    width = max(map(len, encoded)) + 2  # padding after the EOS must stay at zero
+    ids = torch.full((2, width), tokenizer.pad_token_id)
+    mask = torch.zeros(2, width, dtype=torch.long)
+    for i, row in enumerate(encoded):
+        ids[i, :len(row)] = torch.tensor(row)
+        mask[i, :len(row)] = 1
+    references = ["there is mild pulmonary edema . no pleural effusion .",
+                  "there is mild pulmonary edema . the heart is enlarged ."]
+    rewards = sentence_credit_rewards(ids, mask, tokenizer, RuleLabeler(), references)
+    assert rewards.shape == ids.shape and (rewards[~mask.bool()] == 0).all()
+    credited = [[(tokenizer.decode([ids[i, t]]), rewards[i, t].item()) for t in rewards[i].nonzero().flatten()]
+                for i in range(2)]
+    # 1: edema stated correctly (+1), the heart wrongly called enlarged (-1), "no pleural effusion" is right (0),
+    # saying it again is a repeat (-1)
+    assert credited[0] == [(".", 1.0), (".", -1.0), (".", -1.0)]
+    # 2: edema denied (-1), a false effusion (-1); edema and cardiomegaly never stated: -2 on the last real token
+    last = mask[1].sum() - 1
+    assert credited[1][:2] == [(".", -1.0), (";", -1.0)]
+    assert rewards[1, last].item() == -2.0
+
+
+def test_ppo_targets_add_dense_rewards_before_gae():
+    scores, mask = torch.zeros(1), torch.ones(1, 3)
+    zeros = torch.zeros(1, 3)
+    dense = torch.tensor([[0.0, 1.0, 0.0]])
+    plain = ppo_targets(scores, zeros, zeros, zeros, mask, 0.0, "k1", 1.0, 1.0, False)
+    with_credit = ppo_targets(scores, zeros, zeros, zeros, mask, 0.0, "k1", 1.0, 1.0, False, dense)
+    torch.testing.assert_close(plain.returns, zeros)
+    # gamma = lam = 1 and zero values: the return of each token is the credit still ahead of it
+    torch.testing.assert_close(with_credit.returns, torch.tensor([[1.0, 1.0, 0.0]]))
+
+
+def test_config_validates():
+    with pytest.raises(ValueError, match="weight"):
+        SentenceCreditConfig(weight=-1.0)
+    with pytest.raises(ValueError, match="labeler"):
+        SentenceCreditConfig(labeler="gpt")
