@@ -188,7 +188,10 @@ def main(cfg: PPOStageConfig) -> None:
     unwrapped.eval()  # dropout off: rollout-time and update-time log-probs must be the same function
 
     def run_eval() -> dict[str, float]:
-        metrics = evaluate(unwrapped.generator, eval_data, cfg, reward, worst) if accelerator.is_main_process else {}
+        # The RNG is restored afterwards (the eval loader draws a seed): train.eval_every never changes training.
+        with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
+            metrics = (evaluate(unwrapped.generator, eval_data, cfg, reward, worst) if accelerator.is_main_process
+                       else {})
         flags = monitor.check(state.step, metrics) if accelerator.is_main_process else {}
         metric_logger.log_dict({**{f"eval/{k}": v for k, v in metrics.items()}, **flags}, state.step)
         accelerator.wait_for_everyone()

@@ -110,6 +110,14 @@ def test_sentence_credit_joins_the_report_reward_of_scst(synthetic_data, sft_exp
     assert len(metric(tmp_path, "reward/sentence_credit")) == 1
 
 
+def test_evaluating_during_training_does_not_change_it(synthetic_data, sft_export, tmp_path):
+    for every in ("0", "1"):
+        run_ppo(synthetic_data, tmp_path / every, sft_export, "--train.max_steps", "2", "--train.eval_every", every)
+    assert len(metric(tmp_path / "1", "eval/ce/micro_f1_14")) == 3  # before, after step 1, after
+    plain, evaluated = (load_file(tmp_path / every / "ppo" / "export" / "model.safetensors") for every in ("0", "1"))
+    assert all(torch.equal(plain[name], evaluated[name]) for name in plain)
+
+
 def test_lora_reference_is_frozen_and_adapter_trains(synthetic_data, sft_export, tmp_path):
     run_ppo(synthetic_data, tmp_path, sft_export, "--train.max_steps", "2", "--lora.enabled", "true",
             "--lora.r", "4", "--lora.alpha", "8", "--lora.dropout", "0.0", "--optim.lr", "1e-2")
