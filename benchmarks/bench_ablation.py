@@ -10,10 +10,10 @@ then stages/sft.py on its debug config for ``--sft-steps`` steps from each of th
 pretrain export, align export), on all training studies and on the first ``fraction`` of them (val and test
 unchanged). Each SFT run is evaluated once, at its last step, and exports that model. Columns, on the test split:
 
-- CE-F1: CheXpert-14 micro F1 of the greedy reports (rule labeler, as ``evaluate_run``'s CE).
+- CE-F1: CheXpert-14 micro F1 of the greedy reports against the gold labels (rule labeler on the reports).
 - clue F1: the export's TRRG clue head at its prompt threshold, against the gold labels.
-- probe F1: a logistic-regression probe per observation on the export's frozen pooled vision features, fit on the
-  run's training studies, threshold 0.5 (``rlhf_rrg/probe.py`` is not on this branch yet).
+- probe F1: ``rlhf_rrg.probe``'s logistic-regression probe per observation on the export's frozen pooled vision
+  features, fit on the run's training studies, thresholds from val.
 - bank@5: the fraction of each training study's 5 nearest memory-bank studies (SFT's starting encoder) whose
   positive findings equal its own, next to random retrieval's score (``bank/label_match@5`` in SFT's metrics).
 """
@@ -23,25 +23,16 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader
-
-from rewards.clinical import ce_metrics
-from rewards.evaluate import evaluate_reports
-from rewards.observations import BLANK, POSITIVE
 from rlhf_rrg.config import load_config
-from rlhf_rrg.data.context_dataset import ContextDataset, collate_context
 from rlhf_rrg.data.dataset import build_dataset
 from rlhf_rrg.data.synthetic import SyntheticConfig, write_synthetic_dataset
-from rlhf_rrg.generate import StudyImages, generate_for_studies
+from rlhf_rrg.evaluation import EvalConfig
 from rlhf_rrg.logging import read_jsonl
 from rlhf_rrg.models.generator import ReportGenerator
+from rlhf_rrg.probe import probe_export
 from rlhf_rrg.retrieval.metrics import LABEL_K
-from rlhf_rrg.retrieval.retriever import embed_studies
 from rlhf_rrg.runroot import EXPORT_MARKER
 from rlhf_rrg.testing.stage_scripts import load_stage
 
@@ -71,64 +62,17 @@ def subset(data: Path, fraction: float, out: Path) -> Path:
     return out
 
 
-def fit_probe(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-3, max_iter: int = 200,
-              ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Logistic regression per column of ``y (n, 14)`` on standardised ``x (n, d)`` (L-BFGS, L2 on the weights).
-
-    Returns:
-        A function from features ``(m, d)`` to probabilities ``(m, 14)``.
-    """
-    mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
-    z, t = ((x - mean) / std).double(), y.double()
-    weight = torch.zeros(x.shape[1], y.shape[1], dtype=torch.float64, requires_grad=True)
-    # Start at the prior log-odds, so observations without positives stay silent.
-    prior = t.mean(0).clamp(1e-4, 1 - 1e-4)
-    bias = torch.log(prior / (1 - prior)).requires_grad_(True)
-    optimizer = torch.optim.LBFGS([weight, bias], max_iter=max_iter, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(z @ weight + bias, t) + l2 * weight.pow(2).sum() / 2
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    weight, bias = weight.detach(), bias.detach()
-    return lambda features: torch.sigmoid(((features - mean) / std).double() @ weight + bias)
-
-
-def micro_f1(present: torch.Tensor, targets: torch.Tensor) -> float:
-    """CheXpert-14 micro F1 of ``(n, 14)`` bool predictions, positives only (CE's convention)."""
-    codes = [torch.where(m, POSITIVE, BLANK) for m in (present, targets)]
-    return ce_metrics(*codes).scores["micro_f1_14"]
-
-
-@torch.no_grad()
-def features_and_clues(generator: ReportGenerator, dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pooled vision features ``(n, d)``, clue-head probabilities ``(n, 14)`` and gold positives ``(n, 14)``."""
-    feats, probs, gold = [], [], []
-    for batch in DataLoader(ContextDataset(dataset), batch_size=32, collate_fn=collate_context):
-        feats.append(embed_studies(generator.vision_tower, batch["pixel_values"]))
-        probs.append(torch.sigmoid(generator.clue_logits(batch["pixel_values"]).float()).cpu())
-        gold.append(batch["labels"] == POSITIVE)
-    return torch.cat(feats), torch.cat(probs), torch.cat(gold)
-
-
 def evaluate_export(run_root: Path, cfg, max_new_tokens: int) -> dict[str, float]:
-    """Test CE-F1, clue-head F1, probe F1 and the memory bank's label match of one SFT run."""
+    """Test CE-F1, clue-head F1, probe F1 (``rlhf_rrg.probe``: fit on train, thresholds from val) and the memory
+    bank's label match of one SFT run."""
     generator = ReportGenerator.from_export(run_root / "sft" / "export").eval()
-    train, test = build_dataset(cfg.data, "train", train=False), build_dataset(cfg.data, "test", train=False)
-    studies = [StudyImages(s.id, tuple(s.image_paths[: cfg.data.views])) for s in test.studies]
-    reports = [r["report"] for r in generate_for_studies(generator, studies, 16, max_new_tokens)]
-    ce = evaluate_reports(reports, [test.report(i) for i in range(len(test))], ["ce"])["scores"]["ce/micro_f1_14"]
-    train_x, _, train_y = features_and_clues(generator, train)
-    test_x, test_probs, test_y = features_and_clues(generator, test)
-    probe = fit_probe(train_x, train_y)
+    splits = [build_dataset(cfg.data, split, train=False) for split in ("train", "val", "test")]
+    report, _, _ = probe_export(generator, *splits, EvalConfig(split="test", max_new_tokens=max_new_tokens))
     (bank,) = [r for r in read_jsonl(run_root / "sft" / "metrics.jsonl") if f"bank/label_match@{LABEL_K}" in r]
     return {
-        "ce_f1": ce,
-        "clue_f1": micro_f1(test_probs >= generator.prompting.clues.threshold, test_y),
-        "probe_f1": micro_f1(probe(test_x) >= 0.5, test_y),
+        "ce_f1": report.micro["reports"]["f1"],
+        "clue_f1": report.micro["clue head"]["f1"],
+        "probe_f1": report.micro["probe"]["f1"],
         "bank": bank[f"bank/label_match@{LABEL_K}"],
         "bank_chance": bank[f"bank/label_match@{LABEL_K}_chance"],
     }

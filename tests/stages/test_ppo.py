@@ -16,8 +16,9 @@ from .conftest import REPO, load_stage, run_stage
 
 pytestmark = pytest.mark.integration
 
-# The LLM-training baseline of the stage (the demo config instead trains the clue head with the LLM fixed).
-SMALL = ["--algo", "ppo", "--pg.train_clues", "false", "--freeze_llm", "false", "--generation.num_samples", "1",
+# Small runs of each algorithm on its own (the demo config's sentence credit is tested separately).
+SMALL = ["--algo", "ppo", "--sentence_credit.weight", "0", "--pg.train_clues", "false", "--freeze_llm", "false",
+         "--generation.num_samples", "1",
          "--generation.temperature", "0.7",
          "--train.batch_size", "8", "--ppo.minibatch_size", "4", "--ppo.ppo_epochs", "2",
          "--generation.max_new_tokens", "16", "--eval.max_samples", "4", "--eval.max_new_tokens", "16",
@@ -29,14 +30,19 @@ def negation_reward(completions, reference, **kwargs):
     return [sum(w == "no" for w in c.split()) / len(c.split()) for c in completions]
 
 
+# The failing rewards below fail on any batch of more than one report: the runs that use them evaluate one study
+# (FAILING), so the evaluation before training passes and the first rollout batch (8 reports) does not.
+FAILING = ["--eval.max_samples", "1"]
+
+
 def nan_reward(completions, reference, **kwargs):
-    """NaN on full rollout batches (8 non-empty reports) only, so the 4-report evaluation before training passes."""
-    return [float("nan") if len(completions) == 8 else 0.0 for _ in completions]
+    """NaN on batches of more than one report."""
+    return [float("nan") if len(completions) > 1 else 0.0 for _ in completions]
 
 
 def raising_reward(completions, reference, **kwargs):
-    """An ordinary bug in user code, on full rollout batches only (like nan_reward)."""
-    if len(completions) == 8:
+    """An ordinary bug in user code, on batches of more than one report (like nan_reward)."""
+    if len(completions) > 1:
         raise ZeroDivisionError("user reward failed")
     return [0.0 for _ in completions]
 
@@ -142,14 +148,16 @@ def test_resume_continues_exactly(synthetic_data, sft_export, tmp_path):
 
 def test_nan_reward_stops_with_saved_state(synthetic_data, sft_export, tmp_path):
     with pytest.raises(NonFiniteRewardError, match="state saved to"):
-        run_ppo(synthetic_data, tmp_path, sft_export, "--train.max_steps", "2", *user_reward("nan_reward"))
+        run_ppo(synthetic_data, tmp_path, sft_export, "--train.max_steps", "2", *FAILING,
+                *user_reward("nan_reward"))
     assert list((tmp_path / "ppo" / "checkpoints").glob("failed_step_*"))
 
 
 def test_a_raising_reward_saves_the_failing_state_like_nan(synthetic_data, sft_export, tmp_path):
     with pytest.raises(ZeroDivisionError, match=r"user reward failed; ppo\[ppo\] step (\d): state saved to .*"
                                                 r"failed_step_00000\1; the last good checkpoint is None"):
-        run_ppo(synthetic_data, tmp_path, sft_export, "--train.max_steps", "3", *user_reward("raising_reward"))
+        run_ppo(synthetic_data, tmp_path, sft_export, "--train.max_steps", "3", *FAILING,
+                *user_reward("raising_reward"))
     [failed] = (tmp_path / "ppo" / "checkpoints").glob("failed_step_*")
     assert checkpoint_problem(failed) is None and (failed / "model.safetensors").is_file()
 
@@ -157,8 +165,7 @@ def test_a_raising_reward_saves_the_failing_state_like_nan(synthetic_data, sft_e
 @pytest.mark.parametrize("algo", ["grpo", "rloo"])
 def test_trl_backend_runs_two_steps(synthetic_data, sft_export, tmp_path, algo):
     run_ppo(synthetic_data, tmp_path, sft_export, "--algo", algo, "--train.max_steps", "2", "--train.batch_size", "4",
-            "--group.backend", "trl", "--sentence_credit.weight", "0", "--generation.num_samples", "4",
-            "--optim.lr", "1e-2",
+            "--group.backend", "trl", "--generation.num_samples", "4", "--optim.lr", "1e-2",
             *user_reward("negation_reward"))
     losses = metric(tmp_path, "trl/loss")
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
