@@ -37,19 +37,21 @@ from rlhf_rrg.testing.stage_scripts import stage_config_class
 REPO = Path(__file__).resolve().parents[1]
 COLUMNS = ("CE-F1", "CE-P", "CE-R", "B4", "R-L", "len", "dist-2", "rep", "reward", "steps", "wall s")
 # Runs the table compares: name -> stage overrides on top of the config (the demo's PPO on the LLM with the
-# sentence-level clinical credit). "ppo-report" is the same PPO on the report-level reward alone. The "+clues"
-# runs sample each report's clue sentence from the clue head and train the head by policy gradient
-# (pg.train_clues), the LLM barely moving; PPO cannot sample clue statements (its ratio and value head are per
-# token). "rloo" trains the LLM like PPO does, with RLOO's group baseline instead of a critic. The non-PPO runs add
-# each report's total sentence credit to its reward.
+# sentence-level clinical credit). "ppo-report" is the same PPO on the report-level reward alone; "scst", "rloo" and
+# "grpo" train the LLM at the demo's lr and temperature with their own baselines (one update per batch, the report's
+# total sentence credit added to its reward). The "+clues" runs sample each report's clue sentence from the clue head
+# and train the head by policy gradient (pg.train_clues), the LLM barely moving; PPO cannot sample clue statements
+# (its ratio and value head are per token).
 CLUES = ["--pg.train_clues", "true", "--optim.lr", "1e-6", "--generation.temperature", "1.0"]
 VARIANTS: dict[str, list[str]] = {
     "ppo": ["--algo", "ppo"],
     "ppo-report": ["--algo", "ppo", "--sentence_credit.weight", "0"],
+    "scst": ["--algo", "scst"],
+    "rloo": ["--algo", "rloo"],
+    "grpo": ["--algo", "grpo"],
     "scst+clues": ["--algo", "scst", *CLUES],
     "rloo+clues": ["--algo", "rloo", *CLUES],
     "grpo+clues": ["--algo", "grpo", *CLUES],
-    "rloo": ["--algo", "rloo", "--optim.lr", "2e-5", "--generation.temperature", "1.0"],
 }
 
 
