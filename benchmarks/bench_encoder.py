@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 
 import torch
+from machine import machine_line, pin_threads  # benchmarks/machine.py: scripts run as python benchmarks/<name>.py
 
-from benchmarks.machine import machine_line, pin_threads
 from rlhf_rrg.models.vision import RRGVisionConfig, RRGVisionModel
 
 REPO = Path(__file__).resolve().parents[1]

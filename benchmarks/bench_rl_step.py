@@ -37,8 +37,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from machine import machine_line, pin_threads  # benchmarks/machine.py: scripts run as python benchmarks/<name>.py
 
-from benchmarks.machine import machine_line, pin_threads
 from rlhf_rrg.config import load_config
 from rlhf_rrg.data.synthetic import SyntheticConfig, write_synthetic_dataset
 from rlhf_rrg.logging import read_jsonl

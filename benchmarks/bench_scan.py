@@ -23,8 +23,8 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
+from machine import machine_line, pin_threads  # benchmarks/machine.py: scripts run as python benchmarks/<name>.py
 
-from benchmarks.machine import machine_line, pin_threads
 from rlhf_rrg.models.mamba import MambaMixer
 from rlhf_rrg.models.scan import recomputed_selective_scan, selective_scan
 from rlhf_rrg.models.vit import ViTBlock
