@@ -85,7 +85,7 @@ def child_peak(encoder: str, px: int, depth: int) -> None:
 
 def peak_bytes(encoder: str, px: int, depth: int, threads: int) -> int:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, "-m", "benchmarks.bench_encoder", "--child", encoder, str(px), "--depth", str(depth),
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", encoder, str(px), "--depth", str(depth),
            "--threads", str(threads)]
     out = subprocess.run(cmd, env=env, cwd=REPO, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_bytes"]
