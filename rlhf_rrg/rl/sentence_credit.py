@@ -28,6 +28,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from rewards.clinical import LABELERS, Labeler
+from rewards.form import sentences
 from rewards.observations import CHEXPERT_14, NEGATIVE, POSITIVE
 
 _SENTENCE_END = re.compile(r"[.!?;]")
@@ -118,22 +119,23 @@ def sentence_credit_rewards(
     rows = response_ids.tolist()
     lengths = mask.sum(1).tolist()
     token_texts = {t: tokenizer.decode([t], skip_special_tokens=True) for t in set(response_ids.flatten().tolist())}
-    spans: list[tuple[int, int, int]] = []  # (row, first token, last token) of each sentence
-    for i, (row, length) in enumerate(zip(rows, lengths, strict=True)):
-        start = 0
-        for end in sentence_ends([token_texts[t] for t in row[:length]]):
-            spans.append((i, start, end))
-            start = end + 1
-    texts = tokenizer.batch_decode([rows[i][s:e + 1] for i, s, e in spans], skip_special_tokens=True)
+    # (first token, last token) of each sentence, per report; decoded and labelled in one batch
+    spans = []
+    for row, length in zip(rows, lengths, strict=True):
+        ends = sentence_ends([token_texts[t] for t in row[:length]])
+        spans.append(list(zip([0] + [e + 1 for e in ends[:-1]], ends, strict=True)))
+    texts = tokenizer.batch_decode([row[s:e + 1] for row, row_spans in zip(rows, spans, strict=True)
+                                    for s, e in row_spans], skip_special_tokens=True)
     labels = labeler.label(texts)
     ref_labels = labeler.label(list(references))
     rewards = torch.zeros(response_ids.shape, dtype=torch.float32)
-    for i in range(b):
-        idx = [j for j, span in enumerate(spans) if span[0] == i]
-        normalised = [" ".join(_SENTENCE_END.sub(" ", texts[j].lower()).split()) for j in idx]
-        repeats = torch.tensor([bool(t) and t in normalised[:n] for n, t in enumerate(normalised)])
-        per_sentence, omission = credit_matrix(labels[idx], ref_labels[i], repeats)
-        for j, credit in zip(idx, per_sentence.tolist(), strict=True):
-            rewards[i, spans[j][2]] += credit
+    first = 0
+    for i, row_spans in enumerate(spans):
+        keys = [" ".join(sentences(t)) for t in texts[first:first + len(row_spans)]]
+        repeats = torch.tensor([bool(key) and key in keys[:n] for n, key in enumerate(keys)])
+        per_sentence, omission = credit_matrix(labels[first:first + len(row_spans)], ref_labels[i], repeats)
+        for (_, end), credit in zip(row_spans, per_sentence.tolist(), strict=True):
+            rewards[i, end] += credit
         rewards[i, lengths[i] - 1] += float(omission)
+        first += len(row_spans)
     return rewards.to(response_ids.device)
