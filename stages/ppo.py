@@ -63,7 +63,7 @@ from rlhf_rrg.rl.trl_adapter import GroupConfig, run_trl
 from rlhf_rrg.rl.value_head import ValueHead
 from rlhf_rrg.runroot import resolve_init, writing_export
 from rlhf_rrg.stage_setup import RunConfig, setup_stage
-from rlhf_rrg.training import NonFiniteLossError, make_train_loader, resumable_batches
+from rlhf_rrg.training import NonFiniteLossError, make_train_loader, preserved_rng, resumable_batches
 
 
 @dataclass
@@ -189,7 +189,7 @@ def main(cfg: PPOStageConfig) -> None:
 
     def run_eval() -> dict[str, float]:
         # The RNG is restored afterwards (the eval loader draws a seed): train.eval_every never changes training.
-        with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
+        with preserved_rng(accelerator.device):
             metrics = (evaluate(unwrapped.generator, eval_data, cfg, reward, worst) if accelerator.is_main_process
                        else {})
         flags = monitor.check(state.step, metrics) if accelerator.is_main_process else {}

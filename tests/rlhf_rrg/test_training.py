@@ -200,6 +200,19 @@ def test_select_metric_exports_the_best_evaluation(tmp_path):
     assert [s for s, p in log.records if "eval/score" in p] == [2, 4, 6]
 
 
+def test_evaluations_do_not_change_training(tmp_path):
+    # Dropout draws from the RNG every step; an evaluation that draws too (an eval loader's seed, sampling) must not
+    # shift those draws, or train.eval_every would change the trained model.
+    def eval_fn(model: nn.Module) -> dict[str, float]:
+        return {"draw": torch.rand(()).item()}
+
+    common = {"batch_size": 4, "max_steps": 6, "dropout": 0.3, "eval_fn": eval_fn}
+    rarely, _, _ = run_fit(tmp_path / "rarely", eval_every=0, **common)
+    often, _, log = run_fit(tmp_path / "often", eval_every=1, **common)
+    assert len(log.series("eval/draw")) == 6
+    assert_same_weights(rarely, often)
+
+
 def test_select_mode_min_and_unknown_metric(tmp_path):
     scripted = iter([0.5, 0.1, 0.3])
     _, state, _ = run_fit(
