@@ -8,7 +8,9 @@ On the embedded default (the demo's synthetic set: 1000 train / 100 val / 200 te
 runs stages/pretrain.py and stages/align.py on their debug configs (unless ``--stage-root`` holds their exports),
 then stages/sft.py on its debug config for ``--sft-steps`` steps from each of three tiny-arm encoders (random init,
 pretrain export, align export), on all training studies and on the first ``fraction`` of them (val and test
-unchanged). Each SFT run is evaluated once, at its last step, and exports that model. Columns, on the test split:
+unchanged). It first prints the align stage's val retrieval from the pretrain export next to the same align run
+from a random encoder (``<work>/align_random``), which is what ARM pretraining buys alignment. Each SFT run is
+evaluated once, at its last step, and exports that model. Columns, on the test split:
 
 - CE-F1: CheXpert-14 micro F1 of the greedy reports against the gold labels (rule labeler on the reports).
 - clue F1: the export's TRRG clue head at its prompt threshold, against the gold labels.
@@ -78,6 +80,21 @@ def evaluate_export(run_root: Path, cfg, max_new_tokens: int) -> dict[str, float
     }
 
 
+def print_alignment(runs: dict[str, Path]) -> None:
+    """Val retrieval of each align run's exported (best ``i2t_recall@5``) evaluation, chance levels in brackets."""
+    print(f"| align from | i2t R@5 | t2i R@5 | R@5 chance | i2t label match@{LABEL_K} (random) "
+          f"| i2i label match@{LABEL_K} (random) |")
+    print("|---|---|---|---|---|---|")
+    for name, run_root in runs.items():
+        evals = [r for r in read_jsonl(run_root / "align" / "metrics.jsonl") if "eval/i2t_recall@5" in r]
+        best = max(evals, key=lambda r: r["eval/i2t_recall@5"])  # fit exports the first best evaluation
+        m = {k.removeprefix("eval/"): v for k, v in best.items()}
+        print(f"| {name} | {m['i2t_recall@5']:.2f} | {m['t2i_recall@5']:.2f} | {m['recall@5_chance']:.2f} "
+              f"| {m[f'i2t_label_match@{LABEL_K}']:.3f} ({m[f'i2t_label_match@{LABEL_K}_chance']:.3f}) "
+              f"| {m[f'i2i_label_match@{LABEL_K}']:.3f} ({m[f'i2i_label_match@{LABEL_K}_chance']:.3f}) |")
+    print(flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("rrg_home/bench_ablation"), help="output folder")
@@ -99,7 +116,12 @@ def main() -> None:
     for stage in ("pretrain", "align"):
         if not (stage_root / stage / "export" / EXPORT_MARKER).is_file():
             run_stage(stage, data, stage_root)
+    # Does ARM pretraining help alignment? The same align run from a random encoder.
+    align_random = args.work / "align_random"
+    if not (align_random / "align" / "export" / EXPORT_MARKER).is_file():
+        run_stage("align", data, align_random, "--run.init_from", "null")
     stage_s = time.perf_counter() - start
+    print_alignment({"pretrain export": stage_root, "random init": align_random})
     init_from = {"random": "null", "pretrain": str(stage_root / "pretrain" / "export"),
                  "align": str(stage_root / "align" / "export")}
 
