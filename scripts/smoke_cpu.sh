@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The embedded default, end to end on CPU: synthetic chest X-rays -> pretrain -> align -> sft -> RL -> eval table and
 # the probe ceiling.
-# Tiny models; a few minutes on 2 cores. Everything lands under $RRG_HOME (default: ./rrg_home).
+# Tiny models; about 20 minutes on 2 cores. Everything lands under $RRG_HOME (default: ./rrg_home).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
