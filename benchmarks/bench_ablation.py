@@ -127,7 +127,7 @@ def main() -> None:
 
     print(f"SFT ablation: {args.sft_steps} SFT steps per run (stages/configs/sft/debug.yaml, tiny-arm encoder), "
           f"test split of {data}; pretrain+align {stage_s:.0f} s", flush=True)
-    print(f"| init | train studies | test CE-F1 | clue F1 | probe F1 | bank label match@{LABEL_K} (random) |")
+    print(f"| SFT from | train studies | test CE-F1 | clue F1 | probe F1 | bank label match@{LABEL_K} (random) |")
     print("|---|---|---|---|---|---|", flush=True)
     for fraction in args.fractions:
         sft_data = data if fraction == 1.0 else subset(data, fraction, args.work / f"data_{fraction:g}")
