@@ -145,3 +145,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
         logger.warning(
             "CUDA RNG state not restored: saved with CUDA=%s, now CUDA=%s", "cuda" in state, torch.cuda.is_available()
         )
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Restores every RNG stream :func:`rng_state` captures (Python, NumPy, torch, CUDA) on exit.
+
+    Evaluations draw from them (an eval loader's seed, sampling), and ``train.eval_every`` must not change what
+    training does.
+    """
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from rlhf_rrg.checkpoint import CheckpointConfig, CheckpointManager, TrainState
+from rlhf_rrg.distributed import preserved_rng
 from rlhf_rrg.logging import MetricLogger
 from rlhf_rrg.optim import OptimConfig
 from rlhf_rrg.runroot import StageDirs
@@ -124,12 +125,6 @@ def resumable_batches(accelerator: Accelerator, loader: DataLoader, state: Train
         state.batch_in_epoch = 0
 
 
-def preserved_rng(device: torch.device):
-    """Restores the torch RNG (CPU, and ``device``'s when it is CUDA) on exit: evaluations draw from it (e.g. the eval
-    loader's seed), and ``train.eval_every`` must not change what training does."""
-    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
-
-
 def _is_better(value: float, best: float | None, mode: str) -> bool:
     return best is None or (value > best if mode == "max" else value < best)
 
@@ -170,7 +165,7 @@ def fit(
         ckpt.resume()
 
     def evaluate_and_export() -> None:
-        with preserved_rng(accelerator.device):
+        with preserved_rng():
             metrics = eval_fn(model) if eval_fn is not None else {}
         if metrics:
             metric_logger.log_dict({f"eval/{k}": v for k, v in metrics.items()}, state.step)

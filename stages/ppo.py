@@ -34,7 +34,7 @@ from rlhf_rrg.checkpoint import CheckpointConfig, CheckpointManager, TrainState
 from rlhf_rrg.config import parse_stage_args
 from rlhf_rrg.data.context_dataset import collate_context
 from rlhf_rrg.data.dataset import DataConfig, build_dataset
-from rlhf_rrg.distributed import print0
+from rlhf_rrg.distributed import preserved_rng, print0
 from rlhf_rrg.evaluation import EvalConfig, eval_subset, generate_and_score, with_context
 from rlhf_rrg.models.generator import ReportGenerator
 from rlhf_rrg.models.rrg import LoraSettings
@@ -63,7 +63,7 @@ from rlhf_rrg.rl.trl_adapter import GroupConfig, run_trl
 from rlhf_rrg.rl.value_head import ValueHead
 from rlhf_rrg.runroot import resolve_init, writing_export
 from rlhf_rrg.stage_setup import RunConfig, setup_stage
-from rlhf_rrg.training import NonFiniteLossError, make_train_loader, preserved_rng, resumable_batches
+from rlhf_rrg.training import NonFiniteLossError, make_train_loader, resumable_batches
 
 
 @dataclass
@@ -189,7 +189,7 @@ def main(cfg: PPOStageConfig) -> None:
 
     def run_eval() -> dict[str, float]:
         # The RNG is restored afterwards (the eval loader draws a seed): train.eval_every never changes training.
-        with preserved_rng(accelerator.device):
+        with preserved_rng():
             metrics = (evaluate(unwrapped.generator, eval_data, cfg, reward, worst) if accelerator.is_main_process
                        else {})
         flags = monitor.check(state.step, metrics) if accelerator.is_main_process else {}

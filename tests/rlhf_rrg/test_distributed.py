@@ -14,6 +14,7 @@ from rlhf_rrg.distributed import (
     check_world_size,
     gather_params,
     is_main_process,
+    preserved_rng,
     print0,
     rng_state,
     seed_everything,
@@ -51,6 +52,17 @@ def test_rng_state_round_trip_through_weights_only_checkpoint(tmp_path):
     _draws()
     set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert [_draws() for _ in range(3)] == expected
+
+
+def test_preserved_rng_restores_every_stream():
+    seed_everything(5)
+    _draws()
+    expected = [_draws() for _ in range(2)]
+    seed_everything(5)
+    _draws()
+    with preserved_rng():
+        _draws()  # an evaluation drawing from Python, NumPy and torch
+    assert [_draws() for _ in range(2)] == expected
 
 
 def test_set_rng_state_rejects_foreign_dicts():
