@@ -7,7 +7,8 @@
 On the embedded default (the demo's synthetic set: 1000 train / 100 val / 200 test studies, 64 px, seed 0), this
 runs stages/pretrain.py and stages/align.py on their debug configs (unless ``--stage-root`` holds their exports),
 then stages/sft.py on its debug config for ``--sft-steps`` steps from each of three tiny-arm encoders (random init,
-pretrain export, align export), on all training studies and on the first ``fraction`` of them (val and test
+pretrain export, align export) and once more from the align export with the encoder tuned at 0.3x the lr of the rest
+(``--model.vision_lr_scale 0.3``), on all training studies and on the first ``fraction`` of them (val and test
 unchanged). It first prints the align stage's val retrieval from the pretrain export next to the same align run
 from a random encoder (``<work>/align_random``), which is what ARM pretraining buys alignment. Each SFT run is
 evaluated once, at its last step, and exports that model. Columns, on the test split:
@@ -40,7 +41,10 @@ from rlhf_rrg.testing.stage_scripts import load_stage
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DATA = SyntheticConfig(n_train=1000, n_val=100, n_test=200, image_size=64, seed=0)
-INITS = ("random", "pretrain", "align")
+# SFT starting points: name -> (encoder to start from, extra SFT overrides, table label). align-lowlr tunes the
+# aligned encoder at 0.3x the lr of the rest of the model, so SFT adapts it without overwriting what alignment taught.
+INITS = {"random": ("random", (), "random"), "pretrain": ("pretrain", (), "pretrain"), "align": ("align", (), "align"),
+         "align-lowlr": ("align", ("--model.vision_lr_scale", "0.3"), "align, vision lr x0.3")}
 
 
 def run_stage(name: str, data: Path, run_root: Path, *overrides: str):
@@ -102,7 +106,7 @@ def main() -> None:
     parser.add_argument("--stage-root", type=Path, help="run root with pretrain/ and align/ exports to reuse")
     parser.add_argument("--sft-steps", type=int, default=500, help="SFT steps of every run (debug.yaml: 500)")
     parser.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.1], help="shares of training studies")
-    parser.add_argument("--inits", nargs="+", choices=INITS, default=list(INITS), help="SFT starting encoders")
+    parser.add_argument("--inits", nargs="+", choices=list(INITS), default=list(INITS), help="SFT starting points")
     parser.add_argument("--max-new-tokens", type=int, default=80, help="test generation budget (debug.yaml: 80)")
     args = parser.parse_args()
     if args.sft_steps < 1 or not all(0 < f <= 1 for f in args.fractions):
@@ -132,15 +136,16 @@ def main() -> None:
     for fraction in args.fractions:
         sft_data = data if fraction == 1.0 else subset(data, fraction, args.work / f"data_{fraction:g}")
         for init in args.inits:
+            encoder, overrides, label = INITS[init]
             run_root = args.work / f"sft_{init}_{fraction:g}"
-            cfg = run_stage("sft", sft_data, run_root, "--run.init_from", init_from[init],
+            cfg = run_stage("sft", sft_data, run_root, "--run.init_from", init_from[encoder],
                             "--model.vision", "tiny-arm", "--train.max_steps", str(args.sft_steps),
                             "--train.eval_every", "0", "--checkpoint.save_every", "0",
-                            "--eval.max_new_tokens", str(args.max_new_tokens))
+                            "--eval.max_new_tokens", str(args.max_new_tokens), *overrides)
             m = evaluate_export(run_root, cfg, args.max_new_tokens)
             n_train = len(build_dataset(cfg.data, "train", train=False))
             # Rows print as they finish, so a long run shows its table as it goes.
-            print(f"| {init} | {n_train} ({fraction:.0%}) | {m['ce_f1']:.3f} | {m['clue_f1']:.3f} "
+            print(f"| {label} | {n_train} ({fraction:.0%}) | {m['ce_f1']:.3f} | {m['clue_f1']:.3f} "
                   f"| {m['probe_f1']:.3f} | {m['bank']:.3f} ({m['bank_chance']:.3f}) |", flush=True)
     print(f"total {time.perf_counter() - start:.0f} s")
 

@@ -60,6 +60,13 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr_scales: dict[str, flo
         lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
+def submodule_lr_scales(model: nn.Module, submodule: nn.Module, scale: float) -> dict[str, float]:
+    """``build_optimizer``'s ``lr_scales`` giving every parameter of ``submodule`` ``scale``, keyed by its full name
+    in ``model`` (whatever wrappers, such as peft's, sit between them)."""
+    owned = {id(p) for p in submodule.parameters()}
+    return {name: scale for name, p in model.named_parameters() if id(p) in owned}
+
+
 def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
     """Multiplier of ``cfg.lr`` at ``step`` (0-based): linear warmup, then the configured decay."""
     if cfg.warmup_steps and step < cfg.warmup_steps:

@@ -95,10 +95,15 @@ class RRGModelConfig:
         default="default", metadata={"help": "'default' drops the cls token, 'full' keeps it."}
     )
     freeze_vision: bool = field(default=True, metadata={"help": "Keep the vision encoder's weights fixed."})
+    vision_lr_scale: float = field(default=1.0, metadata={
+        "help": "Multiplier of optim.lr for a trainable vision encoder: below 1, a pretrained encoder adapts "
+                "without overwriting what stages 1-2 taught it (discriminative fine-tuning)."})
     image_token: str = field(default=IMAGE_TOKEN, metadata={"help": "Placeholder string for image features."})
     lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "LoRA settings."})
 
     def __post_init__(self) -> None:
+        if self.vision_lr_scale <= 0:
+            raise ValueError(f"model.vision_lr_scale must be > 0, got {self.vision_lr_scale}")
         if self.llm not in TINY_LLMS and self.llm_path is None:
             raise ValueError(f"llm_path is required for the pretrained LLM {self.llm!r}")
         if self.llm_dtype not in DTYPES:

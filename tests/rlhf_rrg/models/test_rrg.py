@@ -18,6 +18,7 @@ from rlhf_rrg.models.rrg import (
     load_rrg,
     save_rrg,
 )
+from rlhf_rrg.optim import OptimConfig, build_optimizer, submodule_lr_scales
 from rlhf_rrg.testing.tiny_models import TINY_PROMPT, TINY_REPORTS, tiny_rrg
 
 
@@ -85,6 +86,24 @@ def test_unfrozen_vision_is_trained_through_modules_to_save(tmp_path):
     tiny.config.freeze_vision = False
     model = apply_lora(build_rrg_model(tiny.config, tiny.tokenizer), tiny.config)
     assert any("vision_tower.modules_to_save" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_vision_lr_scale_reaches_the_trained_modules_to_save_copy(tmp_path):
+    tiny = tiny_rrg(tmp_path)
+    tiny.config.freeze_vision = False
+    model = apply_lora(build_rrg_model(tiny.config, tiny.tokenizer), tiny.config)
+    vision = model.get_base_model().model.vision_tower
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-3), submodule_lr_scales(model, vision, 0.1))
+    lrs = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    trained = [p for p in vision.parameters() if p.requires_grad]
+    assert trained and all(lrs[id(p)] == pytest.approx(1e-4) for p in trained)
+    others = [p for n, p in model.named_parameters() if p.requires_grad and "vision_tower" not in n]
+    assert others and all(lrs[id(p)] == 1e-3 for p in others)
+
+
+def test_vision_lr_scale_must_be_positive():
+    with pytest.raises(ValueError, match="model.vision_lr_scale must be > 0"):
+        RRGModelConfig(vision_lr_scale=0.0)
 
 
 def test_save_load_round_trip_gives_identical_logits(tmp_path):
