@@ -3,6 +3,7 @@
     python benchmarks/bench_ablation.py --sft-steps 500                      # the README table
     python benchmarks/bench_ablation.py --sft-steps 100 --fractions 1.0      # a quicker look
     python benchmarks/bench_ablation.py --stage-root rrg_home/runs/demo      # reuse a demo's pretrain/align exports
+    python benchmarks/bench_ablation.py --inits random align-lowlr --seeds 0 1 2   # margins over three SFT seeds
 
 On the embedded default (the demo's synthetic set: 1000 train / 100 val / 200 test studies, 64 px, seed 0), this
 runs stages/pretrain.py and stages/align.py on their debug configs (unless ``--stage-root`` holds their exports),
@@ -99,6 +100,25 @@ def print_alignment(runs: dict[str, Path]) -> None:
     print(flush=True)
 
 
+def print_seed_means(ce_f1: dict[tuple[float, str], list[float]], seeds: list[int]) -> None:
+    """Test CE-F1 over the seeds per row, and each start's margin over random init (same seed, then averaged)."""
+    print(f"\ntest CE-F1 over seeds {seeds}: mean (min to max), margin over random init (same seed)")
+    print("| SFT from | train share | CE-F1 | margin over random |")
+    print("|---|---|---|---|")
+    for (fraction, init), values in ce_f1.items():
+        random = ce_f1.get((fraction, "random"))
+        if random is None or init == "random":
+            margin = ""
+        else:
+            margin = _spread([v - r for v, r in zip(values, random, strict=True)], "+")
+        print(f"| {INITS[init][2]} | {fraction:.0%} | {_spread(values)} | {margin} |")
+
+
+def _spread(values: list[float], sign: str = "") -> str:
+    """``mean (min to max)``; ``sign="+"`` prints signs, for margins."""
+    return f"{sum(values) / len(values):{sign}.3f} ({min(values):{sign}.3f} to {max(values):{sign}.3f})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("rrg_home/bench_ablation"), help="output folder")
@@ -107,6 +127,7 @@ def main() -> None:
     parser.add_argument("--sft-steps", type=int, default=500, help="SFT steps of every run (debug.yaml: 500)")
     parser.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.1], help="shares of training studies")
     parser.add_argument("--inits", nargs="+", choices=list(INITS), default=list(INITS), help="SFT starting points")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="SFT seeds (run.seed) of every row")
     parser.add_argument("--max-new-tokens", type=int, default=80, help="test generation budget (debug.yaml: 80)")
     args = parser.parse_args()
     if args.sft_steps < 1 or not all(0 < f <= 1 for f in args.fractions):
@@ -131,22 +152,28 @@ def main() -> None:
 
     print(f"SFT ablation: {args.sft_steps} SFT steps per run (stages/configs/sft/debug.yaml, tiny-arm encoder), "
           f"test split of {data}; pretrain+align {stage_s:.0f} s", flush=True)
-    print(f"| SFT from | train studies | test CE-F1 | clue F1 | probe F1 | bank label match@{LABEL_K} (random) |")
-    print("|---|---|---|---|---|---|", flush=True)
+    print(f"| SFT from | train studies | seed | test CE-F1 | clue F1 | probe F1 "
+          f"| bank label match@{LABEL_K} (random) |")
+    print("|---|---|---|---|---|---|---|", flush=True)
+    ce_f1: dict[tuple[float, str], list[float]] = {}
     for fraction in args.fractions:
         sft_data = data if fraction == 1.0 else subset(data, fraction, args.work / f"data_{fraction:g}")
         for init in args.inits:
             encoder, overrides, label = INITS[init]
-            run_root = args.work / f"sft_{init}_{fraction:g}"
-            cfg = run_stage("sft", sft_data, run_root, "--run.init_from", init_from[encoder],
-                            "--model.vision", "tiny-arm", "--train.max_steps", str(args.sft_steps),
-                            "--train.eval_every", "0", "--checkpoint.save_every", "0",
-                            "--eval.max_new_tokens", str(args.max_new_tokens), *overrides)
-            m = evaluate_export(run_root, cfg, args.max_new_tokens)
-            n_train = len(build_dataset(cfg.data, "train", train=False))
-            # Rows print as they finish, so a long run shows its table as it goes.
-            print(f"| {label} | {n_train} ({fraction:.0%}) | {m['ce_f1']:.3f} | {m['clue_f1']:.3f} "
-                  f"| {m['probe_f1']:.3f} | {m['bank']:.3f} ({m['bank_chance']:.3f}) |", flush=True)
+            for seed in args.seeds:
+                run_root = args.work / f"sft_{init}_{fraction:g}_s{seed}"
+                cfg = run_stage("sft", sft_data, run_root, "--run.init_from", init_from[encoder],
+                                "--model.vision", "tiny-arm", "--train.max_steps", str(args.sft_steps),
+                                "--train.eval_every", "0", "--checkpoint.save_every", "0", "--run.seed", str(seed),
+                                "--eval.max_new_tokens", str(args.max_new_tokens), *overrides)
+                m = evaluate_export(run_root, cfg, args.max_new_tokens)
+                ce_f1.setdefault((fraction, init), []).append(m["ce_f1"])
+                n_train = len(build_dataset(cfg.data, "train", train=False))
+                # Rows print as they finish, so a long run shows its table as it goes.
+                print(f"| {label} | {n_train} ({fraction:.0%}) | {seed} | {m['ce_f1']:.3f} | {m['clue_f1']:.3f} "
+                      f"| {m['probe_f1']:.3f} | {m['bank']:.3f} ({m['bank_chance']:.3f}) |", flush=True)
+    if len(args.seeds) > 1:
+        print_seed_means(ce_f1, args.seeds)
     print(f"total {time.perf_counter() - start:.0f} s")
 
 if __name__ == "__main__":
