@@ -1,6 +1,7 @@
 """Image decoding (8/16-bit, gray/RGB), normalisation, corrupt files, decompression bombs and augmentation (never
 flipped)."""
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,24 @@ def test_decompression_bomb_is_named(tmp_path: Path, side: int) -> None:
     with pytest.raises(DataError, match=r"bomb\.png: refused as a possible decompression bomb") as err:
         read_grayscale(path)
     assert err.value.reason == "decompression_bomb"
+
+
+def test_bombs_are_refused_when_decoded_in_threads(tmp_path: Path) -> None:
+    # Datasets decode in a thread pool; a process-wide warning filter toggled per call let some bombs through.
+    bomb, ok = tmp_path / "bomb.png", tmp_path / "ok.png"
+    Image.new("1", (10_000, 10_000)).save(bomb)  # between 1x and 2x PIL's limit: PIL itself only warns
+    Image.new("L", (8, 8)).save(ok)
+
+    def reason(path: Path) -> str:
+        try:
+            read_grayscale(path)
+        except DataError as err:
+            return err.reason
+        return "decoded"
+
+    with ThreadPoolExecutor(8) as pool:
+        reasons = list(pool.map(reason, [bomb, ok] * 8))
+    assert reasons == ["decompression_bomb", "decoded"] * 8
 
 
 def test_decoder_errors_of_any_type_are_named(tmp_path: Path) -> None:
