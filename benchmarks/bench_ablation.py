@@ -69,9 +69,9 @@ def subset(data: Path, fraction: float, out: Path) -> Path:
     return out
 
 
-def evaluate_export(run_root: Path, cfg, max_new_tokens: int) -> dict[str, float]:
+def evaluate_export(run_root: Path, cfg, max_new_tokens: int) -> dict[str, float | int]:
     """Test CE-F1, clue-head F1, probe F1 (``rlhf_rrg.probe``: fit on train, thresholds from val) and the memory
-    bank's label match of one SFT run."""
+    bank's label match of one SFT run, and its number of training studies."""
     generator = ReportGenerator.from_export(run_root / "sft" / "export").eval()
     splits = [build_dataset(cfg.data, split, train=False) for split in ("train", "val", "test")]
     report, _, _ = probe_export(generator, *splits, EvalConfig(split="test", max_new_tokens=max_new_tokens))
@@ -82,6 +82,7 @@ def evaluate_export(run_root: Path, cfg, max_new_tokens: int) -> dict[str, float
         "probe_f1": report.micro["probe"]["f1"],
         "bank": bank[f"bank/label_match@{LABEL_K}"],
         "bank_chance": bank[f"bank/label_match@{LABEL_K}_chance"],
+        "n_train": len(splits[0]),
     }
 
 
@@ -168,9 +169,8 @@ def main() -> None:
                                 "--eval.max_new_tokens", str(args.max_new_tokens), *overrides)
                 m = evaluate_export(run_root, cfg, args.max_new_tokens)
                 ce_f1.setdefault((fraction, init), []).append(m["ce_f1"])
-                n_train = len(build_dataset(cfg.data, "train", train=False))
                 # Rows print as they finish, so a long run shows its table as it goes.
-                print(f"| {label} | {n_train} ({fraction:.0%}) | {seed} | {m['ce_f1']:.3f} | {m['clue_f1']:.3f} "
+                print(f"| {label} | {m['n_train']} ({fraction:.0%}) | {seed} | {m['ce_f1']:.3f} | {m['clue_f1']:.3f} "
                       f"| {m['probe_f1']:.3f} | {m['bank']:.3f} ({m['bank_chance']:.3f}) |", flush=True)
     if len(args.seeds) > 1:
         print_seed_means(ce_f1, args.seeds)

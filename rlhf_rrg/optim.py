@@ -60,11 +60,13 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr_scales: dict[str, flo
         lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
-def submodule_lr_scales(model: nn.Module, submodule: nn.Module, scale: float) -> dict[str, float]:
-    """``build_optimizer``'s ``lr_scales`` giving every parameter of ``submodule`` ``scale``, keyed by its full name
-    in ``model`` (whatever wrappers, such as peft's, sit between them)."""
-    owned = {id(p) for p in submodule.parameters()}
-    return {name: scale for name, p in model.named_parameters() if id(p) in owned}
+def module_prefix(model: nn.Module, submodule: nn.Module) -> str:
+    """The parameter-name prefix of ``submodule`` inside ``model`` (whatever wrappers, such as peft's, sit between
+    them), for ``build_optimizer``'s ``lr_scales``."""
+    name = next((name for name, module in model.named_modules() if module is submodule), None)
+    if name is None:
+        raise ValueError(f"{type(submodule).__name__} is not a submodule of {type(model).__name__}")
+    return f"{name}." if name else ""
 
 
 def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:

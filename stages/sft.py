@@ -33,7 +33,7 @@ from rlhf_rrg.models.generator import PromptingConfig, ReportGenerator
 from rlhf_rrg.models.llm_configs import TINY_LLMS
 from rlhf_rrg.models.rrg import RRGModelConfig, apply_lora, build_processor, build_rrg_model, build_vision_model
 from rlhf_rrg.models.tokenizer import build_word_tokenizer
-from rlhf_rrg.optim import OptimConfig, build_optimizer, build_scheduler, submodule_lr_scales
+from rlhf_rrg.optim import OptimConfig, build_optimizer, build_scheduler, module_prefix
 from rlhf_rrg.retrieval.context import check_report_sharing
 from rlhf_rrg.retrieval.metrics import LABEL_K, leave_one_out_label_match
 from rlhf_rrg.retrieval.retriever import ContextRetriever, dataset_neighbours
@@ -141,7 +141,7 @@ def main(cfg: SFTStageConfig) -> None:
 
     # 4. optimisation
     optimizer = build_optimizer(generator, cfg.optim,
-                                submodule_lr_scales(generator, generator.vision_tower, cfg.model.vision_lr_scale))
+                                {module_prefix(generator, generator.vision_tower): cfg.model.vision_lr_scale})
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     loader = make_train_loader(train_data, cfg.train.batch_size, cfg.run.seed, collate_context, cfg.train.num_workers)
     # The scheduler stays unprepared: fit() steps it once per optimizer step whatever the process count.

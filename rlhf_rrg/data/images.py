@@ -68,9 +68,10 @@ def read_grayscale(path: str | Path) -> np.ndarray:
         raise DataError(f"{path}: cannot decode image ({type(err).__name__}: {err})", "corrupt_image") from err
     # PIL only warns between 1x and 2x its pixel limit; no chest X-ray is that large, so refuse it. Checked here, not
     # by turning the warning into an error: warning filters are process-wide, and datasets decode in threads.
-    if Image.MAX_IMAGE_PIXELS and img.width * img.height > Image.MAX_IMAGE_PIXELS:
+    pixels = img.width * img.height
+    if Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS:
         img.close()
-        raise DataError(f"{path}: refused as a possible decompression bomb ({img.width * img.height} pixels exceed "
+        raise DataError(f"{path}: refused as a possible decompression bomb ({pixels} pixels exceed "
                         f"PIL's limit of {Image.MAX_IMAGE_PIXELS})", "decompression_bomb")
     try:
         with img:

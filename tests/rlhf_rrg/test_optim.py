@@ -5,7 +5,7 @@ import pytest
 from torch import nn
 
 from rlhf_rrg.config import ConfigError, load_config
-from rlhf_rrg.optim import OptimConfig, build_optimizer, submodule_lr_scales
+from rlhf_rrg.optim import OptimConfig, build_optimizer, module_prefix
 
 
 @pytest.mark.parametrize(("key", "value"), [("weight_decay", "-0.01"), ("grad_clip", "-1.0"), ("lr", "0")])
@@ -27,15 +27,19 @@ def test_lr_scales_give_prefixed_parameters_their_own_rate_and_keep_decay_groups
     assert rates == {(1e-3, 0.1): 16, (1e-3, 0.0): 4, (1e-2, 0.1): 8, (1e-2, 0.0): 2}
 
 
-def test_submodule_lr_scales_reach_a_wrapped_submodule_and_nothing_else():
+def test_module_prefix_scales_a_wrapped_submodule_and_nothing_else():
     encoder = nn.Linear(4, 4)
     model = nn.ModuleDict({"wrapper": nn.Sequential(encoder), "head": nn.Linear(4, 2)})
-    scales = submodule_lr_scales(model, encoder, 0.1)
-    assert set(scales) == {"wrapper.0.weight", "wrapper.0.bias"}
-    optimizer = build_optimizer(model, OptimConfig(lr=1e-3), scales)
+    assert module_prefix(model, encoder) == "wrapper.0."
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-3), {module_prefix(model, encoder): 0.1})
     lrs = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
     assert [lrs[id(p)] for p in encoder.parameters()] == [pytest.approx(1e-4)] * 2
     assert [lrs[id(p)] for p in model["head"].parameters()] == [1e-3] * 2
+
+
+def test_module_prefix_of_a_foreign_module_is_an_error():
+    with pytest.raises(ValueError, match="Linear is not a submodule of Sequential"):
+        module_prefix(nn.Sequential(nn.Linear(2, 2)), nn.Linear(2, 2))
 
 
 def test_no_trainable_parameters_is_an_error():

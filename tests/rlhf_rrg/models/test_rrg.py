@@ -18,7 +18,7 @@ from rlhf_rrg.models.rrg import (
     load_rrg,
     save_rrg,
 )
-from rlhf_rrg.optim import OptimConfig, build_optimizer, submodule_lr_scales
+from rlhf_rrg.optim import OptimConfig, build_optimizer, module_prefix
 from rlhf_rrg.testing.tiny_models import TINY_PROMPT, TINY_REPORTS, tiny_rrg
 
 
@@ -93,7 +93,7 @@ def test_vision_lr_scale_reaches_the_trained_modules_to_save_copy(tmp_path):
     tiny.config.freeze_vision = False
     model = apply_lora(build_rrg_model(tiny.config, tiny.tokenizer), tiny.config)
     vision = model.get_base_model().model.vision_tower
-    optimizer = build_optimizer(model, OptimConfig(lr=1e-3), submodule_lr_scales(model, vision, 0.1))
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-3), {module_prefix(model, vision): 0.1})
     lrs = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
     trained = [p for p in vision.parameters() if p.requires_grad]
     assert trained and all(lrs[id(p)] == pytest.approx(1e-4) for p in trained)
