@@ -17,7 +17,7 @@ from typing import Literal, Protocol
 import torch
 
 from rewards.base import RewardOutput, TextCache, score_nonempty, trl_call
-from rewards.observations import CHEXPERT_5, CHEXPERT_14, NEGATIVE, POSITIVE, UNCERTAIN
+from rewards.observations import CHEXPERT_5, CHEXPERT_14, NEGATIVE, PATHOLOGIES_13, POSITIVE, UNCERTAIN
 
 logger = logging.getLogger(__name__)
 
@@ -90,10 +90,10 @@ def _prf(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor) -> tuple[torch.Te
 
 @dataclass
 class CEMetrics:
-    """Clinical-efficacy scores over the 14 and the 5 competition observations.
+    """Clinical-efficacy scores over the 14 observations, the 13 without "No Finding", and the 5 competition ones.
 
     Attributes:
-        scores: ``"{micro|macro}_{precision|recall|f1}_{14|5}"`` -> value.
+        scores: ``"{micro|macro}_{precision|recall|f1}_{14|13|5}"`` -> value.
         per_observation: Observation -> ``{"precision", "recall", "f1", "support"}`` (support = positive refs).
     """
 
@@ -113,7 +113,7 @@ class CEMetrics:
 def ce_metrics(
     pred_labels: torch.Tensor, ref_labels: torch.Tensor, uncertain_policy: UncertainPolicy = "negative"
 ) -> CEMetrics:
-    """CE precision / recall / F1 (micro and macro, over CheXpert-14 and CheXpert-5).
+    """CE precision / recall / F1 (micro and macro, over CheXpert-14, the 13 without "No Finding", and CheXpert-5).
 
     Args:
         pred_labels: Codes of the generated reports ``(n, 14)`` in CHEXPERT_14 order.
@@ -134,7 +134,7 @@ def ce_metrics(
     fp = (pred & ~ref).sum(0)
     fn = (~pred & ref).sum(0)
     scores: dict[str, float] = {}
-    for suffix, observations in (("14", CHEXPERT_14), ("5", CHEXPERT_5)):
+    for suffix, observations in (("14", CHEXPERT_14), ("13", PATHOLOGIES_13), ("5", CHEXPERT_5)):
         cols = torch.tensor([CHEXPERT_14.index(o) for o in observations])
         micro = _prf(tp[cols].sum(), fp[cols].sum(), fn[cols].sum())
         macro = [m.mean() for m in _prf(tp[cols], fp[cols], fn[cols])]

@@ -52,6 +52,9 @@ TABLE_COLUMNS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("CE-P", ("ce_chexbert/micro_precision_14", "ce/micro_precision_14")),
     ("CE-R", ("ce_chexbert/micro_recall_14", "ce/micro_recall_14")),
     ("CE-F1", ("ce_chexbert/micro_f1_14", "ce/micro_f1_14")),
+    # Next to R2Gen's micro-14: the 13 pathologies (No Finding out) and macro-14, which a normal-for-all writer fails.
+    ("CE-F1-13", ("ce_chexbert/micro_f1_13", "ce/micro_f1_13")),
+    ("CE-mF1", ("ce_chexbert/macro_f1_14", "ce/macro_f1_14")),
     ("RadGraph", ("radgraph",)),
     ("RadCliQ", ("radcliq_v1",)),
 )

@@ -126,9 +126,20 @@ def _codes(present: torch.Tensor) -> torch.Tensor:
     return torch.where(present, POSITIVE, BLANK)
 
 
+# (key in ProbeReport.micro[source], table label)
+SUMMARY_ROWS: tuple[tuple[str, str], ...] = (
+    ("precision", "micro precision"),
+    ("recall", "micro recall"),
+    ("f1", "micro f1"),
+    ("f1_13", "micro f1, 13 pathologies"),
+    ("macro_f1", "macro f1"),
+)
+
+
 @dataclass
 class ProbeReport:
-    """Per-observation and micro CE of the probe, the clue head and the reports on one split."""
+    """Per-observation CE of the probe, the clue head and the reports on one split, with their summaries: micro
+    precision/recall/F1 over the 14, micro F1 over the 13 pathologies (No Finding out) and macro F1 over the 14."""
 
     rows: dict[str, dict[str, float]]
     micro: dict[str, dict[str, float]]
@@ -140,8 +151,8 @@ class ProbeReport:
         for obs in CHEXPERT_14:
             row = self.rows[obs]
             lines.append(f"{obs:<28}{int(row['support']):>8d}" + "".join(f"{row[s]:>14.3f}" for s in sources))
-        for kind in ("precision", "recall", "f1"):
-            lines.append(f"{'micro ' + kind:<36}" + "".join(f"{self.micro[s][kind]:>14.3f}" for s in sources))
+        for kind, label in SUMMARY_ROWS:
+            lines.append(f"{label:<36}" + "".join(f"{self.micro[s][kind]:>14.3f}" for s in sources))
         return "\n".join(lines)
 
     def to_json(self) -> dict:
@@ -156,6 +167,7 @@ def compare(targets: torch.Tensor, predictions: dict[str, torch.Tensor]) -> Prob
     for name, present in predictions.items():
         metrics = ce_metrics(_codes(present), ref)
         micro[name] = {k: metrics.scores[f"micro_{k}_14"] for k in ("precision", "recall", "f1")}
+        micro[name] |= {"f1_13": metrics.scores["micro_f1_13"], "macro_f1": metrics.scores["macro_f1_14"]}
         for obs in CHEXPERT_14:
             rows[obs][name] = metrics.per_observation[obs]["f1"]
     return ProbeReport(rows, micro, int(targets.shape[0]))

@@ -49,31 +49,46 @@ class TrainConfig:
                 "jobs); 0 runs to max_steps"})
     select_metric: str | None = field(default=None, metadata={"help": "eval metric that picks the exported model"})
     select_mode: Literal["max", "min"] = field(default="max", metadata={"help": "max: higher select_metric is better"})
+    balance_findings: float = field(default=0.0, metadata={
+        "help": "finding-aware sampling: each training study is drawn with weight (count of its rarest CheXpert "
+                "observation) ** -balance_findings (rlhf_rrg.data.sampling); 0 shuffles uniformly"})
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.balance_findings < 0:
+            raise ValueError(f"train.balance_findings must be >= 0, got {self.balance_findings}")
         if self.eval_every < 0:
             raise ValueError(f"train.eval_every must be >= 0, got {self.eval_every}")
 
 
 class EpochBatchSampler(Sampler[list[int]]):
-    """Shuffled batches whose order depends only on (seed, epoch), so a resumed run sees the same batches."""
+    """Shuffled batches whose order depends only on (seed, epoch), so a resumed run sees the same batches.
 
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int, shuffle: bool = True) -> None:
+    With ``weights`` ``(n,)`` an epoch is ``n`` draws with replacement in proportion to them instead of a permutation.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, shuffle: bool = True,
+                 weights: torch.Tensor | None = None) -> None:
         n = len(dataset)
         if n < batch_size:
             raise ValueError(f"dataset has {n} samples, fewer than train.batch_size={batch_size}")
+        if weights is not None and tuple(weights.shape) != (n,):
+            raise ValueError(f"weights must have shape ({n},) for {n} samples, got {tuple(weights.shape)}")
         self.dataset, self.n, self.batch_size, self.seed, self.shuffle = dataset, n, batch_size, seed, shuffle
+        self.weights = weights
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[list[int]]:
-        if self.shuffle:
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        if self.weights is not None:
+            order = torch.multinomial(self.weights, self.n, replacement=True, generator=generator).tolist()
+        elif self.shuffle:
+            order = torch.randperm(self.n, generator=generator).tolist()
         else:
             order = list(range(self.n))
         # Drop the ragged tail: equal batch shapes keep DDP ranks and resume arithmetic simple.
@@ -84,8 +99,9 @@ class EpochBatchSampler(Sampler[list[int]]):
         return self.n // self.batch_size
 
 
-def make_train_loader(dataset: Dataset, batch_size: int, seed: int, collate_fn: Callable, num_workers: int = 0):
-    sampler = EpochBatchSampler(dataset, batch_size, seed)
+def make_train_loader(dataset: Dataset, batch_size: int, seed: int, collate_fn: Callable, num_workers: int = 0,
+                      weights: torch.Tensor | None = None):
+    sampler = EpochBatchSampler(dataset, batch_size, seed, weights=weights)
     # Every new iterator draws a worker base seed; from the global RNG that would shift dropout after a resume
     # (the resumed run creates one more iterator than the straight one), so it comes from its own generator.
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=num_workers,

@@ -26,12 +26,14 @@ from rlhf_rrg.checkpoint import CheckpointConfig
 from rlhf_rrg.config import parse_stage_args
 from rlhf_rrg.data.collate import ReportTextCollator
 from rlhf_rrg.data.dataset import DataConfig, build_dataset, labels_tensor
+from rlhf_rrg.data.sampling import study_weights
 from rlhf_rrg.losses.contrastive import ClipLoss, ContrastiveConfig
 from rlhf_rrg.models.rrg import build_vision_model
 from rlhf_rrg.models.study_aligner import StudyAligner, StudyAlignerConfig, build_study_aligner, save_aligner
 from rlhf_rrg.models.text_encoder import TextEncoderConfig, build_text_encoder, tiny_text_encoder
 from rlhf_rrg.optim import OptimConfig, build_optimizer, build_scheduler
 from rlhf_rrg.retrieval.alignment_eval import RetrievalEvalConfig, evaluate_retrieval
+from rlhf_rrg.retrieval.metrics import positive_findings
 from rlhf_rrg.runroot import resolve_init, writing_export
 from rlhf_rrg.stage_setup import RunConfig, setup_stage
 from rlhf_rrg.training import TrainConfig, fit, make_train_loader
@@ -83,7 +85,11 @@ def main(cfg: AlignStageConfig) -> None:
         raise ValueError(f"data.image_size={cfg.data.image_size} but the vision encoder expects "
                          f"{vision_encoder.config.image_size}")
     loss = ClipLoss(cfg.contrastive.init_temperature, cfg.contrastive.learnable_temperature,
-                    cfg.contrastive.max_logit_scale, cfg.contrastive.gather_across_processes)
+                    cfg.contrastive.max_logit_scale, cfg.contrastive.gather_across_processes,
+                    cfg.contrastive.label_targets)
+    if cfg.contrastive.label_targets > 0 and any(s.labels is None for s in train_set.studies):
+        raise ValueError(f"contrastive.label_targets needs CheXpert labels for every study: "
+                         f"{cfg.data.annotation_path} has training studies without 'labels'")
     model = build_study_aligner(vision_encoder, text_encoder, cfg.text.pooling, loss, cfg.model.embed_dim,
                                 cfg.model.view_pooling, cfg.model.freeze_vision, cfg.model.freeze_text)
 
@@ -91,7 +97,8 @@ def main(cfg: AlignStageConfig) -> None:
     collate = ReportTextCollator(tokenizer, cfg.text.max_length)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-    loader = make_train_loader(train_set, cfg.train.batch_size, cfg.run.seed, collate, cfg.train.num_workers)
+    weights = study_weights([s.labels for s in train_set.studies], cfg.train.balance_findings)
+    loader = make_train_loader(train_set, cfg.train.batch_size, cfg.run.seed, collate, cfg.train.num_workers, weights)
     val_loader = DataLoader(val_set, batch_size=cfg.eval.batch_size, shuffle=False, collate_fn=collate,
                             num_workers=cfg.train.num_workers)
     # The scheduler stays unprepared: fit() steps it once per optimizer step whatever the process count.
@@ -105,7 +112,8 @@ def main(cfg: AlignStageConfig) -> None:
                                f"{cfg.train.batch_size}: gathered InfoNCE needs equal batches on every process")
         # fit() has no post-step hook; clamping before each forward is the same as after each step (open_clip).
         core.aligner.loss.clamp_()
-        out = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+        findings = positive_findings(batch["labels"]).float() if cfg.contrastive.label_targets > 0 else None
+        out = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], findings)
         return out.loss, {"logit_scale": core.aligner.loss.scale().item()}
 
     # 5. evaluate: Recall@K on the whole val split (duplicate reports counted as hits) and label-aware retrieval

@@ -26,6 +26,7 @@ from rlhf_rrg.checkpoint import CheckpointConfig
 from rlhf_rrg.config import parse_stage_args
 from rlhf_rrg.data.context_dataset import ContextDataset, collate_context
 from rlhf_rrg.data.dataset import DataConfig, build_dataset
+from rlhf_rrg.data.sampling import study_weights
 from rlhf_rrg.evaluation import EvalConfig, eval_subset, generate_and_score, majority_report_scores
 from rlhf_rrg.losses.self_refine import SelfRefineConfig
 from rlhf_rrg.models.disease_clues import DiseaseClueHead
@@ -143,7 +144,9 @@ def main(cfg: SFTStageConfig) -> None:
     optimizer = build_optimizer(generator, cfg.optim,
                                 {module_prefix(generator, generator.vision_tower): cfg.model.vision_lr_scale})
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-    loader = make_train_loader(train_data, cfg.train.batch_size, cfg.run.seed, collate_context, cfg.train.num_workers)
+    weights = study_weights([s.labels for s in train_set.studies], cfg.train.balance_findings)
+    loader = make_train_loader(train_data, cfg.train.batch_size, cfg.run.seed, collate_context, cfg.train.num_workers,
+                               weights)
     # The scheduler stays unprepared: fit() steps it once per optimizer step whatever the process count.
     generator, optimizer, loader = accelerator.prepare(generator, optimizer, loader)
 

@@ -249,7 +249,8 @@ def heart_box(g: Geometry, ctr: float) -> tuple[float, float, float, float]:
     return g.cx + 0.03, g.base - 0.13, ctr * g.half_width, 0.12
 
 
-def _textures(rng: np.random.Generator, size: int) -> dict[str, np.ndarray]:
+def sample_textures(rng: np.random.Generator, size: int) -> dict[str, np.ndarray]:
+    """Noise fields of one study (vessel markings, irregular edges, pixel noise), drawn in a fixed order."""
     # Always drawn, in this order, so two studies that differ only in findings share every texture.
     return {
         "markings": _smooth_noise(rng, size, 14),
@@ -272,7 +273,7 @@ def render_frontal(findings: Findings, g: Geometry, size: int, textures: dict[st
         findings: what to draw.
         g: positioning and exposure.
         size: image side in pixels.
-        textures: noise fields from the study's RNG (see ``_textures``).
+        textures: noise fields from the study's RNG (see ``sample_textures``).
 
     Returns:
         uint8 image of shape (size, size).
@@ -586,7 +587,7 @@ def _study(cfg: SyntheticConfig, split: str, index: int) -> tuple[str, list[np.n
     rng = np.random.default_rng([cfg.seed, _SPLIT_IDS[split], index])
     findings = sample_findings(cfg, rng)
     geometry = sample_geometry(rng)
-    textures = _textures(rng, cfg.image_size)
+    textures = sample_textures(rng, cfg.image_size)
     report, labels = compose_report(findings, rng)
     images = [render_frontal(findings, geometry, cfg.image_size, textures)]
     if cfg.views == 2:

@@ -33,17 +33,42 @@ class ContrastiveConfig:
         default=True,
         metadata={"help": "Contrast against the embeddings of every process (needs equal local batches)."},
     )
+    label_targets: float = field(default=0.0, metadata={
+        "help": "Share of each row's target spread over the batch's studies with the same CheXpert findings (itself "
+                "included); 0 is CLIP's one-hot InfoNCE. Real reports repeat: half of IU X-ray's are normal, and "
+                "one-hot targets push apart studies a reader cannot tell apart."})
 
     def __post_init__(self) -> None:
         if not self.init_temperature > 0:
             raise ValueError(f"init_temperature must be > 0, got {self.init_temperature}")
         if not self.max_logit_scale > 1:
             raise ValueError(f"max_logit_scale must be > 1, got {self.max_logit_scale}")
+        if not 0.0 <= self.label_targets <= 1.0:
+            raise ValueError(f"label_targets must be in [0, 1], got {self.label_targets}")
         if 1.0 / self.init_temperature > self.max_logit_scale:
             raise ValueError(
                 f"init_temperature {self.init_temperature} gives a logit scale above max_logit_scale "
                 f"{self.max_logit_scale}"
             )
+
+
+def label_aware_targets(labels: torch.Tensor, all_labels: torch.Tensor, offset: int, share: float) -> torch.Tensor:
+    """Soft InfoNCE targets: ``1 - share`` on the matched column, ``share`` spread evenly over the columns whose
+    finding set equals the row's (the matched one included).
+
+    Args:
+        labels: ``(b, k)`` 0/1 findings of this process's rows.
+        all_labels: ``(B, k)`` 0/1 findings of every column (all processes, rank order).
+        offset: global column of local row 0.
+        share: weight of the same-findings part, in [0, 1].
+
+    Returns:
+        ``(b, B)`` rows summing to 1.
+    """
+    same = (labels[:, None, :] == all_labels[None, :, :]).all(-1).to(labels.dtype)
+    onehot = torch.zeros_like(same)
+    onehot[torch.arange(labels.shape[0]), torch.arange(labels.shape[0]) + offset] = 1.0
+    return (1.0 - share) * onehot + share * same / same.sum(1, keepdim=True)
 
 
 def _gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -62,6 +87,7 @@ class ClipLoss(nn.Module):
         max_logit_scale: The scale used in the loss is clamped to ``[1, max_logit_scale]``.
         gather_across_processes: Gather embeddings from every process when ``torch.distributed`` is
             initialised (a no-op otherwise). All processes must pass the same local batch size.
+        label_targets: Share of the target on same-findings studies (:func:`label_aware_targets`); 0 is CLIP.
     """
 
     def __init__(
@@ -70,8 +96,10 @@ class ClipLoss(nn.Module):
         learnable_temperature: bool = True,
         max_logit_scale: float = 100.0,
         gather_across_processes: bool = True,
+        label_targets: float = 0.0,
     ) -> None:
         super().__init__()
+        self.label_targets = label_targets
         self.logit_scale = nn.Parameter(
             torch.tensor(math.log(1.0 / init_temperature)), requires_grad=learnable_temperature
         )
@@ -90,12 +118,14 @@ class ClipLoss(nn.Module):
         """
         self.logit_scale.clamp_(0.0, self.max_log_scale)
 
-    def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor, labels: torch.Tensor | None = None,
+                ) -> torch.Tensor:
         """Computes the loss for matched pairs ``(image_emb[i], text_emb[i])``.
 
         Args:
             image_emb: ``(b, d)`` L2-normalised image embeddings of this process.
             text_emb: ``(b, d)`` L2-normalised report embeddings of this process.
+            labels: ``(b, k)`` 0/1 findings of the pairs; required when ``label_targets > 0``.
 
         Returns:
             Scalar loss: the mean of image->text and text->image cross-entropies over the local rows.
@@ -113,8 +143,16 @@ class ClipLoss(nn.Module):
         logits_per_image = scale * image_emb @ all_texts.T
         logits_per_text = scale * text_emb @ all_images.T
         # Local row i matches global column rank * b + i.
-        labels = torch.arange(image_emb.shape[0], device=image_emb.device) + rank * image_emb.shape[0]
-        return 0.5 * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels))
+        offset = rank * image_emb.shape[0]
+        if self.label_targets > 0:
+            if labels is None:
+                raise ValueError("label_targets > 0 needs the findings of every pair (labels)")
+            labels = labels.to(image_emb.dtype)  # gloo gathers no bool tensors
+            all_labels = _gather_with_grad(labels)[0] if self.gather_across_processes else labels
+            targets = label_aware_targets(labels, all_labels, offset, self.label_targets).to(logits_per_image.dtype)
+        else:
+            targets = torch.arange(image_emb.shape[0], device=image_emb.device) + offset
+        return 0.5 * (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_text, targets))
 
 
 @dataclass
@@ -188,7 +226,8 @@ class ImageTextAligner(nn.Module):
         return F.normalize(self.text_proj(pooled), dim=-1)
 
     def forward(
-        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
     ) -> AlignerOutput:
         """Embeds a batch of matched image/report pairs and computes the contrastive loss.
 
@@ -196,10 +235,11 @@ class ImageTextAligner(nn.Module):
             pixel_values: ``(b, c, h, w)``.
             input_ids: ``(b, t)``.
             attention_mask: ``(b, t)``.
+            labels: ``(b, k)`` 0/1 findings, for the loss's label-aware targets.
 
         Returns:
             :class:`AlignerOutput` with the scalar loss and both ``(b, embed_dim)`` embeddings.
         """
         image_embeds = self.encode_image(pixel_values)
         text_embeds = self.encode_text(input_ids, attention_mask)
-        return AlignerOutput(self.loss(image_embeds, text_embeds), image_embeds, text_embeds)
+        return AlignerOutput(self.loss(image_embeds, text_embeds, labels), image_embeds, text_embeds)

@@ -89,7 +89,8 @@ class StudyAligner(nn.Module):
         return self.aligner.encode_text(input_ids, attention_mask)
 
     def forward(
-        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
     ) -> AlignerOutput:
         """Contrastive loss of matched studies and reports.
 
@@ -97,13 +98,14 @@ class StudyAligner(nn.Module):
             pixel_values: ``(b, V, c, h, w)``.
             input_ids: ``(b, t)``.
             attention_mask: ``(b, t)``.
+            labels: ``(b, k)`` 0/1 findings, for the loss's label-aware targets.
 
         Returns:
             :class:`AlignerOutput`: scalar loss and both ``(b, embed_dim)`` embeddings.
         """
         image_embeds = self.encode_study(pixel_values)
         text_embeds = self.encode_text(input_ids, attention_mask)
-        return AlignerOutput(self.aligner.loss(image_embeds, text_embeds), image_embeds, text_embeds)
+        return AlignerOutput(self.aligner.loss(image_embeds, text_embeds, labels), image_embeds, text_embeds)
 
 
 def build_study_aligner(

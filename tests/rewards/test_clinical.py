@@ -5,7 +5,7 @@ from sklearn.metrics import precision_recall_fscore_support
 
 from rewards.clinical import CheXpertF1Reward, binarize, build_labeler, ce_metrics
 from rewards.labeler import RuleLabeler
-from rewards.observations import CHEXPERT_5, CHEXPERT_14
+from rewards.observations import CHEXPERT_5, CHEXPERT_14, PATHOLOGIES_13
 
 
 def _random_labels(seed: int, n: int = 40) -> torch.Tensor:
@@ -21,7 +21,7 @@ def test_ce_metrics_equal_sklearn(policy):
     positive = {1, 3} if policy == "positive" else {1}
     y_pred = np.isin(pred.numpy(), list(positive)).astype(int)
     y_true = np.isin(ref.numpy(), list(positive)).astype(int)
-    for suffix, observations in (("14", CHEXPERT_14), ("5", CHEXPERT_5)):
+    for suffix, observations in (("14", CHEXPERT_14), ("13", PATHOLOGIES_13), ("5", CHEXPERT_5)):
         cols = [CHEXPERT_14.index(o) for o in observations]
         for average in ("micro", "macro"):
             p, r, f, _ = precision_recall_fscore_support(
@@ -51,6 +51,23 @@ def test_ce_metrics_hand_computed():
     assert (neg["micro_precision_14"], neg["micro_recall_14"], neg["micro_f1_14"]) == pytest.approx((0.5, 1.0, 2 / 3))
     pos = ce_metrics(pred, ref, "positive").scores
     assert (pos["micro_precision_14"], pos["micro_recall_14"], pos["micro_f1_14"]) == pytest.approx((0.5, 0.5, 0.5))
+
+
+def test_a_normal_report_for_everyone_scores_on_micro_14_but_not_on_the_pathologies():
+    """8 normal studies and 2 with cardiomegaly; the writer says "normal" for all 10."""
+    card, normal = CHEXPERT_14.index("Cardiomegaly"), CHEXPERT_14.index("No Finding")
+    ref = torch.zeros(10, 14, dtype=torch.long)
+    ref[:8, normal] = 1
+    ref[8:, card] = 1
+    pred = torch.zeros(10, 14, dtype=torch.long)
+    pred[:, normal] = 1
+    scores = ce_metrics(pred, ref).scores
+    # micro-14: TP 8, FP 2, FN 2 -> 0.8; the 13 pathologies: no TP -> 0; macro-14: only No Finding's 8/9 over 14.
+    assert scores["micro_f1_14"] == pytest.approx(0.8)
+    assert scores["micro_f1_13"] == 0.0
+    assert scores["macro_f1_14"] == pytest.approx((2 * 0.8 * 1.0 / 1.8) / 14)
+    pred[8:, card], pred[8:, normal] = 1, 0
+    assert ce_metrics(pred, ref).scores["micro_f1_13"] == 1.0
 
 
 def test_ce_metrics_rejects_bad_shapes_and_policy():

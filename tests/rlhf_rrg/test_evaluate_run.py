@@ -121,8 +121,12 @@ def test_majority_and_sft_outputs(run_root: Path, capsys: pytest.CaptureFixture[
     header, _, maj_line, sft_line = table.splitlines()[:4]
     assert header.split("|")[2:-1] == [f" {c} " for c, _ in ev.TABLE_COLUMNS]
     cells = [c.strip() for c in sft_line.split("|")[1:-1]]
-    assert cells[0] == "sft" and cells[4] == f"{expected['bleu_4']:.3f}"
-    assert cells[11] == ("skip" if "radgraph" in scores["skipped"] else f"{scores['scores']['radgraph']:.3f}")
+    cell = dict(zip(["stage"] + [c for c, _ in ev.TABLE_COLUMNS], cells, strict=True))
+    assert cell["stage"] == "sft" and cell["B4"] == f"{expected['bleu_4']:.3f}"
+    assert cell["RadGraph"] == ("skip" if "radgraph" in scores["skipped"] else f"{scores['scores']['radgraph']:.3f}")
+    # Pathologies only: the predicted {cardiomegaly t0, effusion t1} vs the references' {cardiomegaly t0, effusion t2}.
+    assert scores["scores"]["ce/micro_f1_13"] == pytest.approx(0.5)
+    assert cell["CE-F1-13"] == "0.500" and cell["CE-mF1"] == f"{scores['scores']['ce/macro_f1_14']:.3f}"
     assert maj_line.startswith("| majority |")
     saved = yaml.safe_load((run_root / "eval" / "data.yaml").read_text())
     assert saved["data"]["views"] == 2 and saved["data"]["dataset"] == "iu_xray"

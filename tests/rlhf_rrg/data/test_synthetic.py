@@ -124,7 +124,7 @@ def test_labels_match_reports() -> None:
 def _pair(**kwargs: object) -> tuple[np.ndarray, np.ndarray, S.Geometry]:
     """Frontal renders without / with a finding, same geometry and textures."""
     g = S.Geometry(noise=0.0)
-    textures = S._textures(np.random.default_rng(3), 96)
+    textures = S.sample_textures(np.random.default_rng(3), 96)
     base = S.render_frontal(S.Findings(ctr=0.42), g, 96, textures).astype(np.float32)
     other = S.render_frontal(S.Findings(**{"ctr": 0.42, **kwargs}), g, 96, textures).astype(np.float32)
     return base, other, g
@@ -157,7 +157,7 @@ def test_effusion_fills_its_costophrenic_angle(side: str) -> None:
 
 def test_cardiomegaly_widens_the_heart() -> None:
     g = S.Geometry(noise=0.0)
-    textures = S._textures(np.random.default_rng(3), 128)
+    textures = S.sample_textures(np.random.default_rng(3), 128)
     widths = []
     for ctr in (0.42, 0.62):
         img = S.render_frontal(S.Findings(ctr=ctr), g, 128, textures)

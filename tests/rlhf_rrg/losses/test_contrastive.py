@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from rlhf_rrg.losses.contrastive import ClipLoss, ContrastiveConfig, ImageTextAligner
+from rlhf_rrg.losses.contrastive import ClipLoss, ContrastiveConfig, ImageTextAligner, label_aware_targets
 from rlhf_rrg.models.text_encoder import build_text_encoder, tiny_text_encoder
 
 
@@ -33,6 +33,37 @@ def test_loss_matches_hand_written_cross_entropy():
     images, texts = unit(torch.randn(5, 8, dtype=torch.float64)), unit(torch.randn(5, 8, dtype=torch.float64))
     loss_fn = ClipLoss(init_temperature=0.1).double()
     torch.testing.assert_close(loss_fn(images, texts), reference_clip_loss(images, texts, 10.0))
+
+
+def test_label_aware_targets_spread_the_share_over_same_findings_studies():
+    labels = torch.tensor([[1, 0], [0, 0], [1, 0], [0, 0], [0, 0]], dtype=torch.float64)
+    targets = label_aware_targets(labels, labels, 0, 0.4)
+    assert targets[0].tolist() == pytest.approx([0.6 + 0.2, 0, 0.2, 0, 0])
+    assert targets[1].tolist() == pytest.approx([0, 0.6 + 0.4 / 3, 0, 0.4 / 3, 0.4 / 3])
+    # Rows 2..3 of a gathered batch of 5 (this process owns global columns 2 and 3).
+    local = label_aware_targets(labels[2:4], labels, 2, 0.4)
+    torch.testing.assert_close(local, targets[2:4])
+    torch.testing.assert_close(label_aware_targets(labels, labels, 0, 0.0), torch.eye(5, dtype=torch.float64))
+
+
+def test_label_targets_reach_the_loss_as_soft_cross_entropy():
+    torch.manual_seed(0)
+    images, texts = unit(torch.randn(5, 8, dtype=torch.float64)), unit(torch.randn(5, 8, dtype=torch.float64))
+    labels = torch.tensor([[1.0, 0], [0, 0], [1, 0], [0, 0], [0, 0]], dtype=torch.float64)
+    loss_fn = ClipLoss(init_temperature=0.1, label_targets=0.5).double()
+    targets = label_aware_targets(labels, labels, 0, 0.5)
+    logits = 10.0 * images @ texts.T
+    i2t, t2i = (targets * logits.log_softmax(1)).sum(1), (targets * logits.T.log_softmax(1)).sum(1)
+    expected = -0.5 * (i2t.mean() + t2i.mean())
+    torch.testing.assert_close(loss_fn(images, texts, labels), expected)
+    # Different findings change the loss; one-hot CLIP ignores them.
+    assert not torch.isclose(loss_fn(images, texts, torch.zeros_like(labels)), expected)
+    clip = ClipLoss(init_temperature=0.1).double()
+    torch.testing.assert_close(clip(images, texts, labels), reference_clip_loss(images, texts, 10.0))
+    with pytest.raises(ValueError, match="needs the findings"):
+        loss_fn(images, texts)
+    with pytest.raises(ValueError, match="label_targets must be in"):
+        ContrastiveConfig(label_targets=1.5)
 
 
 def test_perfect_alignment_gives_near_zero_loss_at_high_scale():
@@ -79,20 +110,23 @@ def test_mismatched_shapes_are_rejected():
 # ---- two processes (gloo, CPU) -------------------------------------------------------------------
 
 
-def _global_batch() -> tuple[torch.Tensor, torch.Tensor]:
+def _global_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(7)
-    return torch.randn(8, 6, generator=gen, dtype=torch.float64), torch.randn(8, 6, generator=gen, dtype=torch.float64)
+    labels = torch.tensor([[1, 0], [0, 0], [0, 1], [0, 0], [1, 0], [0, 0], [0, 0], [0, 1]], dtype=torch.float64)
+    images, texts = (torch.randn(8, 6, generator=gen, dtype=torch.float64) for _ in range(2))
+    return images, texts, labels
 
 
-def _worker(rank: int, world: int, port: int, results: dict) -> None:
+def _worker(rank: int, world: int, port: int, share: float, results: dict) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        raw_images, raw_texts = _global_batch()
+        raw_images, raw_texts, raw_labels = _global_batch()
         b = raw_images.shape[0] // world
         images = raw_images[rank * b : (rank + 1) * b].clone().requires_grad_(True)
         texts = raw_texts[rank * b : (rank + 1) * b].clone().requires_grad_(True)
-        loss_fn = ClipLoss(init_temperature=0.2).double()
-        loss = loss_fn(unit(images), unit(texts))
+        loss_fn = ClipLoss(init_temperature=0.2, label_targets=share).double()
+        assert dist.get_world_size() == world
+        loss = loss_fn(unit(images), unit(texts), raw_labels[rank * b : (rank + 1) * b])
         loss.backward()
         results[rank] = (loss.detach(), images.grad, texts.grad, loss_fn.logit_scale.grad)
     finally:
@@ -106,17 +140,18 @@ def _free_port() -> int:
 
 
 @pytest.mark.distributed
-def test_two_process_gather_equals_single_process_on_concatenated_batch():
+@pytest.mark.parametrize("share", [0.0, 0.5])
+def test_two_process_gather_equals_single_process_on_concatenated_batch(share):
     world = 2
     with mp.Manager() as manager:
         shared = manager.dict()
-        mp.spawn(_worker, args=(world, _free_port(), shared), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, _free_port(), share, shared), nprocs=world, join=True)
         results = dict(shared)
 
-    raw_images, raw_texts = _global_batch()
+    raw_images, raw_texts, raw_labels = _global_batch()
     images, texts = raw_images.clone().requires_grad_(True), raw_texts.clone().requires_grad_(True)
-    loss_fn = ClipLoss(init_temperature=0.2).double()
-    full = loss_fn(unit(images), unit(texts))
+    loss_fn = ClipLoss(init_temperature=0.2, label_targets=share).double()
+    full = loss_fn(unit(images), unit(texts), raw_labels)
     full.backward()
 
     # DDP averages over processes: the mean of the local losses is the global loss ...
