@@ -17,7 +17,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,8 +186,11 @@ def clue_predictions(generator: ReportGenerator, features: torch.Tensor) -> torc
 
 
 def probe_export(generator: ReportGenerator, train: Dataset, val: Dataset, split: Dataset,
-                 eval_cfg: EvalConfig, l2: float = 1e-3) -> tuple[ProbeReport, dict[str, float], list[dict]]:
+                 eval_cfg: EvalConfig, l2: float = 1e-3, other_reports: Mapping[str, Sequence[str]] | None = None,
+                 ) -> tuple[ProbeReport, dict[str, float], list[dict]]:
     """Probe (fit on ``train``, thresholds from ``val``), clue head and greedy reports, scored on ``split``.
+
+    ``other_reports``: name -> reports of ``split`` in its order (e.g. the RL export's), compared in the same table.
 
     Returns:
         The report, the greedy reports' ``eval_cfg.metrics`` scores and their rows ``{id, reference, prediction}``.
@@ -202,7 +205,12 @@ def probe_export(generator: ReportGenerator, train: Dataset, val: Dataset, split
     if clues is not None:
         predictions["clue head"] = clues
     scores, rows = generate_and_score(generator, with_context(generator, split, exclude_self=False), eval_cfg)
-    predictions["reports"] = RuleLabeler().label([r["prediction"] for r in rows]) == POSITIVE
+    labeler = RuleLabeler()
+    predictions["reports"] = labeler.label([r["prediction"] for r in rows]) == POSITIVE
+    for name, reports in (other_reports or {}).items():
+        if len(reports) != len(rows):
+            raise ValueError(f"other_reports[{name!r}] has {len(reports)} reports for {len(rows)} studies")
+        predictions[name] = labeler.label(list(reports)) == POSITIVE
     return compare(y_split, predictions), scores, rows
 
 

@@ -76,7 +76,9 @@ def build_tokenizer(cfg: SFTStageConfig, train_reports: list[str], tokenizer_dir
     template = cfg.prompting.context.template
     prompt_words = [template.instruction, template.positive, template.negative, template.report,
                     "findings suggest: no finding", *(name.lower() for name in CHEXPERT_14)]
-    return build_word_tokenizer(train_reports + prompt_words, out_dir=tokenizer_dir)
+    # Prompt words are kept whatever their count in the reports.
+    return build_word_tokenizer(train_reports + prompt_words * cfg.model.vocab_min_freq, out_dir=tokenizer_dir,
+                                min_freq=cfg.model.vocab_min_freq)
 
 
 def build_bank(cfg: SFTStageConfig, vision, bank_set: ContextDataset) -> ContextRetriever:

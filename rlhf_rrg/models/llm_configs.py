@@ -45,21 +45,26 @@ PRETRAINED_LLMS = {
 
 
 def tiny_text_config(
-    name: str, vocab_size: int, pad_token_id: int | None, bos_token_id: int | None, eos_token_id: int | None
+    name: str, vocab_size: int, pad_token_id: int | None, bos_token_id: int | None, eos_token_id: int | None,
+    hidden_size: int = 64, num_layers: int = 2,
 ) -> PretrainedConfig:
-    """A 2-layer, width-64, 4-head decoder config of the family named by ``name`` (see ``TINY_LLMS``).
+    """A small 4-head decoder config (2 layers of width 64 by default) of the family named by ``name``
+    (see ``TINY_LLMS``); the MLP is twice as wide as the model.
 
     Raises:
         ValueError: if ``name`` is not a tiny LLM name.
     """
     if name not in TINY_LLMS:
         raise ValueError(f"unknown tiny LLM {name!r}; choose one of {sorted(TINY_LLMS)}")
+    if hidden_size < 8 or hidden_size % 4 or num_layers < 1:
+        raise ValueError(f"a tiny LLM needs a width divisible by its 4 heads (>= 8) and >= 1 layer, got width "
+                         f"{hidden_size} and {num_layers} layers")
     config_cls = LlamaConfig if TINY_LLMS[name] == "llama" else Qwen2Config
     return config_cls(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=1024,

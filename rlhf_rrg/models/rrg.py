@@ -94,6 +94,11 @@ class RRGModelConfig:
     vision_feature_select_strategy: Literal["default", "full"] = field(
         default="default", metadata={"help": "'default' drops the cls token, 'full' keeps it."}
     )
+    tiny_hidden_size: int = field(default=64, metadata={"help": "Width of a tiny LLM (4 heads, MLP twice as wide)."})
+    tiny_layers: int = field(default=2, metadata={"help": "Decoder layers of a tiny LLM."})
+    vocab_min_freq: int = field(default=1, metadata={
+        "help": "A tiny LLM's word vocabulary keeps training-report words seen this often (R2Gen: 3 for IU X-ray); "
+                "rarer words become <unk>."})
     freeze_vision: bool = field(default=True, metadata={"help": "Keep the vision encoder's weights fixed."})
     vision_lr_scale: float = field(default=1.0, metadata={
         "help": "Multiplier of optim.lr for a trainable vision encoder: below 1, a pretrained encoder adapts "
@@ -102,6 +107,8 @@ class RRGModelConfig:
     lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "LoRA settings."})
 
     def __post_init__(self) -> None:
+        if self.vocab_min_freq < 1:
+            raise ValueError(f"model.vocab_min_freq must be >= 1, got {self.vocab_min_freq}")
         if self.vision_lr_scale <= 0:
             raise ValueError(f"model.vision_lr_scale must be > 0, got {self.vision_lr_scale}")
         if self.llm not in TINY_LLMS and self.llm_path is None:
@@ -148,7 +155,8 @@ def build_rrg_model(
     llm = None
     if cfg.llm in TINY_LLMS:
         text_config = tiny_text_config(
-            cfg.llm, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id
+            cfg.llm, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id,
+            cfg.tiny_hidden_size, cfg.tiny_layers,
         )
     else:
         llm = load_pretrained_llm(cfg.llm, cfg.llm_path, cfg.llm_dtype)

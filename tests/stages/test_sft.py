@@ -283,3 +283,15 @@ def test_starting_from_an_sft_export_is_a_clear_error(trained, synthetic_data, t
     with pytest.raises(WrongStageOutputError, match=rf"stage '{stage}'.*is a report-generator export; {stage} starts "
                                                     "from a vision encoder"):
         run_stage(stage, synthetic_data, tmp_path, "--run.init_from", str(run_root / "sft" / "export"))
+
+
+def test_vocab_min_freq_drops_rare_report_words_but_keeps_every_prompt_word(tmp_path):
+    module = load_stage("sft")
+    cfg = load_config(module.SFTStageConfig, REPO / "stages/configs/sft/debug.yaml", ["--model.vocab_min_freq", "2"])
+    reports = ["the heart is large .", "the heart is small .", "a calcified xxxx granuloma ."]
+    tokenizer = module.build_tokenizer(cfg, reports, tmp_path / "tokenizer")
+    vocab = tokenizer.get_vocab()
+    assert {"the", "heart", "is", "."} <= set(vocab) and not {"large", "granuloma", "xxxx"} & set(vocab)
+    # Every word the prompt builder writes keeps its own id.
+    for word in ("findings", "suggest", "enlarged", "cardiomegaly", "pneumothorax", "comprehensive", "disease"):
+        assert word in vocab, word

@@ -101,6 +101,19 @@ def test_vision_lr_scale_reaches_the_trained_modules_to_save_copy(tmp_path):
     assert others and all(lrs[id(p)] == 1e-3 for p in others)
 
 
+def test_tiny_llm_width_and_depth_come_from_the_config(tmp_path):
+    tiny = tiny_rrg(tmp_path)
+    wide = build_rrg_model(RRGModelConfig(vision="tiny-vit", tiny_hidden_size=96, tiny_layers=3), tiny.tokenizer)
+    text = wide.config.text_config
+    assert (text.hidden_size, text.intermediate_size, text.num_hidden_layers) == (96, 192, 3)
+    assert len(wide.model.language_model.layers) == 3
+    assert tiny.model.config.text_config.hidden_size == 64  # the default stays the demo's
+    with pytest.raises(ValueError, match="divisible by its 4 heads"):
+        build_rrg_model(RRGModelConfig(vision="tiny-vit", tiny_hidden_size=30), tiny.tokenizer)
+    with pytest.raises(ValueError, match="vocab_min_freq must be >= 1"):
+        RRGModelConfig(vocab_min_freq=0)
+
+
 def test_vision_lr_scale_must_be_positive():
     with pytest.raises(ValueError, match="model.vision_lr_scale must be > 0"):
         RRGModelConfig(vision_lr_scale=0.0)

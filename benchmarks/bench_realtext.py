@@ -1,0 +1,171 @@
+"""Does the pipeline learn radiologists' prose? The whole pipeline on real reports with rendered images, per seed.
+
+    python benchmarks/bench_realtext.py --reports-from iu_xray/annotation.json --data rt --out rt_runs --seeds 0 1 2
+    python benchmarks/bench_realtext.py --data rt --out rt_runs --seeds 0            # a set built before
+    python benchmarks/bench_realtext.py --data rt --out rt_runs --seeds 0 --stages sft,ppo   # reuse earlier exports
+
+``--reports-from`` first builds ``--data`` with ``python -m rlhf_rrg.data.realtext`` (each study's real report,
+id and split, CheXpert labels from the dataset or the rule labeler, one 64 px frontal image drawn with the findings
+the report states; a fixed 200-study sample of test). Then, for each seed, the four stages run as a user runs them
+(``accelerate launch stages/<stage>.py --config stages/configs/<stage>/realtext.yaml``) in one run root
+``<out>/seed_<s>``, a stage whose export is complete being kept (``--redo`` reruns). Every choice in those configs
+was made on val; the test split is only scored here. Per seed it prints ``evaluate_run``'s test table
+(``eval/table.md``, ``eval/<stage>/predictions.jsonl``) and what the SFT export sees next to what SFT and RL write:
+per-observation F1 of a linear probe on its frozen features (fit on train, thresholds from val), its clue head, and
+the greedy reports (rule labeler, positives only). Then every number as mean and minimum over the seeds, and the
+targets of issue 21 checked per seed:
+
+- SFT reports state what the model sees: CE-F1 over the 13 pathologies >= 0.6 x the probe's; Cardiomegaly F1 >= 0.6;
+- RL adds >= 0.05 pathology CE-F1 over SFT, with BLEU-4 >= 0.95 x SFT's, length 0.85-1.15 x the references' and no
+  more reports repeating a sentence than SFT;
+- align: val i2t label-match@5 >= 1.5 x random retrieval's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from machine import machine_line, pin_threads
+
+from rlhf_rrg.config import load_config
+from rlhf_rrg.data.dataset import build_dataset
+from rlhf_rrg.data.realtext import RealTextConfig, write_realtext_dataset
+from rlhf_rrg.evaluate_run import evaluate_run, resolve_data_config
+from rlhf_rrg.evaluation import EvalConfig
+from rlhf_rrg.logging import read_jsonl
+from rlhf_rrg.models.generator import ReportGenerator
+from rlhf_rrg.probe import probe_export
+from rlhf_rrg.rl.monitors import text_statistics
+from rlhf_rrg.runroot import EXPORT_MARKER, StageDirs
+from rlhf_rrg.testing.stage_scripts import stage_config_class
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ("pretrain", "align", "sft", "ppo")
+TEST_STUDIES = 200
+
+
+def run_stages(run_root: Path, data: Path, seed: int, stages: list[str], redo: bool, threads: int) -> dict[str, float]:
+    """Runs each stage as a user does; returns its wall seconds (0 for an export kept from before)."""
+    walls = {}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+    for stage in stages:
+        if (StageDirs(run_root, stage).export / EXPORT_MARKER).is_file() and not redo:
+            walls[stage] = 0.0
+            continue
+        config = REPO / "stages" / "configs" / stage / "realtext.yaml"
+        command = ["accelerate", "launch", "--config_file", str(REPO / "accelerate_configs/cpu_debug.yaml"),
+                   str(REPO / "stages" / f"{stage}.py"), "--config", str(config),
+                   "--data.annotation_path", str(data / "annotation.json"), "--data.image_root", str(data / "images"),
+                   "--run.run_root", str(run_root), "--run.seed", str(seed), "--run.overwrite", "true"]
+        start = time.perf_counter()
+        subprocess.run(command, check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL)
+        walls[stage] = time.perf_counter() - start
+        print(f"seed {seed}: {stage} in {walls[stage]:.0f} s", flush=True)
+    return walls
+
+
+def align_retrieval(run_root: Path) -> dict[str, float]:
+    """Val retrieval of the evaluation the align export was chosen at (first best of its select metric)."""
+    cfg = load_config(stage_config_class("align"), StageDirs(run_root, "align").config, [])
+    rows = [r for r in read_jsonl(StageDirs(run_root, "align").metrics) if f"eval/{cfg.train.select_metric}" in r]
+    best = max(rows, key=lambda r: r[f"eval/{cfg.train.select_metric}"])  # max keeps the first of equal values
+    match, chance = best["eval/i2t_label_match@5"], best["eval/i2t_label_match@5_chance"]
+    return {"align label-match@5": match, "align chance": chance, "align ratio": match / chance}
+
+
+def seed_results(run_root: Path) -> tuple[dict[str, float], str]:
+    """Scores of one seed's run root (test split) and its sees-vs-writes table."""
+    results = evaluate_run(run_root, "test")
+    data = resolve_data_config(run_root, [])
+    references = [r["reference"] for r in read_jsonl(run_root / "eval" / "sft" / "predictions.jsonl")]
+    written = {stage: [r["prediction"] for r in read_jsonl(run_root / "eval" / stage / "predictions.jsonl")]
+               for stage in ("sft", "ppo")}
+    generator = ReportGenerator.from_export(StageDirs(run_root, "sft").export)
+    splits = [build_dataset(data, split, train=False) for split in ("train", "val", "test")]
+    report, _, _ = probe_export(generator, *splits, EvalConfig(split="test", max_new_tokens=100),
+                                other_reports={"ppo reports": written["ppo"]})
+    row = align_retrieval(run_root)
+    for source, name in (("probe", "probe"), ("clue head", "clue"), ("reports", "sft"), ("ppo reports", "ppo")):
+        row[f"{name} F1-13"] = report.micro[source]["f1_13"]
+        row[f"{name} Cardiomegaly F1"] = report.rows["Cardiomegaly"][source]
+    for stage in ("majority", "sft", "ppo"):
+        scores = results[stage]["scores"]
+        row |= {f"{stage} CE-F1-14": scores["ce/micro_f1_14"], f"{stage} CE-F1-13": scores["ce/micro_f1_13"],
+                f"{stage} CE-mF1": scores["ce/macro_f1_14"], f"{stage} B4": scores["bleu_4"]}
+    for stage in ("sft", "ppo"):
+        stats = text_statistics(written[stage], references)
+        row[f"{stage} length ratio"] = stats["length_ratio"]
+        row[f"{stage} repeat rate"] = stats["repeated_sentence_rate"]
+    return row, report.table()
+
+
+TARGETS: dict[str, Callable[[dict[str, float]], bool]] = {
+    "sft F1-13 >= 0.6 x probe": lambda r: r["sft F1-13"] >= 0.6 * r["probe F1-13"],
+    "sft Cardiomegaly F1 >= 0.6": lambda r: r["sft Cardiomegaly F1"] >= 0.6,
+    "rl F1-13 >= sft + 0.05": lambda r: r["ppo CE-F1-13"] >= r["sft CE-F1-13"] + 0.05,
+    "rl B4 >= 0.95 x sft": lambda r: r["ppo B4"] >= 0.95 * r["sft B4"],
+    "rl length 0.85-1.15": lambda r: 0.85 <= r["ppo length ratio"] <= 1.15,
+    "rl repeats <= sft": lambda r: r["ppo repeat rate"] <= r["sft repeat rate"],
+    "align label-match >= 1.5 x chance": lambda r: r["align ratio"] >= 1.5,
+}
+
+
+def summary(rows: dict[int, dict[str, float]]) -> str:
+    """Every number as mean, minimum and maximum over seeds, then each target per seed."""
+    seeds = sorted(rows)
+    lines = [f"over seeds {seeds}:", "| metric | mean | min | max | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "|---" * (4 + len(seeds)) + "|"]
+    for key in rows[seeds[0]]:
+        values = [rows[s][key] for s in seeds]
+        cells = [statistics.fmean(values), min(values), max(values), *values]
+        lines.append(f"| {key} | " + " | ".join(f"{v:.3f}" for v in cells) + " |")
+    lines += ["", "| target | " + " | ".join(f"seed {s}" for s in seeds) + " | seeds met |",
+              "|---" * (2 + len(seeds)) + "|"]
+    for name, check in TARGETS.items():
+        met = [check(rows[s]) for s in seeds]
+        lines.append(f"| {name} | " + " | ".join("yes" if m else "no" for m in met) + f" | {sum(met)}/{len(seeds)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="the real-text set (built here with --reports-from)")
+    parser.add_argument("--out", type=Path, required=True, help="one run root per seed: <out>/seed_<s>")
+    parser.add_argument("--reports-from", type=Path, default=None,
+                        help="R2Gen annotation.json or CheXpert Plus CSV to build --data from first")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--stages", default=",".join(STAGES), help="stages (re)run when their export is missing")
+    parser.add_argument("--redo", action="store_true", help="rerun the stages even where an export exists")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads here and in every stage run")
+    args = parser.parse_args()
+    pin_threads(args.threads)
+    print(machine_line(), flush=True)
+    if args.reports_from is not None:
+        write_realtext_dataset(args.data, RealTextConfig(reports_from=args.reports_from, n_test=TEST_STUDIES))
+    if not (args.data / "annotation.json").is_file():
+        sys.exit(f"bench_realtext: {args.data / 'annotation.json'} is missing; pass --reports-from to build it")
+    stages = [s for s in args.stages.split(",") if s]
+    rows: dict[int, dict[str, float]] = {}
+    for seed in args.seeds:
+        run_root = args.out / f"seed_{seed}"
+        walls = run_stages(run_root, args.data, seed, stages, args.redo, args.threads)
+        rows[seed], seen = seed_results(run_root)
+        rows[seed]["wall s"] = sum(walls.values())
+        print(f"\nseed {seed}: what the SFT export sees vs what SFT and RL write (test)\n{seen}\n", flush=True)
+    text = summary(rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "summary.md").write_text(text, encoding="utf-8")
+    (args.out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
