@@ -34,6 +34,7 @@ from rlhf_rrg.data.dataset import build_dataset
 from rlhf_rrg.evaluate_run import resolve_data_config
 from rlhf_rrg.evaluation import EvalConfig, generate_and_score, with_context
 from rlhf_rrg.generate import CheckpointError, check_export
+from rlhf_rrg.models.disease_clues import best_thresholds
 from rlhf_rrg.models.generator import ReportGenerator
 from rlhf_rrg.retrieval.retriever import embed_studies
 from rlhf_rrg.runroot import StageDirs
@@ -97,31 +98,6 @@ def probe_probabilities(x: torch.Tensor, probe: tuple[torch.Tensor, ...]) -> tor
     return torch.sigmoid(((x.double() - mean) / std) @ weight + bias)
 
 
-def best_thresholds(probs: torch.Tensor, targets: torch.Tensor, grid: int = 99, passes: int = 3) -> torch.Tensor:
-    """Per-column thresholds maximising the micro F1 of held-out ``probs (n, k)`` vs ``targets (n, k)``.
-
-    Coordinate ascent from 0.5: each column in turn takes the threshold (or "never", > 1) that maximises the pooled
-    F1 with the other columns fixed. Optimising each column's own F1 instead would make hopeless columns predict
-    liberally and cost the micro score precision. Ties go to the threshold nearest 0.5.
-    """
-    never = torch.tensor([1.01], dtype=probs.dtype)
-    candidates = torch.cat([torch.linspace(0.01, 0.99, grid, dtype=probs.dtype), never])
-    pred = probs.unsqueeze(0) >= candidates.view(-1, 1, 1)  # (g, n, k)
-    ref = targets.unsqueeze(0)
-    tp, fp, fn = (pred & ref).sum(1), (pred & ~ref).sum(1), (~pred & ref).sum(1)  # (g, k) per candidate
-    tie_break = -(candidates - 0.5).abs() * 1e-9
-    choice = torch.full((probs.shape[1],), int((candidates - 0.5).abs().argmin()))
-    columns = torch.arange(probs.shape[1])
-    for _ in range(passes):
-        for j in range(probs.shape[1]):
-            others = columns != j
-            rest_tp, rest_fp, rest_fn = (x[choice[others], columns[others]].sum() for x in (tp, fp, fn))
-            hits = 2 * (rest_tp + tp[:, j])
-            f1 = hits / (hits + rest_fp + fp[:, j] + rest_fn + fn[:, j]).clamp(min=1)
-            choice[j] = int((f1.double() + tie_break).argmax())
-    return candidates[choice]
-
-
 def _codes(present: torch.Tensor) -> torch.Tensor:
     return torch.where(present, POSITIVE, BLANK)
 
@@ -174,15 +150,29 @@ def compare(targets: torch.Tensor, predictions: dict[str, torch.Tensor]) -> Prob
 
 
 @torch.no_grad()
-def clue_predictions(generator: ReportGenerator, features: torch.Tensor) -> torch.Tensor | None:
-    """``(n, 14)`` observations the clue head states in the prompt (None without a clue head)."""
-    if generator.clue_head is None:
-        return None
+def clue_probabilities(generator: ReportGenerator, features: torch.Tensor) -> torch.Tensor:
+    """``(n, 14)`` clue-head probabilities of pooled study features (the head in eval mode)."""
     was_training = generator.clue_head.training
     generator.clue_head.eval()
     logits = generator.clue_head(features.to(generator.device))
     generator.clue_head.train(was_training)
-    return torch.sigmoid(logits.float()).cpu() >= generator.prompting.clues.threshold
+    return torch.sigmoid(logits.float()).cpu()
+
+
+def clue_predictions(generator: ReportGenerator, features: torch.Tensor) -> torch.Tensor | None:
+    """``(n, 14)`` observations the clue head states in the prompt (None without a clue head)."""
+    if generator.clue_head is None:
+        return None
+    return clue_probabilities(generator, features) >= generator.clue_thresholds()
+
+
+def tune_clue_thresholds(generator: ReportGenerator, dataset: Dataset) -> list[float]:
+    """Sets and returns per-observation clue thresholds maximising the micro F1 of the head's statements on
+    ``dataset`` (positives of its gold labels, else of the rule labeler's), as the probe's thresholds are chosen."""
+    features, targets = study_features(generator, dataset)
+    thresholds = best_thresholds(clue_probabilities(generator, features).double(), targets).tolist()
+    generator.prompting.clues.thresholds = thresholds
+    return thresholds
 
 
 def probe_export(generator: ReportGenerator, train: Dataset, val: Dataset, split: Dataset,

@@ -34,6 +34,7 @@ from rlhf_rrg.checkpoint import CheckpointConfig, CheckpointManager, TrainState
 from rlhf_rrg.config import parse_stage_args
 from rlhf_rrg.data.context_dataset import collate_context
 from rlhf_rrg.data.dataset import DataConfig, build_dataset
+from rlhf_rrg.data.sampling import study_weights
 from rlhf_rrg.distributed import preserved_rng, print0
 from rlhf_rrg.evaluation import EvalConfig, eval_subset, generate_and_score, with_context
 from rlhf_rrg.models.generator import ReportGenerator
@@ -73,11 +74,16 @@ class RLTrainConfig:
     log_every: int = field(default=1, metadata={"help": "log metrics every N steps"})
     eval_every: int = field(default=0, metadata={"help": "evaluate every N steps; 0: before and after only"})
     stop_at_step: int = field(default=0, metadata={"help": "end this invocation after this step (resume later)"})
+    balance_findings: float = field(default=0.0, metadata={
+        "help": "finding-aware sampling of the studies RL explores (rlhf_rrg.data.sampling; 0 shuffles uniformly): "
+                "on a normal-heavy set most uniform batches hold no finding to state"})
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.balance_findings < 0:
+            raise ValueError(f"train.balance_findings must be >= 0, got {self.balance_findings}")
 
 
 @dataclass
@@ -143,7 +149,8 @@ def main(cfg: PPOStageConfig) -> None:
     clue_labeler = build_labeler("rule") if cfg.pg.train_clues and cfg.pg.clue_credit == "observation" else None
     credit_labeler = build_labeler(cfg.sentence_credit.labeler) if cfg.sentence_credit.weight > 0 else None
     worst = empty_report_reward(reward, cfg.reward.empty_reward)
-    train_data = with_context(generator, build_dataset(cfg.data, "train", train=False), exclude_self=True)
+    train_set = build_dataset(cfg.data, "train", train=False)
+    train_data = with_context(generator, train_set, exclude_self=True)
     eval_data = eval_subset(with_context(generator, build_dataset(cfg.data, cfg.eval.split, train=False), False),
                             cfg.eval)
     if cfg.algo in ("grpo", "rloo") and cfg.group.backend == "trl":
@@ -169,7 +176,8 @@ def main(cfg: PPOStageConfig) -> None:
     updates_per_step = cfg.ppo.ppo_epochs * rollouts // cfg.ppo.minibatch_size if cfg.algo == "ppo" else 1
     optimizer = build_optimizer(policy, cfg.optim, {"generator.clue_head.": cfg.pg.clue_lr_scale})
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps * updates_per_step)
-    loader = make_train_loader(train_data, cfg.train.batch_size, cfg.run.seed, collate_context)
+    weights = study_weights([s.labels for s in train_set.studies], cfg.train.balance_findings)
+    loader = make_train_loader(train_data, cfg.train.batch_size, cfg.run.seed, collate_context, weights=weights)
     if accelerator.state.deepspeed_plugin is not None:
         # The batch sampler hides the batch size from DeepSpeed's config inference.
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = (

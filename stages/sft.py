@@ -35,6 +35,7 @@ from rlhf_rrg.models.llm_configs import TINY_LLMS
 from rlhf_rrg.models.rrg import RRGModelConfig, apply_lora, build_processor, build_rrg_model, build_vision_model
 from rlhf_rrg.models.tokenizer import build_word_tokenizer
 from rlhf_rrg.optim import OptimConfig, build_optimizer, build_scheduler, module_prefix
+from rlhf_rrg.probe import tune_clue_thresholds
 from rlhf_rrg.retrieval.context import check_report_sharing
 from rlhf_rrg.retrieval.metrics import LABEL_K, leave_one_out_label_match
 from rlhf_rrg.retrieval.retriever import ContextRetriever, dataset_neighbours
@@ -162,7 +163,11 @@ def main(cfg: SFTStageConfig) -> None:
         return model(batch, cfg.self_refine)
 
     def eval_fn(model) -> dict[str, float]:
-        scores, _ = generate_and_score(accelerator.unwrap_model(model), eval_data, cfg.eval)
+        unwrapped = accelerator.unwrap_model(model)
+        if cfg.prompting.clues.tune_thresholds:
+            # Chosen on the evaluation split and then kept by the export; the test split is never seen.
+            tune_clue_thresholds(unwrapped, val_set)
+        scores, _ = generate_and_score(unwrapped, eval_data, cfg.eval)
         return scores
 
     def export_fn(unwrapped: ReportGenerator) -> None:

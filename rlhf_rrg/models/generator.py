@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from rewards.observations import CHEXPERT_14
 from rlhf_rrg.config import load_config, save_config
 from rlhf_rrg.export.model_card import write_model_card
 from rlhf_rrg.losses.self_refine import SelfRefineConfig, self_refining_loss
@@ -110,10 +111,16 @@ class ReportGenerator(nn.Module):
         return self.clue_head(pooled.reshape(b, v, -1).mean(1))
 
     def clue_presence(self, clue_logits: torch.Tensor | None) -> torch.Tensor | None:
-        """``(b, 14)`` bool: the observations the clue head states (probability >= ``clues.threshold``)."""
+        """``(b, 14)`` bool: the observations the clue head states (probability >= ``clues.thresholds`` per
+        observation where set, else ``clues.threshold``)."""
         if clue_logits is None:
             return None
-        return torch.sigmoid(clue_logits.detach().float()) >= self.prompting.clues.threshold
+        return torch.sigmoid(clue_logits.detach().float()) >= self.clue_thresholds().to(clue_logits.device)
+
+    def clue_thresholds(self) -> torch.Tensor:
+        """``(14,)`` probabilities at which the head states each observation."""
+        clues = self.prompting.clues
+        return torch.tensor(clues.thresholds if clues.thresholds is not None else [clues.threshold] * len(CHEXPERT_14))
 
     def prompts(self, batch: dict[str, Any], clues: torch.Tensor | None) -> list[str]:
         """One prompt per study; ``clues`` ``(b, 14)`` bool are the observations its clue sentence states (the

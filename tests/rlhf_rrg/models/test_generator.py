@@ -9,12 +9,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from rewards.clinical import ce_metrics
 from rewards.observations import CHEXPERT_14
 from rlhf_rrg.data.context_dataset import ContextDataset, collate_context
 from rlhf_rrg.data.dataset import DataConfig, ReportDataset, build_dataset
 from rlhf_rrg.data.synthetic import SyntheticConfig, write_synthetic_dataset
 from rlhf_rrg.losses.self_refine import SelfRefineConfig, self_refining_loss
-from rlhf_rrg.models.disease_clues import DiseaseClueConfig, DiseaseClueHead
+from rlhf_rrg.models.disease_clues import DiseaseClueConfig, DiseaseClueHead, best_thresholds
 from rlhf_rrg.models.generator import PromptingConfig, ReportGenerator
 from rlhf_rrg.models.rrg import (
     LoraSettings,
@@ -25,6 +26,7 @@ from rlhf_rrg.models.rrg import (
     build_vision_model,
 )
 from rlhf_rrg.models.tokenizer import build_word_tokenizer
+from rlhf_rrg.probe import clue_predictions, clue_probabilities, study_features, tune_clue_thresholds
 from rlhf_rrg.retrieval.context import ContextConfig, PromptTemplate
 from rlhf_rrg.retrieval.retriever import ContextRetriever, dataset_neighbours
 
@@ -336,3 +338,40 @@ def test_gold_clue_prompts_in_sft_training_only(data_root, tmp_path):
     gen.train()
     with pytest.raises(ValueError, match="labels"):
         gen._training_clues({**batch, "labels": None}, gen.clue_logits(batch["pixel_values"]))
+
+
+def test_per_observation_thresholds_decide_the_clues_and_survive_export(data_root, tmp_path):
+    built = build(data_root, tmp_path)
+    gen, batch = built.generator, first_batch(built)
+    gen.eval()
+    with torch.no_grad():
+        logits = gen.clue_logits(batch["pixel_values"])
+    probs = torch.sigmoid(logits)
+    # A threshold just below one study's probability states that observation for it and for no study above it.
+    thresholds = [1.01] * len(CHEXPERT_14)
+    thresholds[1] = float(probs[:, 1].max()) - 1e-6
+    gen.prompting.clues.thresholds = thresholds
+    presence = gen.clue_presence(logits)
+    assert presence[:, [0, *range(2, 14)]].sum() == 0 and presence[:, 1].sum() == 1
+    assert CHEXPERT_14[1].lower() in gen.prompts(batch, presence)[int(probs[:, 1].argmax())]
+    loaded = ReportGenerator.from_export(gen.save(tmp_path / "export"))
+    assert loaded.prompting.clues.thresholds == thresholds
+    assert torch.equal(loaded.clue_presence(loaded.clue_logits(batch["pixel_values"])), presence)
+    with pytest.raises(ValueError, match="thresholds must be 14 values"):
+        DiseaseClueConfig(thresholds=[0.5] * 13)
+
+
+def test_tuned_clue_thresholds_maximise_the_heads_micro_f1(data_root, tmp_path):
+    built = build(data_root, tmp_path)
+    gen = built.generator
+    with torch.no_grad():
+        gen.clue_head.net[-1].weight.normal_(0.0, 0.5)  # an informative-looking, untrained head
+    thresholds = tune_clue_thresholds(gen, built.val)
+    assert gen.prompting.clues.thresholds == thresholds and len(thresholds) == len(CHEXPERT_14)
+    features, targets = study_features(gen, built.val)
+    probs = clue_probabilities(gen, features)
+    tuned = ce_metrics(torch.where(probs >= torch.tensor(thresholds), 1, 0), targets.long()).scores["micro_f1_14"]
+    fixed = ce_metrics(torch.where(probs >= 0.5, 1, 0), targets.long()).scores["micro_f1_14"]
+    assert tuned >= fixed and torch.equal(clue_predictions(gen, features), probs >= torch.tensor(thresholds))
+    # The probe's rule on the head's own probabilities and the split's gold positives.
+    assert thresholds == best_thresholds(probs.double(), targets).tolist()
