@@ -28,6 +28,7 @@ from rlhf_rrg.data.context_dataset import ContextDataset, collate_context
 from rlhf_rrg.data.dataset import DataConfig, build_dataset
 from rlhf_rrg.data.sampling import study_weights
 from rlhf_rrg.evaluation import EvalConfig, eval_subset, generate_and_score, majority_report_scores
+from rlhf_rrg.losses.finding_weighted import FindingWeightConfig
 from rlhf_rrg.losses.self_refine import SelfRefineConfig
 from rlhf_rrg.models.disease_clues import DiseaseClueHead
 from rlhf_rrg.models.generator import PromptingConfig, ReportGenerator
@@ -51,6 +52,7 @@ class SFTStageConfig:
     model: RRGModelConfig = field(default_factory=RRGModelConfig)
     prompting: PromptingConfig = field(default_factory=PromptingConfig)
     self_refine: SelfRefineConfig = field(default_factory=SelfRefineConfig)
+    lm: FindingWeightConfig = field(default_factory=FindingWeightConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999)))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(select_metric="ce/micro_f1_14"))
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -160,7 +162,7 @@ def main(cfg: SFTStageConfig) -> None:
     ctx.metric_logger.log_dict({f"baseline_majority/{k}": v for k, v in baseline.items()}, 0)
 
     def step_fn(model, batch):
-        return model(batch, cfg.self_refine)
+        return model(batch, cfg.self_refine, cfg.lm.finding_weight)
 
     def eval_fn(model) -> dict[str, float]:
         unwrapped = accelerator.unwrap_model(model)

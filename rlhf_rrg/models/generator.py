@@ -20,6 +20,7 @@ from torch import nn
 from rewards.observations import CHEXPERT_14
 from rlhf_rrg.config import load_config, save_config
 from rlhf_rrg.export.model_card import write_model_card
+from rlhf_rrg.losses.finding_weighted import finding_spans, token_weights, weighted_lm_loss
 from rlhf_rrg.losses.self_refine import SelfRefineConfig, self_refining_loss
 from rlhf_rrg.models.disease_clues import (
     DiseaseClueConfig,
@@ -52,6 +53,16 @@ class PromptingConfig:
     def __post_init__(self) -> None:
         if self.views < 1:
             raise ValueError(f"prompting.views must be >= 1, got {self.views}")
+
+
+def _finding_weights(offsets: list[list[tuple[int, int]]], reports: list[str], labels: torch.Tensor,
+                     weight: float) -> torch.Tensor:
+    """``(b, L)`` LM-loss weights: ``weight`` on report tokens inside sentences stating a finding, else 1."""
+    weights = torch.ones(labels.shape, dtype=torch.float32)
+    first = (labels != -100).int().argmax(dim=1).tolist()  # each row's first report token
+    for i, (row, report) in enumerate(zip(offsets, reports, strict=True)):
+        weights[i, first[i] : first[i] + len(row)] = torch.tensor(token_weights(row, finding_spans(report), weight))
+    return weights
 
 
 class ReportGenerator(nn.Module):
@@ -167,16 +178,23 @@ class ReportGenerator(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- SFT
     def forward(self, batch: dict[str, Any], self_refine: SelfRefineConfig | None = None,
-                ) -> tuple[torch.Tensor, dict[str, float]]:
-        """SFT loss: LM cross-entropy + TRRG clue BCE + SERPENT-VLM self-refining term (each when enabled)."""
+                finding_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+        """SFT loss: LM cross-entropy (its finding sentences weighted by ``finding_weight``, see
+        :mod:`rlhf_rrg.losses.finding_weighted`) + TRRG clue BCE + SERPENT-VLM self-refining term (each when
+        enabled)."""
         clue_logits = self.clue_logits(batch["pixel_values"])
+        weighted = finding_weight != 1.0
         inputs = self.processor.build_sft_batch(self.prompts(batch, self._training_clues(batch, clue_logits)),
-                                                batch["reports"],
-                                                self.images(batch), self.prompting.max_report_tokens)
+                                                batch["reports"], self.images(batch),
+                                                self.prompting.max_report_tokens, return_offsets=weighted)
+        weights = _finding_weights(inputs.pop("report_offsets"), batch["reports"], inputs["labels"],
+                                   finding_weight) if weighted else None
         inputs = to_model_device(self.model, inputs)
+        labels = inputs.pop("labels") if weighted else inputs["labels"]
         refine = self_refine is not None and self_refine.weight > 0
         out = self.model(**inputs, output_hidden_states=refine)
-        loss, metrics = out.loss, {"lm_loss": out.loss.item()}
+        lm_loss = out.loss if weights is None else weighted_lm_loss(out.logits, labels, weights.to(labels.device))
+        loss, metrics = lm_loss, {"lm_loss": lm_loss.item()}
         if clue_logits is not None:
             if batch["labels"] is None:
                 raise ValueError("clues.enabled needs CheXpert labels for every study (the dataset has none)")
@@ -188,7 +206,7 @@ class ReportGenerator(nn.Module):
             # embedding sequence); report side: the last layer over the report tokens (SERPENT-VLM).
             image_mask = self._query_image_mask(inputs["input_ids"])
             term = self_refining_loss(out.hidden_states[0], image_mask, out.hidden_states[-1],
-                                      inputs["labels"] != -100, self_refine.similarity)
+                                      labels != -100, self_refine.similarity)
             loss = loss + self_refine.weight * term
             metrics["self_refine"] = term.item()
         return loss, metrics

@@ -217,7 +217,8 @@ class RRGProcessor(ProcessorMixin):
         reports: Sequence[str],
         pixel_values: torch.Tensor | Sequence[ImageInput],
         max_report_tokens: int | None = None,
-    ) -> dict[str, torch.Tensor]:
+        return_offsets: bool = False,
+    ) -> dict[str, Any]:
         """Teacher-forcing batch: prompt tokens and image placeholders are masked out of the labels.
 
         Each row is ``[bos] <image>*num_image_tokens*V prompt "\\n" report [eos]``, right-padded; labels
@@ -228,6 +229,8 @@ class RRGProcessor(ProcessorMixin):
             reports: B target reports.
             pixel_values: ``(B, 3, H, W)`` / ``(B, V, 3, H, W)`` tensors or B PIL images.
             max_report_tokens: truncate each report to this many tokens before eos.
+            return_offsets: also return ``report_offsets``: per row, the ``(start, end)`` character span in its
+                report of each kept report token (they start at the row's first label); needs a fast tokenizer.
 
         Returns:
             ``input_ids`` (B, L), ``attention_mask`` (B, L), ``labels`` (B, L), ``pixel_values`` (B*V, 3, S, S).
@@ -236,7 +239,8 @@ class RRGProcessor(ProcessorMixin):
             raise ValueError(f"got {len(prompts)} prompts but {len(reports)} reports")
         pixels = self._pixel_batch(pixel_values, len(prompts))
         prompt_ids = self._prompt_ids(prompts, self._views(pixel_values))
-        report_ids = self.tokenizer(list(reports), add_special_tokens=False)["input_ids"]
+        encoded = self.tokenizer(list(reports), add_special_tokens=False, return_offsets_mapping=return_offsets)
+        report_ids = encoded["input_ids"]
         eos = self.tokenizer.eos_token_id
         rows = []
         for p_ids, r_ids in zip(prompt_ids, report_ids, strict=True):
@@ -251,7 +255,11 @@ class RRGProcessor(ProcessorMixin):
             input_ids[i, : len(ids)] = torch.tensor(ids)
             labels[i, : len(lab)] = torch.tensor(lab)
             attention_mask[i, : len(ids)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "pixel_values": pixels}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "pixel_values": pixels}
+        if return_offsets:
+            batch["report_offsets"] = [list(o[:max_report_tokens] if max_report_tokens is not None else o)
+                                       for o in encoded["offset_mapping"]]
+        return batch
 
     def build_generation_batch(
         self, prompts: Sequence[str], pixel_values: torch.Tensor | Sequence[ImageInput]

@@ -34,8 +34,9 @@ class RetrievalEvalConfig:
 
     @property
     def metric_names(self) -> list[str]:
-        """The keys :func:`evaluate_retrieval` returns with these cut-offs."""
-        return [f"{direction}_recall@{k}" for direction in ("i2t", "t2i") for k in self.ks]
+        """The keys :func:`evaluate_retrieval` returns with these cut-offs (label-aware ones on labelled splits)."""
+        recall = [f"{direction}_recall@{k}" for direction in ("i2t", "t2i") for k in self.ks]
+        return recall + [f"{direction}_label_match@{self.label_k}" for direction in ("i2t", "i2i")]
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:

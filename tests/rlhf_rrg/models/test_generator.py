@@ -14,6 +14,7 @@ from rewards.observations import CHEXPERT_14
 from rlhf_rrg.data.context_dataset import ContextDataset, collate_context
 from rlhf_rrg.data.dataset import DataConfig, ReportDataset, build_dataset
 from rlhf_rrg.data.synthetic import SyntheticConfig, write_synthetic_dataset
+from rlhf_rrg.losses.finding_weighted import finding_spans, weighted_lm_loss
 from rlhf_rrg.losses.self_refine import SelfRefineConfig, self_refining_loss
 from rlhf_rrg.models.disease_clues import DiseaseClueConfig, DiseaseClueHead, best_thresholds
 from rlhf_rrg.models.generator import PromptingConfig, ReportGenerator
@@ -375,3 +376,28 @@ def test_tuned_clue_thresholds_maximise_the_heads_micro_f1(data_root, tmp_path):
     assert tuned >= fixed and torch.equal(clue_predictions(gen, features), probs >= torch.tensor(thresholds))
     # The probe's rule on the head's own probabilities and the split's gold positives.
     assert thresholds == best_thresholds(probs.double(), targets).tolist()
+
+
+def test_finding_weight_reaches_the_lm_loss(data_root, tmp_path):
+    built = build(data_root, tmp_path, clues=False)
+    gen, batch = built.generator, first_batch(built)
+    gen.eval()  # no dropout: the same forward three times
+    assert any(finding_spans(r) for r in batch["reports"])  # the batch has finding sentences to weight
+    with torch.no_grad():
+        plain, _ = gen(batch)
+        same, _ = gen(batch, finding_weight=1.0)
+        weighted, metrics = gen(batch, finding_weight=4.0)
+        inputs = gen.processor.build_sft_batch(gen.prompts(batch, None), batch["reports"], gen.images(batch),
+                                               gen.prompting.max_report_tokens, return_offsets=True)
+        offsets = inputs.pop("report_offsets")
+        logits = gen.model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+    # Independent weights: 4 on the tokens of each report's finding sentences, 1 elsewhere.
+    weights = torch.ones(inputs["labels"].shape)
+    for i, (row, report) in enumerate(zip(offsets, batch["reports"], strict=True)):
+        start = int(torch.nonzero(inputs["labels"][i] != -100)[0])
+        for j, (s, e) in enumerate(row):
+            if any(a < e and s < b for a, b in finding_spans(report)):
+                weights[i, start + j] = 4.0
+    torch.testing.assert_close(same, plain)
+    torch.testing.assert_close(weighted, weighted_lm_loss(logits, inputs["labels"], weights))
+    assert not torch.isclose(weighted, plain) and metrics["lm_loss"] == pytest.approx(weighted.item())

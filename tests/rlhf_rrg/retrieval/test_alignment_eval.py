@@ -88,8 +88,8 @@ def test_embed_pairs_keeps_rows_paired_and_applies_gather():
 
 
 def test_config():
-    assert RetrievalEvalConfig(ks=[1, 10]).metric_names == ["i2t_recall@1", "i2t_recall@10", "t2i_recall@1",
-                                                            "t2i_recall@10"]
+    assert RetrievalEvalConfig(ks=[1, 10], label_k=3).metric_names == [
+        "i2t_recall@1", "i2t_recall@10", "t2i_recall@1", "t2i_recall@10", "i2t_label_match@3", "i2i_label_match@3"]
     with pytest.raises(ValueError, match="eval.ks"):
         RetrievalEvalConfig(ks=[0])
     with pytest.raises(ValueError, match="eval.label_k"):
