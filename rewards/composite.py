@@ -18,7 +18,7 @@ from typing import Any
 
 from rewards.base import Reward, RewardOutput, completion_text, score_nonempty, trl_call
 from rewards.clinical import CheXpertF1Reward
-from rewards.form import DistinctSentenceReward
+from rewards.form import DistinctSentenceReward, LengthMatchReward
 from rewards.nlg import Bleu2RadCliQ, BleuReward, CiderDReward, RougeLReward
 from rewards.radcliq import PairScorer, RadCliQReward
 
@@ -213,6 +213,7 @@ REGISTRY: dict[str, Callable[..., Reward]] = {
     "chexbert_f1": lambda **kw: CheXpertF1Reward(labeler="chexbert", **kw),
     "clinical_offline": clinical_offline,
     "distinct_sentences": DistinctSentenceReward,
+    "length_match": LengthMatchReward,
 }
 
 

@@ -2,7 +2,8 @@ import logging
 
 import pytest
 
-from rewards.form import DistinctSentenceReward, sentences
+from rewards import build_reward
+from rewards.form import DistinctSentenceReward, LengthMatchReward, sentences
 from rlhf_rrg.rl.monitors import (
     HackingMonitor,
     MonitorConfig,
@@ -77,3 +78,11 @@ def test_monitor_config_validation():
 def test_distinct_sentence_reward_makes_repetition_cost():
     out = DistinctSentenceReward().score([HACKED, "no focal consolidation . no pneumothorax .", ""], ["x"] * 3)
     assert out.scores == [pytest.approx(1 / 12), 1.0, 0.0]
+
+
+def test_length_match_reward_pays_most_at_the_reference_length():
+    refs = ["the heart is normal . the lungs are clear ."] * 4  # 10 words
+    hyps = ["the heart is normal . the lungs are clear .", "the heart is normal .", "", " ".join(["word"] * 20)]
+    out = build_reward("length_match").score(hyps, refs)
+    assert out.scores == [1.0, pytest.approx(0.5), 0.0, pytest.approx(0.5)]
+    assert isinstance(build_reward("length_match"), LengthMatchReward)
