@@ -166,6 +166,23 @@ def _parse_r2gen_record(
     return Study(id=str(record["id"]), report=report, image_paths=images, split=split, labels=labels, extra=extra)
 
 
+def load_annotation_json(path: Path) -> dict[str, Any]:
+    """The top-level object of an R2Gen-style ``annotation.json``.
+
+    Raises:
+        DataError: the file cannot be read, is not valid JSON, or is not an object.
+    """
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise DataError(f"{path}: cannot read annotation file ({err})") from err
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from err
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: top level must be an object with splits {SPLITS}, got {type(data).__name__}")
+    return data
+
+
 def read_r2gen_annotation(
     path: str | Path,
     image_root: str | Path,
@@ -192,14 +209,7 @@ def read_r2gen_annotation(
     path, image_root = Path(path), Path(image_root)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise DataError(f"{path}: cannot read annotation file ({err})") from err
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from err
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: top level must be an object with splits {SPLITS}, got {type(data).__name__}")
+    data = load_annotation_json(path)
     if split not in data:
         raise DataError(f"{path}: missing split '{split}' (present: {sorted(data)})")
     records = data[split]

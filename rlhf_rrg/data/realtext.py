@@ -34,7 +34,7 @@ from PIL import Image
 from rewards.clinical import LABELERS, build_labeler
 from rewards.labeler import label_report, split_sentences
 from rewards.observations import CHEXPERT_14, POSITIVE, UNCERTAIN
-from rlhf_rrg.data.annotation import SPLITS, DataError, read_chexpert_plus_csv
+from rlhf_rrg.data.annotation import SPLITS, DataError, load_annotation_json, read_chexpert_plus_csv
 from rlhf_rrg.data.synthetic import (
     DEVICES,
     SIDES,
@@ -116,16 +116,8 @@ class ReportRecord:
 
 
 def _r2gen_records(path: Path) -> list[ReportRecord]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise DataError(f"{path}: cannot read annotation file ({err})") from err
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from err
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: top level must be an object with splits {SPLITS}, got {type(data).__name__}")
     records = []
-    for key, items in data.items():
+    for key, items in load_annotation_json(path).items():
         if not isinstance(items, list):
             raise DataError(f"{path}: split {key!r} must be a list of records, got {type(items).__name__}")
         for index, item in enumerate(items):
