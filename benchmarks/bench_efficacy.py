@@ -7,7 +7,8 @@ budget of sampled reports, scored on the test split next to the export's probe c
 For each variant (``VARIANTS``) the RL stage runs as a user runs it (``accelerate launch stages/ppo.py`` on the
 stage config, ``--run.init_from <run-root>/sft/export``, a run root under ``--out``) with ``train.max_steps = budget /
 (batch_size * num_samples)``; its export then generates greedy reports for the whole test split. The table gives
-CE (CheXpert-14 micro, rule labeler, positives only) P/R/F1, BLEU-4, ROUGE-L, mean length / reference length,
+CE (CheXpert-14 micro, rule labeler, positives only) P/R/F1, micro F1 over the 13 pathologies (No Finding out) and
+macro F1 over the 14, BLEU-4, ROUGE-L, mean length / reference length,
 distinct-2, the share of reports repeating a sentence, the mean training reward of the greedy test reports, and the
 stage's wall time. Above them: the linear probe on the SFT export's frozen pooled vision features (fit on train,
 per-observation thresholds from val), the SFT clue head, and the SFT reports; "gap closed" is
@@ -35,7 +36,8 @@ from rlhf_rrg.rl.scoring import build_stage_reward, empty_report_reward, heldout
 from rlhf_rrg.testing.stage_scripts import stage_config_class
 
 REPO = Path(__file__).resolve().parents[1]
-COLUMNS = ("CE-F1", "CE-P", "CE-R", "B4", "R-L", "len", "dist-2", "rep", "reward", "steps", "wall s")
+COLUMNS = ("CE-F1", "CE-P", "CE-R", "CE-F1-13", "CE-mF1", "B4", "R-L", "len", "dist-2", "rep", "reward", "steps",
+           "wall s")
 # Runs the table compares: name -> stage overrides on top of the config (the demo's PPO on the LLM with the
 # sentence-level clinical credit). "ppo-report" is the same PPO on the report-level reward alone; "scst", "rloo" and
 # "grpo" train the LLM at the demo's lr and temperature with their own baselines (one update per batch, the report's
@@ -59,7 +61,8 @@ def row(scores: dict[str, float], rows: list[dict], reward, worst: float) -> dic
     """The table's cells for one export's greedy test reports (the RL stage's own held-out metrics)."""
     extra = heldout_report_metrics(reward, [r["prediction"] for r in rows], [r["reference"] for r in rows], worst)
     return {"CE-F1": scores["ce/micro_f1_14"], "CE-P": scores["ce/micro_precision_14"],
-            "CE-R": scores["ce/micro_recall_14"], "B4": scores["bleu_4"], "R-L": scores["rouge_l"],
+            "CE-R": scores["ce/micro_recall_14"], "CE-F1-13": scores["ce/micro_f1_13"],
+            "CE-mF1": scores["ce/macro_f1_14"], "B4": scores["bleu_4"], "R-L": scores["rouge_l"],
             "len": extra["length_ratio"], "dist-2": extra["distinct_2"], "rep": extra["repeated_sentence_rate"],
             "reward": extra["reward"]}
 
@@ -128,7 +131,8 @@ def main() -> None:
     for source, name in (("probe", "probe ceiling (frozen features)"), ("clue head", "sft clue head")):
         if source in probe.micro:
             micro = probe.micro[source]
-            lines.append(format_row(name, {"CE-F1": micro["f1"], "CE-P": micro["precision"], "CE-R": micro["recall"]}))
+            lines.append(format_row(name, {"CE-F1": micro["f1"], "CE-P": micro["precision"], "CE-R": micro["recall"],
+                                           "CE-F1-13": micro["f1_13"], "CE-mF1": micro["macro_f1"]}))
     lines += [format_row(name, values) for name, values in results.items()]
     gaps = [f"{name} {(v['CE-F1'] - start_f1) / (ceiling - start_f1):+.2f}"
             for name, v in results.items() if name != "sft" and ceiling > start_f1]
