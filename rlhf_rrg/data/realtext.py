@@ -242,16 +242,17 @@ def findings_from_report(report: str, labels: dict[str, int], rng: np.random.Gen
     Args:
         report: the study's report.
         labels: CheXpert observation -> code (missing observations are blank).
-        rng: the study's generator; every draw is made whether used or not, so streams stay aligned.
+        rng: the study's generator (seeded by the study's id, so its images are fixed); the details the text
+            states are not drawn.
     """
     present = {obs for obs in DRAWABLE if labels.get(obs) in (POSITIVE, UNCERTAIN)}
     said = {obs: _stating(report, obs) if obs in present else [] for obs in DRAWABLE}
     draws = rng.uniform(size=6)
-    size = size_stated(said["Cardiomegaly"])
-    ctr_range = {None: (0.56, 0.64), 0: (0.54, 0.58), 1: (0.58, 0.62), 2: (0.62, 0.68)}[size]
-    ctr = ctr_range[0] + draws[0] * (ctr_range[1] - ctr_range[0])
-    if "Cardiomegaly" not in present:
-        ctr = 0.38 + draws[0] * 0.08
+    ctr = 0.38 + draws[0] * 0.08
+    if "Cardiomegaly" in present:
+        low, high = {None: (0.56, 0.64), 0: (0.54, 0.58), 1: (0.58, 0.62), 2: (0.62, 0.68)}[
+            size_stated(said["Cardiomegaly"])]
+        ctr = low + draws[0] * (high - low)
 
     effusions: tuple[tuple[str, float], ...] = ()
     if "Pleural Effusion" in present:
