@@ -5,15 +5,19 @@ sentence earned it: RL on it learned to write "edema" for edema but also wrote i
 correct findings on the way (the demo export, test). Here each sentence of a sampled report is labelled on its own
 and credited, at its last token, per observation against the reference's labels:
 
-- stated present, present in the reference: ``+1`` the first time (restating it earns nothing); stated present,
-  absent there: ``-1`` (a hallucination);
-- stated absent (negated) while the reference has it: ``-1`` (a contradiction, e.g. "no pulmonary edema");
+- stated present, present in the reference: ``+1`` the first time (restating it earns nothing);
 - present in the reference and stated present by no sentence: ``-1`` at the report's last token (an omission);
+- stated present, absent there: ``-2`` (a hallucination);
+- stated absent (negated) while the reference has it: ``-2`` (a contradiction, e.g. "no pulmonary edema");
 - a sentence that repeats an earlier one word for word: ``-1`` (the dense form of ``distinct_sentences``).
 
+The wrong statements cost the sum of the other two, so the credit is calibrated: for a finding present with
+probability p, stating it earns ``p - 2(1 - p)`` and silence ``-p``; stating pays exactly when p > 1/2, the decision
+micro-F1 rewards (with -1 for a hallucination it paid from p > 1/3, a push toward false positives). Stating a
+present finding and then denying it (``+1 - 2``) never beats omitting it (``-1``).
+
 "No Finding" is left to the report-level reward (it is a statement about the whole report), and uncertain
-statements earn nothing, as CE counts uncertain as absent. Stating a finding thus pays exactly when it is more
-likely present than not, the decision micro-F1 rewards. PPO adds the credit to its per-token rewards, next to the
+statements earn nothing, as CE counts uncertain as absent. PPO adds the credit to its per-token rewards, next to the
 KL penalty and the sequence score on the last token (Ziegler et al. 2019's token-level reward form); SCST, RLOO and
 GRPO, which take one advantage per report, add each report's total credit to its reward.
 """
@@ -33,6 +37,9 @@ from rewards.observations import CHEXPERT_14, NEGATIVE, POSITIVE
 
 _SENTENCE_END = re.compile(r"[.!?;]")
 _NO_FINDING = CHEXPERT_14.index("No Finding")
+CORRECT = 1.0
+OMISSION = 1.0
+WRONG = CORRECT + OMISSION  # calibrates stating at p = 1/2 (module docstring)
 
 
 @dataclass
@@ -85,10 +92,11 @@ def credit_matrix(
     stated = (sentence_labels == POSITIVE) & scored
     denied = (sentence_labels == NEGATIVE) & scored
     first = stated & (stated.long().cumsum(0) == 1)
-    per_sentence = ((first & present).sum(1) - (stated & ~present).sum(1) - (denied & present).sum(1)).float()
+    wrong = (stated & ~present).sum(1) + (denied & present).sum(1)
+    per_sentence = CORRECT * (first & present).sum(1).float() - WRONG * wrong.float()
     if repeats is not None:
         per_sentence = per_sentence - repeats.float()
-    omission = -(present & ~stated.any(0)).sum().float()
+    omission = -OMISSION * (present & ~stated.any(0)).sum().float()
     return per_sentence, omission
 
 

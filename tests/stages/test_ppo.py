@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from rlhf_rrg.checkpoint import checkpoint_problem
 from rlhf_rrg.config import load_config
 from rlhf_rrg.logging import read_jsonl
+from rlhf_rrg.rl.pg import advantages
 from rlhf_rrg.rl.scoring import NonFiniteRewardError
 
 from .conftest import REPO, load_stage, run_stage
@@ -98,22 +99,59 @@ def test_reward_rises_and_only_trainable_weights_move(synthetic_data, sft_export
         assert metric(tmp_path, "rollout/entropy")
 
 
-def test_sentence_credit_reaches_the_ppo_rewards(synthetic_data, sft_export, tmp_path):
-    run_ppo(synthetic_data, tmp_path, sft_export, "--train.max_steps", "2", "--sentence_credit.weight", "0.5")
-    credit = metric(tmp_path, "reward/sentence_credit")
-    assert len(credit) == 2 and all(math.isfinite(c) for c in credit)
-    # Untrained tiny reports state few findings correctly: the credit is not all zero.
-    assert any(c != 0 for c in credit), credit
-    with pytest.raises(ValueError, match="trl does not apply sentence_credit"):
-        load_config(load_stage("ppo").PPOStageConfig, None, ["--algo", "grpo", "--group.backend", "trl",
-                                                             "--generation.num_samples", "2",
-                                                             "--sentence_credit.weight", "0.5"])
+def zero_reward(completions, reference, **kwargs):
+    """Gives the policy nothing to learn from: any learning signal comes from the sentence credit."""
+    return [0.0 for _ in completions]
 
 
-def test_sentence_credit_joins_the_report_reward_of_scst(synthetic_data, sft_export, tmp_path):
-    run_ppo(synthetic_data, tmp_path, sft_export, "--algo", "scst", "--generation.num_samples", "2",
-            "--train.max_steps", "1", "--sentence_credit.weight", "0.5")
-    assert len(metric(tmp_path, "reward/sentence_credit")) == 1
+def spy(monkeypatch, name: str) -> list[tuple]:
+    """Records ``(positional arguments, result)`` of every call of the PPO stage's ``name``."""
+    stage, calls = load_stage("ppo"), []
+    real = getattr(stage, name)
+
+    def recording(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls.append((args, result))
+        return result
+
+    monkeypatch.setattr(stage, name, recording)
+    return calls
+
+
+# No KL anywhere and an unnormalised zero reward: without the credit, every return and advantage is exactly 0.
+NO_SIGNAL = [*user_reward("zero_reward"), "--kl.controller", "fixed", "--kl.init_kl_coef", "0", "--pg.kl_coef", "0",
+             "--ppo.normalize_scores", "false", "--ppo.whiten_rewards", "false", "--train.max_steps", "2"]
+
+
+@pytest.mark.parametrize("weight", ["0", "0.5"])
+def test_sentence_credit_reaches_the_ppo_returns(synthetic_data, sft_export, tmp_path, monkeypatch, weight):
+    calls = spy(monkeypatch, "ppo_update")
+    run_ppo(synthetic_data, tmp_path, sft_export, *NO_SIGNAL, "--sentence_credit.weight", weight)
+    returns = torch.cat([args[5].returns for args, _ in calls])  # ppo_update's sixth argument: the targets
+    assert len(calls) == 2
+    # Untrained tiny reports state findings rightly and wrongly: the credit is not all zero.
+    assert (returns.abs().sum() > 0) == (weight != "0"), returns
+
+
+@pytest.mark.parametrize("algo", ["scst", "rloo", "grpo"])
+def test_sentence_credit_joins_the_report_reward_of_one_advantage_per_report(
+        synthetic_data, sft_export, tmp_path, monkeypatch, algo):
+    before = load_file(sft_export / "model.safetensors")
+    for weight in ("0", "0.5"):
+        updates, credits = spy(monkeypatch, "pg_update"), spy(monkeypatch, "sentence_credit_rewards")
+        run_ppo(synthetic_data, tmp_path / weight, sft_export, *NO_SIGNAL, "--algo", algo, "--train.batch_size", "4",
+                "--generation.num_samples", "2", "--optim.lr", "1e-3", "--sentence_credit.weight", weight)
+        advantage = torch.cat([args[5] for args, _ in updates])  # pg_update's sixth argument
+        # Each step scores its samples (and SCST its greedy baselines next): the advantages are those of the credit.
+        totals = [float(weight) * result.sum(1) for _, result in credits]
+        pairs = zip(totals[::2], totals[1::2], strict=True) if algo == "scst" else ((t, None) for t in totals)
+        expected = torch.cat([advantages(algo, sampled, 2, greedy) for sampled, greedy in pairs]) if totals else \
+            torch.zeros_like(advantage)
+        torch.testing.assert_close(advantage, expected)
+        after = load_file(tmp_path / weight / "ppo" / "export" / "model.safetensors")
+        moved = any(not torch.equal(before[n], after[n]) for n in before if "language_model" in n)
+        # The loss sees the credit: with it the LLM moves, without it (a zero reward) it stays bit-identical.
+        assert (advantage.abs().sum() > 0) == moved == (weight != "0"), (weight, advantage)
 
 
 def test_evaluating_during_training_does_not_change_it(synthetic_data, sft_export, tmp_path):

@@ -30,14 +30,37 @@ def test_credit_matrix_rewards_true_statements_and_penalises_the_rest():
     reference = _codes(Edema=POSITIVE, Cardiomegaly=POSITIVE, No_Finding=NEGATIVE)
     sentences = torch.stack([
         _codes(Edema=POSITIVE),                   # correct positive: +1
-        _codes(Pleural_Effusion=POSITIVE),        # hallucination: -1
-        _codes(Edema=NEGATIVE),                   # contradicts the reference: -1
+        _codes(Pleural_Effusion=POSITIVE),        # hallucination: -2
+        _codes(Edema=NEGATIVE),                   # contradicts the reference: -2
         _codes(Pneumothorax=NEGATIVE),            # true negative: 0
         _codes(No_Finding=POSITIVE),              # left to the report-level reward: 0
     ])
     per_sentence, omission = credit_matrix(sentences, reference)
-    torch.testing.assert_close(per_sentence, torch.tensor([1.0, -1.0, -1.0, 0.0, 0.0]))
+    torch.testing.assert_close(per_sentence, torch.tensor([1.0, -2.0, -2.0, 0.0, 0.0]))
     assert omission.item() == -1.0  # cardiomegaly is never stated
+
+
+def _expected_credit(p: float, sentences: list[torch.Tensor]) -> float:
+    """Expected total credit of a report over a finding present with probability ``p`` (edema)."""
+    totals = []
+    for reference in (_codes(Edema=POSITIVE), _codes()):
+        per_sentence, omission = credit_matrix(torch.stack(sentences), reference)
+        totals.append((per_sentence.sum() + omission).item())
+    return p * totals[0] + (1 - p) * totals[1]
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.34, 0.45, 0.49, 0.51, 0.55, 0.7, 0.95])
+def test_stating_pays_exactly_when_the_finding_is_more_likely_present(p):
+    silent, state = [_codes(Pneumothorax=NEGATIVE)], [_codes(Edema=POSITIVE)]
+    assert (_expected_credit(p, state) > _expected_credit(p, silent)) == (p > 0.5)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3, 0.5, 0.8, 1.0])
+def test_stating_then_denying_never_beats_omission(p):
+    silent = [_codes(Pneumothorax=NEGATIVE)]
+    for hedge in ([_codes(Edema=POSITIVE), _codes(Edema=NEGATIVE)], [_codes(Edema=NEGATIVE), _codes(Edema=POSITIVE)],
+                  [_codes(Edema=NEGATIVE)]):
+        assert _expected_credit(p, hedge) <= _expected_credit(p, silent)
 
 
 def test_restating_a_finding_earns_nothing_and_repeating_a_sentence_costs():
@@ -71,12 +94,12 @@ def test_rewards_land_on_each_sentences_last_token(tmp_path):
     assert rewards.shape == ids.shape and (rewards[~mask.bool()] == 0).all()
     credited = [[(tokenizer.decode([ids[i, t]]), rewards[i, t].item()) for t in rewards[i].nonzero().flatten()]
                 for i in range(2)]
-    # 1: edema stated correctly (+1), the heart wrongly called enlarged (-1), "no pleural effusion" is right (0),
+    # 1: edema stated correctly (+1), the heart wrongly called enlarged (-2), "no pleural effusion" is right (0),
     # saying it again is a repeat (-1)
-    assert credited[0] == [(".", 1.0), (".", -1.0), (".", -1.0)]
-    # 2: edema denied (-1), a false effusion (-1); edema and cardiomegaly never stated: -2 on the last real token
+    assert credited[0] == [(".", 1.0), (".", -2.0), (".", -1.0)]
+    # 2: edema denied (-2), a false effusion (-2); edema and cardiomegaly never stated: -2 on the last real token
     last = mask[1].sum() - 1
-    assert credited[1][:2] == [(".", -1.0), (";", -1.0)]
+    assert credited[1][:2] == [(".", -2.0), (";", -2.0)]
     assert rewards[1, last].item() == -2.0
 
 
