@@ -5,7 +5,9 @@
 
 A logistic-regression probe per CheXpert-14 observation is fit on the export's frozen pooled vision features of
 the training split (labels: the dataset's gold labels where every study has them, else the rule labeler's labels
-of the references), its thresholds are chosen on the validation split, and it is scored on ``--split``. Next to
+of the references), its thresholds are chosen on the validation split, and it is scored on ``--split``. Scoring
+``--split val`` itself, the probe is fit on four fifths of train and its thresholds are chosen on the other fifth,
+so val stays out of sample (the clue head's thresholds may have been tuned on val by SFT: the output says so). Next to
 it: the export's TRRG clue head (at its own prompt threshold) and the export's greedy reports, labelled by the rule
 labeler. All three are scored as CE is (positive = code 1) against the same targets, so the table reads as "the
 features carry X, the prompt states Y, the report writes Z". The probe is the ceiling RL is measured against.
@@ -175,10 +177,31 @@ def tune_clue_thresholds(generator: ReportGenerator, dataset: Dataset) -> list[f
     return thresholds
 
 
-def probe_export(generator: ReportGenerator, train: Dataset, val: Dataset, split: Dataset,
+def heldout_fold(n: int, fraction: float = 0.2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(fit, held)`` index tensors: a fixed random ``fraction`` of ``n`` rows held out (at least one each)."""
+    if n < 2:
+        raise ValueError(f"a held-out fold needs at least 2 training studies, got {n}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    held = min(max(1, round(n * fraction)), n - 1)
+    return order[held:], order[:held]
+
+
+def fit_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor | None, y_val: torch.Tensor | None,
+              l2: float = 1e-3) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """A probe fit on train and its ``(k,)`` thresholds chosen on val; without val (val is the split being scored),
+    the probe is fit on :func:`heldout_fold`'s fit rows of train and its thresholds chosen on the held rows."""
+    if x_val is None:
+        fit, held = heldout_fold(len(x_train))
+        x_train, y_train, x_val, y_val = x_train[fit], y_train[fit], x_train[held], y_train[held]
+    probe = fit_logistic_probe(x_train, y_train, l2)
+    return probe, best_thresholds(probe_probabilities(x_val, probe), y_val)
+
+
+def probe_export(generator: ReportGenerator, train: Dataset, val: Dataset | None, split: Dataset,
                  eval_cfg: EvalConfig, l2: float = 1e-3, other_reports: Mapping[str, Sequence[str]] | None = None,
                  ) -> tuple[ProbeReport, dict[str, float], list[dict]]:
-    """Probe (fit on ``train``, thresholds from ``val``), clue head and greedy reports, scored on ``split``.
+    """Probe (fit on ``train``, thresholds from ``val``, or from a held-out part of train when ``val`` is None),
+    clue head and greedy reports, scored on ``split``.
 
     ``other_reports``: name -> reports of ``split`` in its order (e.g. the RL export's), compared in the same table.
 
@@ -186,10 +209,9 @@ def probe_export(generator: ReportGenerator, train: Dataset, val: Dataset, split
         The report, the greedy reports' ``eval_cfg.metrics`` scores and their rows ``{id, reference, prediction}``.
     """
     x_train, y_train = study_features(generator, train)
-    x_val, y_val = study_features(generator, val)
+    x_val, y_val = study_features(generator, val) if val is not None else (None, None)
     x_split, y_split = study_features(generator, split)
-    probe = fit_logistic_probe(x_train, y_train, l2)
-    thresholds = best_thresholds(probe_probabilities(x_val, probe), y_val)
+    probe, thresholds = fit_probe(x_train, y_train, x_val, y_val, l2)
     predictions = {"probe": probe_probabilities(x_split, probe) >= thresholds}
     clues = clue_predictions(generator, x_split)
     if clues is not None:
@@ -233,11 +255,17 @@ def main(argv: Sequence[str] | None = None) -> ProbeReport:
         if args.max_samples:  # a prefix keeps dataset positions equal to study indices (context lookup)
             split = Subset(split, range(min(args.max_samples, len(split))))
         eval_cfg = EvalConfig(split=args.split, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
-        report, _, _ = probe_export(generator, build_dataset(data, "train", train=False),
-                                 build_dataset(data, "val", train=False), split, eval_cfg, args.l2)
+        # Scoring val itself, its thresholds come from a held-out part of train (val stays out of sample).
+        val = None if args.split == "val" else build_dataset(data, "val", train=False)
+        report, _, _ = probe_export(generator, build_dataset(data, "train", train=False), val, split, eval_cfg,
+                                    args.l2)
     except (ConfigError, DataError, CheckpointError, ValueError, FileNotFoundError) as err:
         sys.exit(f"rlhf_rrg.probe: error: {err}")
     sys.stdout.write(f"{export} on {args.split} ({report.n} studies): what it sees vs what it writes\n")
+    if args.split == "val":
+        tuned = generator.clue_head is not None and generator.prompting.clues.thresholds is not None
+        sys.stdout.write("probe thresholds from a held-out fifth of train"
+                         + ("; clue thresholds were tuned on val (in sample)" if tuned else "") + "\n")
     sys.stdout.write(report.table() + "\n")
     if args.out:
         Path(args.out).write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")

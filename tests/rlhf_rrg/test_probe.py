@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from rewards.observations import CHEXPERT_14
-from rlhf_rrg.probe import best_thresholds, compare, fit_logistic_probe, probe_probabilities
+from rlhf_rrg.probe import best_thresholds, compare, fit_logistic_probe, fit_probe, heldout_fold, probe_probabilities
 
 
 def _separable(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,3 +58,19 @@ def test_thresholds_maximise_micro_f1_not_each_columns_own():
     targets[[0, 5], 1] = True
     thresholds = best_thresholds(probs, targets)
     assert thresholds[1] > 0.6 and 0.1 < thresholds[0] <= 0.9
+
+
+def test_without_val_the_thresholds_come_from_a_held_out_part_of_train():
+    x, y = _separable(200, 0)
+    fit, held = heldout_fold(len(x))
+    assert len(held) == 40 and set(fit.tolist()).isdisjoint(held.tolist()) and len(fit) + len(held) == 200
+    probe, thresholds = fit_probe(x, y, None, None, l2=1e-4)
+    alone = fit_logistic_probe(x[fit], y[fit], l2=1e-4)
+    torch.testing.assert_close(probe[2], alone[2])  # fit on the fit rows only
+    torch.testing.assert_close(thresholds, best_thresholds(probe_probabilities(x[held], alone), y[held]))
+    xv, yv = _separable(100, 1)
+    with_val = fit_probe(x, y, xv, yv, l2=1e-4)[1]
+    whole = fit_logistic_probe(x, y, l2=1e-4)
+    torch.testing.assert_close(with_val, best_thresholds(probe_probabilities(xv, whole), yv))
+    with pytest.raises(ValueError, match="at least 2"):
+        heldout_fold(1)

@@ -217,7 +217,7 @@ def test_configs_parse(name):
     assert cfg.algo in ("ppo", "scst", "rloo", "grpo") and cfg.reward.funcs
 
 
-def test_probe_cli_prints_what_it_sees_vs_what_it_writes(sft_export, tmp_path, capsys):
+def test_probe_cli_prints_what_it_sees_vs_what_it_writes(sft_export, tmp_path, capsys, monkeypatch):
     from rlhf_rrg import probe
 
     out = tmp_path / "probe.json"
@@ -227,6 +227,13 @@ def test_probe_cli_prints_what_it_sees_vs_what_it_writes(sft_export, tmp_path, c
     assert "what it sees vs what it writes" in printed
     assert "probe F1" in printed and "reports F1" in printed and "clue head F1" not in printed  # clues are off
     assert report.n == 8 and set(json.loads(out.read_text())["micro"]) == {"probe", "reports"}
+    # Scoring val, val is read once (the scored split), never for the probe's thresholds.
+    built, build = [], probe.build_dataset
+    monkeypatch.setattr(probe, "build_dataset",
+                        lambda data, split, **kw: built.append(split) or build(data, split, **kw))
+    probe.main(["--run-root", str(sft_export.parent.parent), "--split", "val", "--max-samples", "8",
+                "--max-new-tokens", "8"])
+    assert sorted(built) == ["train", "val"] and "held-out fifth of train" in capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")
