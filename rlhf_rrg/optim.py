@@ -44,20 +44,34 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr_scales: dict[str, flo
     """AdamW over the trainable parameters of ``model``, split into decay / no-decay groups.
 
     ``lr_scales`` maps a parameter-name prefix to a multiplier of ``cfg.lr`` for the parameters under it (e.g. a
-    small head that must move further than LoRA weights in the same number of steps).
+    small head that must move further than LoRA weights in the same number of steps). Each group records its scale
+    and the prefix it came from, for :func:`learning_rates`.
     """
     scales = lr_scales or {}
-    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    groups: dict[tuple[bool, str, float], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            scale = next((v for prefix, v in scales.items() if name.startswith(prefix)), 1.0)
-            groups.setdefault((_no_decay(name, param), scale), []).append(param)
+            prefix, scale = next(((p, v) for p, v in scales.items() if name.startswith(p)), ("", 1.0))
+            groups.setdefault((_no_decay(name, param), prefix.rstrip("."), scale), []).append(param)
     if not groups:
         raise ValueError("the model has no trainable parameters (check the freeze settings)")
     return torch.optim.AdamW(
-        [{"params": params, "weight_decay": 0.0 if no_decay else cfg.weight_decay, "lr": cfg.lr * scale}
-         for (no_decay, scale), params in groups.items()],
+        [{"params": params, "weight_decay": 0.0 if no_decay else cfg.weight_decay, "lr": cfg.lr * scale,
+          "lr_scale": scale, "name": prefix or "base"}
+         for (no_decay, prefix, scale), params in groups.items()],
         lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+
+def learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """The scheduled base rate (``optim.lr`` times the schedule) as ``train/lr``, and the rate of each group with
+    its own scale as ``train/lr/<prefix>``: the first group alone may be a scaled one (e.g. the vision tower's)."""
+    first = optimizer.param_groups[0]
+    # Optimizer states saved before groups recorded their scale are all unscaled or led by an unscaled group.
+    rates = {"train/lr": first["lr"] / first.get("lr_scale", 1.0)}
+    for group in optimizer.param_groups:
+        if group.get("lr_scale", 1.0) != 1.0:
+            rates[f"train/lr/{group['name']}"] = group["lr"]
+    return rates
 
 
 def module_prefix(model: nn.Module, submodule: nn.Module) -> str:

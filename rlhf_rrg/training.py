@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from rlhf_rrg.checkpoint import CheckpointConfig, CheckpointManager, TrainState
 from rlhf_rrg.distributed import preserved_rng
 from rlhf_rrg.logging import MetricLogger
-from rlhf_rrg.optim import OptimConfig
+from rlhf_rrg.optim import OptimConfig, learning_rates
 from rlhf_rrg.runroot import StageDirs
 
 logger = logging.getLogger(__name__)
@@ -225,7 +225,7 @@ def fit(
             payload = {f"train/{k}": sum(v) / len(v) for k, v in window.items()}
             payload = {k: accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean").item()
                        for k, v in payload.items()}
-            payload["train/lr"] = scheduler.get_last_lr()[0]
+            payload |= learning_rates(optimizer)
             payload["train/epoch"] = state.epoch
             metric_logger.log_dict(payload, state.step)
             progress.set_postfix(loss=f"{payload['train/loss']:.4f}")

@@ -39,7 +39,7 @@ from rlhf_rrg.distributed import preserved_rng, print0
 from rlhf_rrg.evaluation import EvalConfig, eval_subset, generate_and_score, with_context
 from rlhf_rrg.models.generator import ReportGenerator
 from rlhf_rrg.models.rrg import LoraSettings
-from rlhf_rrg.optim import OptimConfig, build_optimizer, build_scheduler
+from rlhf_rrg.optim import OptimConfig, build_optimizer, build_scheduler, learning_rates
 from rlhf_rrg.rl.advantages import RunningMeanStd
 from rlhf_rrg.rl.host_sync import reduce_to_host
 from rlhf_rrg.rl.kl import KLConfig, build_kl_controller
@@ -219,7 +219,7 @@ def main(cfg: PPOStageConfig) -> None:
         state.step += 1
         progress.update(1)
         if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
-            metrics["train/lr"] = scheduler.get_last_lr()[0]
+            metrics |= learning_rates(optimizer)
             metric_logger.log_dict(metrics, state.step)
             progress.set_postfix(reward=f"{metrics['reward/mean']:.3f}")
         if cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and state.step < cfg.train.max_steps:

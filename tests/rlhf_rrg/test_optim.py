@@ -5,7 +5,7 @@ import pytest
 from torch import nn
 
 from rlhf_rrg.config import ConfigError, load_config
-from rlhf_rrg.optim import OptimConfig, build_optimizer, module_prefix
+from rlhf_rrg.optim import OptimConfig, build_optimizer, build_scheduler, learning_rates, lr_factor, module_prefix
 
 
 @pytest.mark.parametrize(("key", "value"), [("weight_decay", "-0.01"), ("grad_clip", "-1.0"), ("lr", "0")])
@@ -47,3 +47,16 @@ def test_no_trainable_parameters_is_an_error():
     with pytest.raises(ValueError, match="no trainable parameters"):
         build_optimizer(model, OptimConfig())
 
+
+
+def test_learning_rates_log_the_base_rate_and_each_scaled_group_whatever_comes_first():
+    # The scaled tower's parameters come first, as the vision tower's do in a report generator.
+    model = nn.ModuleDict({"tower": nn.Linear(4, 4), "llm": nn.Linear(4, 2)})
+    cfg = OptimConfig(lr=1e-3, schedule="linear", warmup_steps=0)
+    optimizer = build_optimizer(model, cfg, {"tower.": 0.1})
+    scheduler = build_scheduler(optimizer, cfg, 4)
+    optimizer.step()
+    scheduler.step()
+    assert learning_rates(optimizer) == pytest.approx({"train/lr": 1e-3 * lr_factor(1, 4, cfg),
+                                                       "train/lr/tower": 1e-4 * lr_factor(1, 4, cfg)})
+    assert learning_rates(build_optimizer(model, cfg)) == {"train/lr": 1e-3}
