@@ -21,7 +21,7 @@ from rewards.observations import CHEXPERT_14
 from rlhf_rrg.config import load_config, save_config
 from rlhf_rrg.export.model_card import write_model_card
 from rlhf_rrg.losses.finding_weighted import finding_spans, token_weights, weighted_lm_loss
-from rlhf_rrg.losses.self_refine import SelfRefineConfig, self_refining_loss
+from rlhf_rrg.losses.self_refine import SelfRefineConfig, self_refining_loss, serpent_refining_loss
 from rlhf_rrg.models.disease_clues import (
     DiseaseClueConfig,
     DiseaseClueHead,
@@ -32,6 +32,7 @@ from rlhf_rrg.models.disease_clues import (
 from rlhf_rrg.models.processor import RRGProcessor
 from rlhf_rrg.models.residual_context import attach_residual_context
 from rlhf_rrg.models.rrg import generate_response_ids, load_rrg, save_rrg, to_model_device
+from rlhf_rrg.models.text_encoder import pool_hidden_states
 from rlhf_rrg.models.vision_features import VisionFeatures
 from rlhf_rrg.retrieval.context import ContextConfig, build_context_prompt
 from rlhf_rrg.retrieval.retriever import ContextRetriever, embed_studies
@@ -192,9 +193,10 @@ class ReportGenerator(nn.Module):
         inputs = to_model_device(self.model, inputs)
         labels = inputs.pop("labels") if weighted else inputs["labels"]
         refine = self_refine is not None and self_refine.weight > 0
-        out = self.model(**inputs, output_hidden_states=refine)
+        serpent = refine and self_refine.formulation == "serpent"
+        out = self.model(**inputs, output_hidden_states=refine, output_attentions=serpent)
         lm_loss = out.loss if weights is None else weighted_lm_loss(out.logits, labels, weights.to(labels.device))
-        loss, metrics = lm_loss, {"lm_loss": lm_loss.item()}
+        loss, metrics = lm_loss * (self_refine.report_weight if refine else 1.0), {"lm_loss": lm_loss.item()}
         if clue_logits is not None:
             if batch["labels"] is None:
                 raise ValueError("clues.enabled needs CheXpert labels for every study (the dataset has none)")
@@ -202,14 +204,28 @@ class ReportGenerator(nn.Module):
             loss = loss + self.prompting.clues.loss_weight * bce
             metrics["clue_bce"] = bce.item()
         if refine:
-            # Image side: the projected query-image embeddings the LLM receives (hidden_states[0] is its input
-            # embedding sequence); report side: the last layer over the report tokens (SERPENT-VLM).
-            image_mask = self._query_image_mask(inputs["input_ids"])
-            term = self_refining_loss(out.hidden_states[0], image_mask, out.hidden_states[-1],
-                                      labels != -100, self_refine.similarity)
+            term = self._self_refine_term(out, inputs["input_ids"], labels, self_refine)
             loss = loss + self_refine.weight * term
             metrics["self_refine"] = term.item()
         return loss, metrics
+
+    def _self_refine_term(self, out: Any, input_ids: torch.Tensor, labels: torch.Tensor,
+                          cfg: SelfRefineConfig) -> torch.Tensor:
+        """SERPENT-VLM's term (:mod:`rlhf_rrg.losses.self_refine`). Image side: the projected query-image
+        embeddings the LLM receives (``hidden_states[0]`` is its input embedding sequence); report side: the last
+        layer over the report tokens (pooled), or the attention-pooled soft embeddings of the logits (serpent)."""
+        image_mask = self._query_image_mask(input_ids)
+        if cfg.formulation == "pooled":
+            return self_refining_loss(out.hidden_states[0], image_mask, out.hidden_states[-1], labels != -100,
+                                      cfg.similarity)
+        if not out.attentions:
+            raise ValueError("self_refine.formulation serpent needs the LLM's attention probabilities: set its "
+                             "attention to eager (model.set_attn_implementation('eager'), as stages/sft.py does)")
+        predicts_report = torch.zeros_like(labels, dtype=torch.bool)
+        predicts_report[:, :-1] = labels[:, 1:] != -100  # the logits at t predict the token at t + 1
+        image = pool_hidden_states(out.hidden_states[0], image_mask, "mean")
+        return serpent_refining_loss(out.logits, out.attentions[-1], self.model.get_input_embeddings().weight,
+                                     predicts_report, image, cfg.tau)
 
     def _training_clues(self, batch: dict[str, Any], clue_logits: torch.Tensor | None) -> torch.Tensor | None:
         """The clue statements of SFT prompts: the head's, or with ``clues.gold_prompt_prob`` the study's labels."""

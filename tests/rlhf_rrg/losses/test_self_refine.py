@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from rlhf_rrg.losses.self_refine import SelfRefineConfig, self_refining_loss
+from rlhf_rrg.losses.self_refine import SelfRefineConfig, self_refining_loss, serpent_refining_loss
 
 # Batch of 2, width 2. Padding rows hold garbage that must not matter.
 IMAGE = torch.tensor([[[1.0, 0.0], [3.0, 2.0], [99.0, 99.0]], [[0.0, 4.0], [0.0, 0.0], [0.0, 2.0]]])
@@ -60,3 +60,64 @@ def test_errors_name_the_problem():
         SelfRefineConfig(similarity="l1")
     with pytest.raises(ValueError, match="weight"):
         SelfRefineConfig(weight=-1.0)
+
+
+# SERPENT-VLM's formulation: 2 studies, 4 positions (position 0 a prompt token, row 1's last one padding),
+# 3-token vocabulary embedded in 2 dimensions.
+EMBEDDINGS = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+POSITIONS = torch.tensor([[False, True, True, True], [False, True, True, False]])
+
+
+def _peaked(tokens: list[list[int]]) -> torch.Tensor:
+    """Logits so peaked that the gumbel-softmax at tau 0.07 is one-hot on ``tokens`` whatever the noise."""
+    return torch.nn.functional.one_hot(torch.tensor(tokens), 3).float() * 1e4
+
+
+def test_serpent_term_by_hand():
+    logits = _peaked([[2, 0, 0, 1], [2, 1, 0, 2]])
+    attention = torch.full((2, 2, 4, 4), 0.25)  # every query spreads its attention evenly over 4 keys
+    image = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    # Row 0: weights 0.25 * 3 / 3 on positions 1-3 -> report 0.25 * ([1,0] + [1,0] + [0,1]) = [0.5, 0.25].
+    # Row 1: weights 0.25 * 2 / 2 on positions 1-2 -> report 0.25 * ([0,1] + [1,0]) = [0.25, 0.25].
+    cos0 = 0.5 / math.hypot(0.5, 0.25)
+    cos1 = 1.0
+    got = serpent_refining_loss(logits, attention, EMBEDDINGS, POSITIONS, image)
+    assert got.item() == pytest.approx(math.exp(cos0 + cos1), rel=1e-5)
+
+
+def test_serpent_term_ignores_positions_that_predict_no_report_token():
+    logits, attention, image = torch.randn(2, 4, 3), torch.rand(2, 2, 4, 4), torch.randn(2, 2)
+    changed_logits, changed_attention = logits.clone(), attention.clone()
+    changed_logits[~POSITIONS] = 5.0
+    changed_attention[:, :, 0] = 7.0  # a prompt position as query
+    changed_attention[:, :, :, 0] = 7.0  # ... and as key
+    results = []
+    for lg, at in ((logits, attention), (changed_logits, changed_attention)):
+        torch.manual_seed(0)  # the same gumbel noise
+        results.append(serpent_refining_loss(lg, at, EMBEDDINGS, POSITIONS, image))
+    torch.testing.assert_close(results[0], results[1])
+
+
+def test_minimising_the_serpent_term_pushes_the_report_away_from_the_image():
+    # The sign the README states: a descent step on exp(sum cos) lowers the cosine of report and image.
+    logits = _peaked([[2, 0, 0, 1], [2, 1, 0, 2]])
+    attention = torch.full((2, 2, 4, 4), 0.25)
+    image = torch.tensor([[1.0, 0.2], [0.3, 1.0]], requires_grad=True)
+    before = serpent_refining_loss(logits, attention, EMBEDDINGS, POSITIONS, image)
+    before.backward()
+    with torch.no_grad():
+        stepped = image - 0.1 * image.grad
+    after = serpent_refining_loss(logits, attention, EMBEDDINGS, POSITIONS, stepped)
+    assert after.item() < before.item()
+
+
+def test_serpent_settings_are_validated():
+    with pytest.raises(ValueError, match="formulation"):
+        SelfRefineConfig(formulation="contrastive")
+    with pytest.raises(ValueError, match="tau"):
+        SelfRefineConfig(tau=0.0)
+    with pytest.raises(ValueError, match="report_weight"):
+        SelfRefineConfig(report_weight=0.0)
+    with pytest.raises(ValueError, match="at least one report position"):
+        serpent_refining_loss(torch.randn(2, 4, 3), torch.rand(2, 2, 4, 4), EMBEDDINGS,
+                              torch.zeros(2, 4, dtype=torch.bool), torch.randn(2, 2))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 from dataclasses import dataclass
 
@@ -246,6 +247,23 @@ def test_self_refine_pairs_the_llm_input_image_embeddings_with_the_last_layer_re
     # The image side is the projector output scattered into the LLM input, not a hidden state of the LLM.
     expected = self_refining_loss(captured["embeds"], query, captured["last"], report)
     assert metrics["self_refine"] == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_serpent_formulation_scales_the_lm_loss_and_adds_exp_of_summed_cosines(data_root, tmp_path):
+    built = build(data_root, tmp_path)
+    gen, batch = built.generator.eval(), first_batch(built)
+    refine = SelfRefineConfig(weight=0.1, report_weight=0.05, formulation="serpent")
+    with pytest.raises(ValueError, match="set its attention to eager"):
+        gen(batch, refine)
+    gen.model.set_attn_implementation("eager")
+    loss, metrics = gen(batch, refine)
+    clue_weight = gen.prompting.clues.loss_weight
+    expected = 0.05 * metrics["lm_loss"] + clue_weight * metrics["clue_bce"] + 0.1 * metrics["self_refine"]
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    studies = len(batch["reports"])
+    assert math.exp(-studies) <= metrics["self_refine"] <= math.exp(studies)
+    loss.backward()
+    assert gen.model.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
 
 
 def test_clues_without_labels_raise(data_root, tmp_path):
