@@ -127,6 +127,8 @@ def main(cfg: SFTStageConfig) -> None:
     vision = build_vision_model(vision_source(cfg)).eval()
     tokenizer = build_tokenizer(cfg, train_reports, dirs.root / "tokenizer")
     model = build_rrg_model(cfg.model, tokenizer, vision_model=vision)
+    if cfg.self_refine.weight > 0 and cfg.self_refine.formulation == "serpent":
+        model.set_attn_implementation("eager")  # the term weighs by attention probabilities, which sdpa never forms
     processor = build_processor(model, tokenizer, cfg.data.mean, cfg.data.std)
     if cfg.model.lora.enabled:
         model = apply_lora(model, cfg.model)
