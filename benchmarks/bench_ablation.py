@@ -4,6 +4,7 @@
     python benchmarks/bench_ablation.py --sft-steps 100 --fractions 1.0      # a quicker look
     python benchmarks/bench_ablation.py --stage-root rrg_home/runs/demo      # reuse a demo's pretrain/align exports
     python benchmarks/bench_ablation.py --inits random align-lowlr --seeds 0 1 2   # margins over three SFT seeds
+    python benchmarks/bench_ablation.py --inits align align-serpent align-norefine --fractions 1.0   # refining terms
 
 On the embedded default (the demo's synthetic set: 1000 train / 100 val / 200 test studies, 64 px, seed 0), this
 runs stages/pretrain.py and stages/align.py on their debug configs (unless ``--stage-root`` holds their exports),
@@ -44,8 +45,13 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO_DATA = SyntheticConfig(n_train=1000, n_val=100, n_test=200, image_size=64, seed=0)
 # SFT starting points: name -> (encoder to start from, extra SFT overrides, table label). align-lowlr tunes the
 # aligned encoder at 0.3x the lr of the rest of the model, so SFT adapts it without overwriting what alignment taught.
+# align-serpent swaps the demo's self-refining term (pooled hidden states, MSE, weight 0.1) for SERPENT-VLM's own
+# (rlhf_rrg/losses/self_refine.py, formulation serpent, weights 0.1 and 0.05 on the LM loss); align-norefine drops it.
 INITS = {"random": ("random", (), "random"), "pretrain": ("pretrain", (), "pretrain"), "align": ("align", (), "align"),
-         "align-lowlr": ("align", ("--model.vision_lr_scale", "0.3"), "align, vision lr x0.3")}
+         "align-lowlr": ("align", ("--model.vision_lr_scale", "0.3"), "align, vision lr x0.3"),
+         "align-serpent": ("align", ("--self_refine.formulation", "serpent", "--self_refine.weight", "0.1",
+                                     "--self_refine.report_weight", "0.05"), "align, SERPENT-VLM's refining term"),
+         "align-norefine": ("align", ("--self_refine.weight", "0"), "align, no refining term")}
 
 
 def run_stage(name: str, data: Path, run_root: Path, *overrides: str):
@@ -78,6 +84,7 @@ def evaluate_export(run_root: Path, cfg, max_new_tokens: int) -> dict[str, float
     (bank,) = [r for r in read_jsonl(run_root / "sft" / "metrics.jsonl") if f"bank/label_match@{LABEL_K}" in r]
     return {
         "ce_f1": report.micro["reports"]["f1"],
+        "ce_f1_13": report.micro["reports"]["f1_13"],
         "clue_f1": report.micro["clue head"]["f1"],
         "probe_f1": report.micro["probe"]["f1"],
         "bank": bank[f"bank/label_match@{LABEL_K}"],
@@ -128,7 +135,7 @@ def main() -> None:
     parser.add_argument("--sft-steps", type=int, default=500, help="SFT steps of every run (debug.yaml: 500)")
     parser.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.1], help="shares of training studies")
     parser.add_argument("--inits", nargs="+", choices=list(INITS), default=list(INITS), help="SFT starting points")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="SFT seeds (run.seed) of every row")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="SFT seeds (run.seed) of every row")
     parser.add_argument("--max-new-tokens", type=int, default=80, help="test generation budget (debug.yaml: 80)")
     args = parser.parse_args()
     if args.sft_steps < 1 or not all(0 < f <= 1 for f in args.fractions):
@@ -153,9 +160,9 @@ def main() -> None:
 
     print(f"SFT ablation: {args.sft_steps} SFT steps per run (stages/configs/sft/debug.yaml, tiny-arm encoder), "
           f"test split of {data}; pretrain+align {stage_s:.0f} s", flush=True)
-    print(f"| SFT from | train studies | seed | test CE-F1 | clue F1 | probe F1 "
+    print(f"| SFT from | train studies | seed | test CE-F1 | CE-F1-13 | clue F1 | probe F1 "
           f"| bank label match@{LABEL_K} (random) |")
-    print("|---|---|---|---|---|---|---|", flush=True)
+    print("|---|---|---|---|---|---|---|---|", flush=True)
     ce_f1: dict[tuple[float, str], list[float]] = {}
     for fraction in args.fractions:
         sft_data = data if fraction == 1.0 else subset(data, fraction, args.work / f"data_{fraction:g}")
@@ -170,8 +177,9 @@ def main() -> None:
                 m = evaluate_export(run_root, cfg, args.max_new_tokens)
                 ce_f1.setdefault((fraction, init), []).append(m["ce_f1"])
                 # Rows print as they finish, so a long run shows its table as it goes.
-                print(f"| {label} | {m['n_train']} ({fraction:.0%}) | {seed} | {m['ce_f1']:.3f} | {m['clue_f1']:.3f} "
-                      f"| {m['probe_f1']:.3f} | {m['bank']:.3f} ({m['bank_chance']:.3f}) |", flush=True)
+                print(f"| {label} | {m['n_train']} ({fraction:.0%}) | {seed} | {m['ce_f1']:.3f} | {m['ce_f1_13']:.3f} "
+                      f"| {m['clue_f1']:.3f} | {m['probe_f1']:.3f} | {m['bank']:.3f} ({m['bank_chance']:.3f}) |",
+                      flush=True)
     if len(args.seeds) > 1:
         print_seed_means(ce_f1, args.seeds)
     print(f"total {time.perf_counter() - start:.0f} s")
