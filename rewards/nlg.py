@@ -2,8 +2,8 @@
 
 Corpus scores come from pycocoevalcap on reports tokenised like R2Gen's evaluation (the dataset's R2Gen cleaner:
 lowercase, one sentence per ``". "``, sentence punctuation removed, sentences joined by ``" . "``, empty sentences
-kept as ``"."``), so numbers are comparable with the R2Gen / R2GenGPT / CXPMRG tables. ``Bleu2RadCliQ`` instead
-follows RadCliQ's own BLEU-2 recipe.
+kept as ``"."``; an empty generation has no tokens), so numbers are comparable with the R2Gen / R2GenGPT / CXPMRG
+tables. ``Bleu2RadCliQ`` instead follows RadCliQ's own BLEU-2 recipe.
 """
 
 from __future__ import annotations
@@ -41,6 +41,13 @@ def r2gen_tokenize(report: str, cleaner: str = "mimic_cxr") -> str:
     return " ".join(CLEANERS[check_cleaner(cleaner)](report).split())
 
 
+def r2gen_hypothesis_tokens(generation: str, cleaner: str = "mimic_cxr") -> str:
+    """Tokens of a generated report as R2Gen scores it: :func:`r2gen_tokenize`, except that an empty (or whitespace)
+    generation has no tokens. R2Gen decodes generated ids up to the first EOS, so an empty generation is ``""`` for
+    pycocoevalcap, not the ``"."`` of a report without words, which would match the references' periods."""
+    return r2gen_tokenize(generation, cleaner) if generation.strip() else ""
+
+
 def _coco_inputs(
     hyps: Sequence[str], refs: Sequence[str], cleaner: str
 ) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
@@ -49,7 +56,7 @@ def _coco_inputs(
     if not hyps:
         raise ValueError("cannot score an empty set of reports")
     gts = {i: [r2gen_tokenize(r, cleaner)] for i, r in enumerate(refs)}
-    res = {i: [r2gen_tokenize(h, cleaner)] for i, h in enumerate(hyps)}
+    res = {i: [r2gen_hypothesis_tokens(h, cleaner)] for i, h in enumerate(hyps)}
     return gts, res
 
 

@@ -1,3 +1,6 @@
+import math
+from collections import Counter
+
 import numpy as np
 import pytest
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
@@ -97,6 +100,42 @@ def test_corpus_scores_equal_pycocoevalcap():
     assert got["rouge_l"] == pytest.approx(Rouge().compute_score(gts, res)[0], abs=1e-12)
     assert got["cider"] == pytest.approx(Cider().compute_score(gts, res)[0], abs=1e-12)
     assert 0 < got["bleu_4"] < got["bleu_1"] < 1
+
+
+def reference_corpus_bleu(hyps: list[str], refs: list[str], n: int) -> float:
+    """Corpus BLEU-n from its definition (Papineni et al. 2002) on token strings, one reference each, no smoothing:
+    clipped n-gram matches and hypothesis n-grams summed over the corpus, brevity penalty on summed lengths."""
+    matches, guesses, hyp_len, ref_len = [0] * n, [0] * n, 0, 0
+    for hyp, ref in zip(hyps, refs, strict=True):
+        h, r = hyp.split(), ref.split()
+        hyp_len, ref_len = hyp_len + len(h), ref_len + len(r)
+        for k in range(1, n + 1):
+            h_grams = Counter(tuple(h[i : i + k]) for i in range(len(h) - k + 1))
+            r_grams = Counter(tuple(r[i : i + k]) for i in range(len(r) - k + 1))
+            matches[k - 1] += sum(min(count, r_grams[gram]) for gram, count in h_grams.items())
+            guesses[k - 1] += max(0, len(h) - k + 1)
+    precision = math.prod(m / g for m, g in zip(matches, guesses, strict=True)) ** (1 / n)
+    return precision * min(1.0, math.exp(1 - ref_len / hyp_len))
+
+
+def test_an_empty_generation_is_scored_as_no_tokens():
+    """R2Gen decodes an empty generation to no tokens; pycocoevalcap then scores that hypothesis as empty."""
+    hyps, refs = [*HYPS, ""], [*REFS, "Heart size is normal."]
+    got = corpus_nlg_scores(hyps, refs, metrics=("bleu", "rouge_l", "cider"))
+    ref_tokens = [r2gen_tokenize(r) for r in refs]
+    hyp_tokens = [r2gen_tokenize(h) for h in HYPS] + [""]
+    for n in range(1, 5):
+        assert got[f"bleu_{n}"] == pytest.approx(reference_corpus_bleu(hyp_tokens, ref_tokens, n), abs=1e-7)
+    gts, res = {i: [r] for i, r in enumerate(ref_tokens)}, {i: [h] for i, h in enumerate(hyp_tokens)}
+    assert got["rouge_l"] == pytest.approx(Rouge().compute_score(gts, res)[0], abs=1e-12)
+    assert got["cider"] == pytest.approx(Cider().compute_score(gts, res)[0], abs=1e-12)
+
+
+def test_an_empty_generation_earns_no_credit():
+    # As "." it would match the reference's final period: BLEU-1 exp(1 - 5/1) > 0.
+    alone = corpus_nlg_scores(["", " "], ["Heart size is normal."] * 2, metrics=("bleu", "rouge_l", "cider"))
+    assert alone == {"bleu_1": 0.0, "bleu_2": 0.0, "bleu_3": 0.0, "bleu_4": 0.0, "rouge_l": 0.0, "cider": 0.0}
+    assert BleuReward(1).score([""], ["Heart size is normal."]).scores == [0.0]
 
 
 def test_corpus_scores_reject_bad_input():
