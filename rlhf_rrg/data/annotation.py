@@ -14,7 +14,8 @@ Two layouts are supported:
 
 File-level problems (unreadable or malformed file, missing split) always raise :class:`DataError`.
 Record-level problems (missing field, empty report, missing image, bad labels) raise too, unless
-``on_error="skip"``: then the record is dropped, counted per reason and a summary is logged.
+``on_error="skip"``: then the record is dropped, counted per reason and a summary is logged. A report of
+punctuation only (``". ."``, ``"..."``) is empty: R2Gen's cleaners reduce it to a lone ``"."``, a target with no word.
 """
 
 from __future__ import annotations
@@ -132,6 +133,15 @@ def _validate_labels(raw: Any, where: str) -> dict[str, int]:
     return labels
 
 
+def _emptiness(report: str) -> str | None:
+    """Why ``report`` has nothing to learn or score ("is empty", "has no words ('. .')"), or None if it has a word."""
+    if not report.strip():
+        return "is empty"
+    if not any(ch.isalnum() for ch in report):
+        return f"has no words ({report.strip()[:40]!r})"
+    return None
+
+
 def _resolve_images(rel_paths: list[str], image_root: Path, where: str, check_images: bool) -> list[Path]:
     paths = [(image_root / p).resolve() for p in rel_paths]
     if check_images:
@@ -153,8 +163,9 @@ def _parse_r2gen_record(
         if key not in record:
             raise DataError(f"{where}: missing field '{key}'", f"missing_{key}")
     report = record["report"]
-    if not isinstance(report, str) or not report.strip():
-        raise DataError(f"{where}: field 'report' is empty", "empty_report")
+    empty = _emptiness(report) if isinstance(report, str) else "is empty"
+    if empty is not None:
+        raise DataError(f"{where}: field 'report' {empty}", "empty_report")
     rel_paths = record["image_path"]
     if isinstance(rel_paths, str):
         rel_paths = [rel_paths]
@@ -315,11 +326,12 @@ def read_chexpert_plus_csv(
         first_line, first = members[0]
         where = f"{path}: line {first_line} (study {key})"
         findings = (first.get("section_findings") or "").strip()
-        if not findings:
+        empty = _emptiness(findings)
+        if empty is not None:
             if skip_empty_findings:
                 log.counts["empty_findings"] += 1
                 continue
-            log.handle(DataError(f"{where}: field 'section_findings' is empty", "empty_report"))
+            log.handle(DataError(f"{where}: field 'section_findings' {empty}", "empty_report"))
             continue
         # Frontal views first: single-view models read the first image.
         members = sorted(members, key=lambda m: m[1].get("frontal_lateral", "") != "Frontal")

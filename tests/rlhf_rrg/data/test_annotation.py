@@ -1,5 +1,6 @@
 """Readers on fixtures in the exact IU-Xray / MIMIC-CXR / CheXpert Plus layouts, and every bad-input case."""
 
+import csv
 import json
 import logging
 from pathlib import Path
@@ -113,6 +114,28 @@ def _record(tmp_path: Path, study_id: str, **fields: object) -> dict:
     return {"id": study_id, "report": "Normal.", "image_path": [f"{study_id}.png"], "split": "train", **fields}
 
 
+def test_chexpert_plus_findings_of_punctuation_only_are_empty(tmp_path: Path) -> None:
+    csv_fx, _ = write_chexpert_plus_fixture(tmp_path)
+    path, root = csv_fx.annotation_path, csv_fx.image_root
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        columns, rows = reader.fieldnames, list(reader)
+    for row in rows:
+        if row["deid_patient_id"] == "patient00006":  # the only study of the test split
+            row["section_findings"] = "..."
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(DataError, match=r"line 6 \(study train/patient00006/study1\): field 'section_findings' has "
+                                        r"no words \('\.\.\.'\)"):
+        read_chexpert_plus_csv(path, root, "test", image_suffix=".png")
+    skipped = read_chexpert_plus_csv(path, root, "test", image_suffix=".png", on_error="skip")
+    assert len(skipped) == 0 and skipped.skipped == {"empty_report": 1}
+    dropped = read_chexpert_plus_csv(path, root, "test", image_suffix=".png", skip_empty_findings=True)
+    assert len(dropped) == 0 and dropped.skipped == {"empty_findings": 1}
+
+
 def test_malformed_json_and_missing_split(tmp_path: Path) -> None:
     path = tmp_path / "annotation.json"
     path.write_text('{"train": [\n{"id": 1,}]}')
@@ -129,6 +152,9 @@ def test_malformed_json_and_missing_split(tmp_path: Path) -> None:
     ("change", "message", "reason"),
     [
         ({"report": "  "}, r"train\[1\] \(id='bad'\): field 'report' is empty", "empty_report"),
+        # Punctuation only: R2Gen's cleaners leave a lone "." of it, a target without a word.
+        ({"report": ". ."}, r"train\[1\] \(id='bad'\): field 'report' has no words \('\. \.'\)", "empty_report"),
+        ({"report": " ...\n"}, r"field 'report' has no words \('\.\.\.'\)", "empty_report"),
         (
             {"image_path": ["missing.png"]},
             r"train\[1\] \(id='bad'\): field 'image_path' names a missing image file .*missing\.png",

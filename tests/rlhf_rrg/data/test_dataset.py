@@ -1,5 +1,7 @@
 """ReportDataset / build_dataset on every layout; views, defaults, corrupt images at __getitem__ time."""
 
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -116,6 +118,23 @@ def test_skip_drops_unreadable_studies_when_built_so_ids_never_repeat(tmp_path: 
     assert "skipped 2 of 3 studies" in caplog.text
     with pytest.raises(DataError, match=r"study .CXR2_IM-1002. \(index 2\): .*decompression bomb"):
         build_dataset(DataConfig(**{**cfg.__dict__, "on_error": "raise"}), "train", train=False)[2]
+
+
+@pytest.mark.parametrize("report", [". .", "...", " - "])
+def test_a_report_of_punctuation_only_is_an_empty_report(tmp_path: Path, report: str) -> None:
+    """The cleaner would turn it into the target "." (no word): raise naming file and field, or skip the study."""
+    fx = write_iu_xray_fixture(tmp_path)
+    annotation = json.loads(fx.annotation_path.read_text())
+    annotation["train"][1]["report"] = report
+    fx.annotation_path.write_text(json.dumps(annotation))
+    cfg = DataConfig(dataset="iu_xray", annotation_path=fx.annotation_path, image_root=fx.image_root, image_size=8,
+                     views=2)
+    where = re.escape(f"{fx.annotation_path}: train[1]")
+    with pytest.raises(DataError, match=rf"{where} .*field 'report' has no words"):
+        build_dataset(cfg, "train", train=False)
+    kept = build_dataset(DataConfig(**{**cfg.__dict__, "on_error": "skip"}), "train", train=False)
+    assert [s.id for s in kept.studies] == [annotation["train"][i]["id"] for i in (0, 2)]
+    assert all(kept.report(i).replace(".", "").strip() for i in range(len(kept)))
 
 
 def test_data_config_validation_and_yaml(tmp_path: Path) -> None:
