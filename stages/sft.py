@@ -28,6 +28,7 @@ from rlhf_rrg.data.context_dataset import ContextDataset, collate_context
 from rlhf_rrg.data.dataset import DataConfig, build_dataset
 from rlhf_rrg.data.sampling import study_weights
 from rlhf_rrg.evaluation import EvalConfig, eval_subset, generate_and_score, majority_report_scores
+from rlhf_rrg.logging import read_jsonl
 from rlhf_rrg.losses.finding_weighted import FindingWeightConfig
 from rlhf_rrg.losses.self_refine import SelfRefineConfig
 from rlhf_rrg.models.disease_clues import DiseaseClueHead
@@ -40,7 +41,7 @@ from rlhf_rrg.probe import tune_clue_thresholds
 from rlhf_rrg.retrieval.context import check_report_sharing
 from rlhf_rrg.retrieval.metrics import LABEL_K, leave_one_out_label_match
 from rlhf_rrg.retrieval.retriever import ContextRetriever, dataset_neighbours
-from rlhf_rrg.runroot import resolve_init, writing_export
+from rlhf_rrg.runroot import StageDirs, resolve_init, writing_export
 from rlhf_rrg.stage_setup import RunConfig, setup_stage
 from rlhf_rrg.training import TrainConfig, fit, make_train_loader
 
@@ -109,9 +110,19 @@ def build_retriever(cfg: SFTStageConfig, vision, bank_set: ContextDataset, val_s
     return retriever, {"train": train, "val": val}
 
 
+def logged_at_start(dirs: StageDirs) -> dict[str, float]:
+    """The step-0 metrics an earlier launch of this run logged: a resume keeps them (setup drops only the records
+    after the checkpoint), so they are not logged again."""
+    if not dirs.metrics.is_file():
+        return {}
+    return {k: v for record in read_jsonl(dirs.metrics) if record.get("step") == 0 for k, v in record.items()
+            if k != "step"}
+
+
 def main(cfg: SFTStageConfig) -> None:
     ctx = setup_stage("sft", cfg, cfg.run, cfg.train.grad_accum, cfg.checkpoint.resume)
     accelerator, dirs = ctx.accelerator, ctx.dirs
+    earlier = logged_at_start(dirs) if accelerator.is_main_process else {}
 
     # 1. data
     train_set = build_dataset(cfg.data, "train", train=True)
@@ -139,7 +150,7 @@ def main(cfg: SFTStageConfig) -> None:
 
     # 3. context retrieval (R2GenCSR): bank of training studies, neighbours of every study
     retriever, neighbours = build_retriever(cfg, vision, ContextDataset(bank_set), ContextDataset(val_set))
-    if retriever is not None:
+    if retriever is not None and not any(k.startswith("bank/") for k in earlier):
         # How often a training study's nearest bank studies share its findings, against random retrieval.
         quality = leave_one_out_label_match(retriever.bank.embeddings, retriever.bank.labels, LABEL_K)
         ctx.metric_logger.log_dict({f"bank/{k}": v for k, v in quality.items()}, 0)
@@ -158,10 +169,13 @@ def main(cfg: SFTStageConfig) -> None:
     generator, optimizer, loader = accelerator.prepare(generator, optimizer, loader)
 
     eval_data = eval_subset(val_data, cfg.eval)
-    # eval_subset keeps the first studies, so references are the first len(eval_data) reports.
-    baseline = majority_report_scores(train_reports, [val_set.report(i) for i in range(len(eval_data))],
-                                      cfg.eval.metrics)
-    ctx.metric_logger.log_dict({f"baseline_majority/{k}": v for k, v in baseline.items()}, 0)
+    baseline = {k.removeprefix("baseline_majority/"): v for k, v in earlier.items()
+                if k.startswith("baseline_majority/")}
+    if not baseline:
+        # eval_subset keeps the first studies, so references are the first len(eval_data) reports.
+        baseline = majority_report_scores(train_reports, [val_set.report(i) for i in range(len(eval_data))],
+                                          cfg.eval.metrics)
+        ctx.metric_logger.log_dict({f"baseline_majority/{k}": v for k, v in baseline.items()}, 0)
 
     def step_fn(model, batch):
         return model(batch, cfg.self_refine, cfg.lm.finding_weight)
