@@ -9,7 +9,6 @@ SHA-256 of every file, written last); resume checks it and falls back past damag
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import re
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
+
+from rlhf_rrg.manifest import file_entries, files_problem
 
 logger = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
@@ -77,53 +78,32 @@ def latest_step(directory: Path) -> int | None:
     return int(_STEP_DIR.match(found[-1].name).group(1)) if found else None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_manifest(folder: Path) -> None:
     """Records size and SHA-256 of every file under ``folder``; call it after everything else is written."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    entries = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    entries = file_entries(folder, skip={MANIFEST})
     (folder / MANIFEST).write_text(json.dumps({"files": entries}, indent=1, sort_keys=True))
-
-
-# Folders this process found intact, with the (name, size, mtime) of their files: setup_stage and the resume that
-# follows both check the same checkpoint, and hashing tens of GB twice would double the wait.
-_intact: dict[Path, tuple] = {}
-
-
-def _file_stats(folder: Path) -> tuple:
-    return tuple(sorted((p.relative_to(folder).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
-                        for p in folder.rglob("*") if p.is_file()))
 
 
 def checkpoint_problem(folder: Path) -> str | None:
     """Why ``folder`` cannot be resumed from (naming the file), or None when every file matches its manifest."""
     manifest = folder / MANIFEST
-    with contextlib.suppress(OSError):
-        if _intact.get(folder.resolve()) == _file_stats(folder):
-            return None
     try:
         entries = json.loads(manifest.read_text())["files"]
     except FileNotFoundError:
         return f"{manifest} is missing (damaged, or written before checkpoints had manifests)"
     except (OSError, ValueError, KeyError, TypeError) as err:
         return f"{manifest} is unreadable ({err})"
-    for name, entry in entries.items():
-        path = folder / name
-        if not path.is_file():
-            return f"{path} is missing"
-        if path.stat().st_size != entry["size"]:
-            return f"{path} has {path.stat().st_size} bytes, the manifest says {entry['size']}"
-        if _sha256(path) != entry["sha256"]:
-            return f"{path} does not match its SHA-256 in the manifest"
-    _intact[folder.resolve()] = _file_stats(folder)
-    return None
+    return files_problem(folder, entries, "the manifest")
+
+
+def _set_aside(bad: Path) -> None:
+    """Renames a damaged checkpoint to ``invalid_<name>``, or ``invalid_<name>.<n>`` when an earlier damaged copy of
+    the same step (damaged again after a resume redid that step) already took that name."""
+    target, n = bad.with_name(f"invalid_{bad.name}"), 0
+    while target.exists():
+        n += 1
+        target = bad.with_name(f"invalid_{bad.name}.{n}")
+    bad.rename(target)
 
 
 def select_valid_checkpoint(directory: Path) -> Path | None:
@@ -142,7 +122,7 @@ def select_valid_checkpoint(directory: Path) -> Path | None:
         if problem is None:
             for bad, why in problems:
                 logger.warning("skipping damaged checkpoint %s (%s); resuming from %s", bad, why, folder)
-                bad.rename(bad.with_name(f"invalid_{bad.name}"))
+                _set_aside(bad)
             return folder
         problems.append((folder, problem))
     if problems:

@@ -89,6 +89,19 @@ def test_damage_is_named_and_resume_falls_back(tmp_path, caplog, name):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["invalid_step_000002", "step_000001"]
 
 
+def test_a_step_damaged_again_after_a_resume_is_set_aside_beside_the_first(tmp_path):
+    ckpt, model, state = manager(tmp_path)
+    train_and_save(ckpt, model, state, [1, 2])
+    truncate(tmp_path / "step_000002" / "model.safetensors")
+    assert select_valid_checkpoint(tmp_path) == tmp_path / "step_000001"
+    # The resumed run saves step 2 again, and that copy is damaged too: both damaged copies are kept.
+    train_and_save(ckpt, model, state, [2])
+    truncate(tmp_path / "step_000002" / "model.safetensors")
+    assert select_valid_checkpoint(tmp_path) == tmp_path / "step_000001"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["invalid_step_000002", "invalid_step_000002.1",
+                                                          "step_000001"]
+
+
 def test_no_valid_checkpoint_is_an_error_naming_each_file(tmp_path):
     ckpt, model, state = manager(tmp_path)
     train_and_save(ckpt, model, state, [1, 2])
