@@ -32,6 +32,7 @@ from rlhf_rrg.config import ConfigError, load_config, save_config
 from rlhf_rrg.data.annotation import DataError
 from rlhf_rrg.data.dataset import DataConfig, ReportDataset, build_dataset
 from rlhf_rrg.evaluation import most_common_report
+from rlhf_rrg.export.marker import export_id
 from rlhf_rrg.generate import CheckpointError, StudyImages, generate_for_studies, load_generator, write_jsonl
 from rlhf_rrg.runroot import EXPORT_MARKER, STAGES, StageDirs
 
@@ -228,7 +229,9 @@ def evaluate_run(
             )
         studies = [StudyImages(s.id, tuple(s.image_paths[: data.views])) for s in test.studies]
         rows = generate_for_studies(generator, studies, batch_size, max_new_tokens, num_beams)
-        extra = {"split": split, "export": str(export), "num_beams": num_beams, "max_new_tokens": max_new_tokens}
+        # The id ties the scores to this export: a model card shows them only while the export is the same.
+        extra = {"split": split, "export": str(export), "export_id": export_id(export), "num_beams": num_beams,
+                 "max_new_tokens": max_new_tokens}
         generated[stage] = evaluate_stage(
             stage, [r["report"] for r in rows], test, eval_root / stage, extra, device, data.resolved_cleaner
         )

@@ -17,9 +17,10 @@ from pathlib import Path
 
 from huggingface_hub import HfApi
 
-from rlhf_rrg.export.model_card import config_value, read_yaml, stage_lineage, write_model_card
+from rlhf_rrg.export.leaks import ExportLeakError, find_leaks
+from rlhf_rrg.export.model_card import config_value, read_yaml, write_model_card
 from rlhf_rrg.retrieval.context import CREDENTIALED_DATASETS
-from rlhf_rrg.runroot import EXPORT_MARKER
+from rlhf_rrg.runroot import EXPORT_MARKER, recorded_lineage
 
 HUB_IGNORE = ("adapter/*", EXPORT_MARKER)
 
@@ -32,22 +33,53 @@ def hub_files(export_dir: str | Path) -> list[str]:
 
 
 def check_publishable(export_dir: Path, allow_training_data: bool) -> None:
-    """Refuses an unfinished export, and one carrying credentialed training images/reports without consent.
+    """Refuses an unfinished export, and one carrying training images/reports of credentialed data, or of data its
+    marker does not record (fail closed), without consent.
 
     Raises:
         ValueError: naming the export and what to do.
     """
     if not (export_dir / EXPORT_MARKER).is_file() or not (export_dir / "config.json").is_file():
         raise ValueError(f"{export_dir} is not a finished export ({EXPORT_MARKER} or config.json missing)")
-    datasets = {config_value(config, "data.dataset") for _, config in stage_lineage(export_dir)}
-    credentialed = sorted(datasets & set(CREDENTIALED_DATASETS))
     mode = config_value(read_yaml(export_dir / "prompting" / "prompting.yaml"), "context.mode") or "none"
-    if credentialed and mode != "none" and not allow_training_data:
+    if mode == "none" or allow_training_data:
+        return
+    # The export's own record: configs of a run root may be gone, or belong to another run.
+    lineage = recorded_lineage(export_dir) or []
+    datasets = [config_value(entry.get("config") or {}, "data.dataset") for entry in lineage]
+    credentialed = sorted(set(datasets) & set(CREDENTIALED_DATASETS))
+    if credentialed:
         raise ValueError(
             f"{export_dir}/prompting holds {', '.join(credentialed)} training images (the retrieval context) and "
             "that data is credentialed: pass allow_training_data (--allow-training-data) only if its data use "
             "agreement lets you publish them"
         )
+    if not datasets or None in datasets:
+        raise ValueError(
+            f"{export_dir}/prompting holds training images (the retrieval context), and its {EXPORT_MARKER} does not "
+            "record the dataset of every stage that made it (marked by an older version, or started from weights "
+            "of unknown history): pass allow_training_data (--allow-training-data) only if you know that data may "
+            "be published"
+        )
+
+
+def prepare_upload(export_dir: Path, allow_training_data: bool) -> list[str]:
+    """Checks the export, rewrites its model card (picking up eval scores written since the export) and scans what
+    will be uploaded for leaks.
+
+    Returns:
+        The files to upload (:func:`hub_files`).
+
+    Raises:
+        ValueError: see :func:`check_publishable`; :class:`ExportLeakError` naming each file and finding.
+    """
+    check_publishable(export_dir, allow_training_data)
+    write_model_card(export_dir)
+    files = hub_files(export_dir)
+    leaks = find_leaks(export_dir, files)
+    if leaks:
+        raise ExportLeakError(f"{export_dir} would publish " + "; ".join(leaks))
+    return files
 
 
 def push_export(
@@ -58,7 +90,7 @@ def push_export(
     token: str | None = None,
     api: HfApi | None = None,
 ) -> str:
-    """Rewrites the model card (picking up eval scores written since the export) and uploads the export.
+    """Checks the export and its model card (:func:`prepare_upload`) and uploads it.
 
     Args:
         export_dir: a finished sft/ppo export.
@@ -72,8 +104,7 @@ def push_export(
         The commit URL the Hub answers with.
     """
     export_dir = Path(export_dir)
-    check_publishable(export_dir, allow_training_data)
-    write_model_card(export_dir)
+    prepare_upload(export_dir, allow_training_data)
     api = api if api is not None else HfApi(token=token)
     api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
     commit = api.upload_folder(
@@ -94,9 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.dry_run:
-            check_publishable(args.export, args.allow_training_data)
-            write_model_card(args.export)
-            sys.stdout.write("".join(f"{name}\n" for name in hub_files(args.export)))
+            files = prepare_upload(args.export, args.allow_training_data)
+            sys.stdout.write("".join(f"{name}\n" for name in files))
         else:
             sys.stdout.write(push_export(args.export, args.repo_id, not args.public, args.allow_training_data) + "\n")
     except ValueError as err:

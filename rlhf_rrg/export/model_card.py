@@ -1,9 +1,10 @@
 """The model card (``README.md``) of an export, written from the files a run leaves, never from memory.
 
 Sources, each optional except ``config.json``: the export's ``config.json`` (LLM and encoder), ``prompting/``
-(context retrieval, whether reports/images travel with it), the stage's resolved ``config.yaml`` beside the export
-(dataset, LLM, reward, algorithm) and, following ``run.init_from``, the configs of the stages before it under the same
-run root, and ``<run_root>/eval/<stage>/scores.json`` written by ``rlhf_rrg.evaluate_run`` (the eval table).
+(context retrieval, whether reports/images travel with it), the lineage its marker records (each stage's resolved
+config: dataset, LLM, reward, algorithm; for an export still being written, or marked before markers recorded it, the
+configs of its run root) and ``<run_root>/eval/<stage>/scores.json`` written by ``rlhf_rrg.evaluate_run`` (the eval
+table), shown only when those scores name this export's id: an earlier export of the stage left them otherwise.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from typing import Any
 
 import yaml
 
+from rlhf_rrg.export.marker import export_id
 from rlhf_rrg.retrieval.context import PromptTemplate, build_context_prompt
-from rlhf_rrg.runroot import STAGES
+from rlhf_rrg.runroot import export_lineage
 
 CARD_FILE = "README.md"
 
@@ -34,21 +36,9 @@ def config_value(data: Mapping[str, Any], dotted: str) -> Any:
 
 
 def stage_lineage(export_dir: Path) -> list[tuple[str, dict[str, Any]]]:
-    """``(stage, resolved config)`` from the first stage of the run to the one that wrote ``export_dir``.
-
-    The run layout is ``<run_root>/<stage>/{config.yaml, export/}``; a stage's ``run.init_from`` names the stage
-    before it (a folder outside the run root ends the chain).
-    """
-    chain: list[tuple[str, dict[str, Any]]] = []
-    stage_dir = export_dir.parent
-    while stage_dir.name in STAGES and (stage_dir / "config.yaml").is_file() and len(chain) < len(STAGES):
-        config = read_yaml(stage_dir / "config.yaml")
-        chain.append((stage_dir.name, config))
-        init = config_value(config, "run.init_from")
-        if init not in STAGES:
-            break
-        stage_dir = stage_dir.parent / init
-    return chain[::-1]
+    """``(stage, resolved config)`` from the first stage of the run to the one that wrote ``export_dir``
+    (:func:`rlhf_rrg.runroot.export_lineage`; weights of unknown history are left out, a missing config is empty)."""
+    return [(entry["stage"], entry.get("config") or {}) for entry in export_lineage(export_dir) if entry.get("stage")]
 
 
 def _describe_stage(stage: str, config: Mapping[str, Any]) -> str:
@@ -113,6 +103,21 @@ def _prompting_section(export_dir: Path) -> str:
     )
 
 
+def _evaluation_section(export_dir: Path, stage: str | None) -> str:
+    """The eval table of ``<run_root>/eval/<stage>/scores.json`` when its ``export_id`` is this export's."""
+    run_root = export_dir.parent.parent
+    scores_path = run_root / "eval" / stage / "scores.json" if stage else None
+    scores = json.loads(scores_path.read_text()) if scores_path is not None and scores_path.is_file() else {}
+    table = _eval_table(_flat(scores))
+    if not table:
+        return "No evaluation recorded yet (run `python -m rlhf_rrg.evaluate_run`).\n"
+    shown = scores_path.relative_to(run_root)
+    if scores.get("export_id") is None or scores["export_id"] != export_id(export_dir):
+        return (f"No evaluation of this export yet: {shown} holds the scores of another export of the stage "
+                "(run `python -m rlhf_rrg.evaluate_run`).\n")
+    return f"Scores from `rlhf_rrg.evaluate_run` ({shown}):\n\n{table}"
+
+
 def render_model_card(export_dir: str | Path) -> str:
     """The card's Markdown (with Hub YAML metadata) for the export in ``export_dir``."""
     export_dir = Path(export_dir)
@@ -120,9 +125,6 @@ def render_model_card(export_dir: str | Path) -> str:
     vision = json.loads((export_dir / "config.json").read_text())["vision_config"]
     stage = lineage[-1][0] if lineage else None
     datasets = sorted({str(config_value(c, "data.dataset")) for _, c in lineage if config_value(c, "data.dataset")})
-    scores_path = export_dir.parent.parent / "eval" / stage / "scores.json" if stage else None
-    scores = json.loads(scores_path.read_text()) if scores_path is not None and scores_path.is_file() else {}
-    table = _eval_table(_flat(scores))
     settings = read_yaml(export_dir / "prompting" / "prompting.yaml")
     template = PromptTemplate(**(config_value(settings, "context.template") or {}))
     prompt = build_context_prompt([], [], None, template, num_query_images=config_value(settings, "views") or 1)
@@ -140,8 +142,7 @@ def render_model_card(export_dir: str | Path) -> str:
         "## Training stages", "",
         *([_describe_stage(s, c) for s, c in lineage] or ["Not recorded (no stage config beside the export)."]), "",
         "## Evaluation", "",
-        (f"Scores from `rlhf_rrg.evaluate_run` ({scores_path.relative_to(export_dir.parent.parent)}):\n\n"
-         + table) if table else "No evaluation recorded yet (run `python -m rlhf_rrg.evaluate_run`).\n",
+        _evaluation_section(export_dir, stage),
         "## Prompting", "", _prompting_section(export_dir),
         "## Use with transformers", "",
         "```python",

@@ -58,7 +58,7 @@ def _write_run(root: Path) -> Path:
     (data / "annotation.json").write_text(json.dumps(annotation))
     run = root / "run"
     (run / "sft" / "export").mkdir(parents=True)
-    (run / "sft" / "export" / EXPORT_MARKER).write_text("{}")
+    (run / "sft" / "export" / EXPORT_MARKER).write_text(json.dumps({"export_id": "sft-1"}))
     data_section = {
         "dataset": "iu_xray",
         "annotation_path": str(data / "annotation.json"),
@@ -115,6 +115,7 @@ def test_majority_and_sft_outputs(run_root: Path, capsys: pytest.CaptureFixture[
     assert scores["scores"]["ce/micro_precision_14"] == pytest.approx(1 / 3)
     assert scores["scores"]["ce/micro_recall_14"] == pytest.approx(1 / 3)
     assert scores["n"] == 3 and scores["split"] == "test" and scores["export"].endswith("sft/export")
+    assert scores["export_id"] == "sft-1"  # ties the scores to the export for its model card
 
     table = (run_root / "eval" / "table.md").read_text()
     assert table == capsys.readouterr().out

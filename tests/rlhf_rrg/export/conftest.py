@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from rlhf_rrg.export.marker import export_id
 from rlhf_rrg.models.generator import PromptingConfig, ReportGenerator
 from rlhf_rrg.runroot import mark_export_complete
 from rlhf_rrg.testing.tiny_models import tiny_rrg
@@ -21,7 +22,8 @@ SCORES = {"stage": "ppo", "n": 3, "scores": {"bleu_4": 0.125, "ce/micro_f1_14": 
 
 @pytest.fixture(scope="module")
 def make_run(tmp_path_factory):
-    """``make_run(dataset)`` -> run root with sft and ppo exports of one tiny generator and ppo eval scores."""
+    """``make_run(dataset)`` -> run root with sft and ppo exports of one tiny generator and ppo eval scores (of that
+    ppo export, as ``rlhf_rrg.evaluate_run`` writes them)."""
     template = tmp_path_factory.mktemp("template")
     torch.manual_seed(0)
     tiny = tiny_rrg(template)
@@ -40,7 +42,8 @@ def make_run(tmp_path_factory):
             shutil.copytree(template / stage, run / stage / "export")
             mark_export_complete(run / stage / "export", {"stage": stage})
         (run / "eval" / "ppo").mkdir(parents=True)
-        (run / "eval" / "ppo" / "scores.json").write_text(json.dumps(SCORES))
+        scores = {**SCORES, "export_id": export_id(run / "ppo" / "export")}
+        (run / "eval" / "ppo" / "scores.json").write_text(json.dumps(scores))
         return run
 
     return make

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import json
+import shutil
 
 import pytest
 import yaml
@@ -44,13 +46,17 @@ def test_push_uploads_the_export_with_its_card_and_code(make_run):
     assert "scores/bleu_4" in (export / "README.md").read_text()  # the card was rewritten with the eval table
 
 
-def test_refuses_unfinished_exports_and_credentialed_context(make_run, capsys):
-    run = make_run("mimic_cxr")
-    export = run / "sft" / "export"
+def _with_retrieved_context(export):
     settings = export / "prompting" / "prompting.yaml"
     prompting = yaml.safe_load(settings.read_text())
     prompting["context"]["mode"] = "retrieved"
     settings.write_text(yaml.safe_dump(prompting))
+    return export
+
+
+def test_refuses_unfinished_exports_and_credentialed_context(make_run, capsys):
+    run = make_run("mimic_cxr")
+    export = _with_retrieved_context(run / "sft" / "export")
     with pytest.raises(ValueError, match="mimic_cxr training images .* credentialed"):
         push_export(export, "user/rrg", api=StubApi())
     api = StubApi()
@@ -65,3 +71,33 @@ def test_dry_run_lists_the_files(make_run, capsys):
     export = make_run("iu_xray") / "sft" / "export"
     assert main([str(export), "user/rrg", "--dry-run"]) == 0
     assert capsys.readouterr().out.split() == hub_files(export)
+
+
+def test_an_export_copied_out_of_its_run_still_says_its_data_is_credentialed(make_run, tmp_path):
+    run = make_run("mimic_cxr")
+    copy = tmp_path / "shared" / "export"
+    shutil.copytree(_with_retrieved_context(run / "ppo" / "export"), copy)
+    shutil.rmtree(run)  # no run root, no config.yaml: the export's own record is all there is
+    with pytest.raises(ValueError, match="mimic_cxr training images .* credentialed"):
+        push_export(copy, "user/rrg", api=StubApi())
+
+
+def test_an_export_that_records_no_data_source_is_refused_without_consent(make_run):
+    export = _with_retrieved_context(make_run("iu_xray") / "sft" / "export")
+    (export / EXPORT_MARKER).write_text(json.dumps({"stage": "sft"}))  # marked before markers recorded lineage
+    with pytest.raises(ValueError, match="does not record the dataset of every stage.*--allow-training-data"):
+        push_export(export, "user/rrg", api=StubApi())
+    api = StubApi()
+    push_export(export, "user/rrg", allow_training_data=True, api=api)
+    assert [call[0] for call in api.calls] == ["create_repo", "upload_folder"]
+
+
+def test_refuses_to_publish_a_machine_path(make_run, capsys):
+    export = make_run("iu_xray") / "ppo" / "export"
+    config = json.loads((export / "config.json").read_text())
+    config["vision_config"]["_name_or_path"] = "/home/alice/runs/demo/align/export/vision"
+    (export / "config.json").write_text(json.dumps(config))
+    assert main([str(export), "user/rrg", "--dry-run"]) == 2
+    assert "config.json: path '/home/alice/runs/demo/align/export/vision'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="would publish config.json: path"):
+        push_export(export, "user/rrg", api=StubApi())

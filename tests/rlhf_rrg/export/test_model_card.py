@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import yaml
+from safetensors.torch import load_file, save_file
 
 from rlhf_rrg.export.model_card import render_model_card, stage_lineage
 from rlhf_rrg.retrieval.context import PromptTemplate, build_context_prompt
+from rlhf_rrg.runroot import EXPORT_MARKER, writing_export
 
 
 def test_card_describes_the_run(make_run):
@@ -29,8 +32,37 @@ def test_card_describes_the_run(make_run):
     assert "trust_remote_code=True" in card
 
 
-def test_card_without_run_files_still_names_the_model(make_run, tmp_path):
+def test_card_of_an_export_copied_out_of_its_run_reads_its_marker(make_run, tmp_path):
+    run = make_run("iu_xray")
+    copy = tmp_path / "shared" / "export"
+    shutil.copytree(run / "ppo" / "export", copy)
+    shutil.rmtree(run)
+    card = render_model_card(copy)
+    assert "**Data**: `iu_xray`" in card and "`Qwen2.5-1.5B-Instruct` (llama" in card
+    assert "- **sft** on `iu_xray`: LLM qwen2.5-1.5b" in card and "- **ppo** on `iu_xray`: algorithm ppo" in card
+    assert "No evaluation recorded yet" in card
+
+
+def test_card_without_any_record_still_names_the_model(make_run):
     export = make_run("iu_xray") / "sft" / "export"
     (export.parent / "config.yaml").unlink()
+    (export / EXPORT_MARKER).write_text(json.dumps({"stage": "sft"}))  # marked before markers recorded lineage
     card = render_model_card(export)
-    assert "Not recorded" in card and "No evaluation recorded yet" in card and "(llama, 2 layers" in card
+    assert "**Data**: not recorded" in card and "No evaluation recorded yet" in card and "(llama, 2 layers" in card
+
+
+def test_card_shows_only_the_scores_of_its_own_export(make_run):
+    run = make_run("iu_xray")
+    export, scores_path = run / "ppo" / "export", run / "eval" / "ppo" / "scores.json"
+    assert "| scores/bleu_4 | 0.1250 |" in render_model_card(export)
+    # A new ppo export (--run.overwrite clears ppo/ only) meets the scores of the previous model.
+    with writing_export(export, {"stage": "ppo"}) as out:
+        shutil.copytree(export, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns(EXPORT_MARKER))
+        weights = {name: tensor + 1 for name, tensor in load_file(out / "model.safetensors").items()}
+        save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    card = render_model_card(export)
+    assert "scores/bleu_4" not in card and "eval/ppo/scores.json holds the scores of another export" in card
+    scores = json.loads(scores_path.read_text())
+    del scores["export_id"]  # written before scores named their export
+    scores_path.write_text(json.dumps(scores))
+    assert "scores/bleu_4" not in render_model_card(export)

@@ -19,6 +19,7 @@ from rlhf_rrg.models.rrg import (
     save_rrg,
 )
 from rlhf_rrg.optim import OptimConfig, build_optimizer, module_prefix
+from rlhf_rrg.runroot import DamagedExportError, writing_export
 from rlhf_rrg.testing.tiny_models import TINY_PROMPT, TINY_REPORTS, tiny_rrg
 
 
@@ -144,19 +145,19 @@ def test_save_load_round_trip_gives_identical_logits(tmp_path):
         torch.testing.assert_close(loaded(**batch).logits, expected, rtol=1e-5, atol=1e-5)
     assert loaded.generation_config.suppress_tokens == [processor.image_token_id]
 
-    # The adapter names a base that exists (saved beside it: no folder held this in-memory assembly) and rebuilds
-    # the merged model on it.
+    # The adapter names, relative to itself, a base that exists (saved beside it: no folder held this in-memory
+    # assembly) and rebuilds the merged model on it.
     base = json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
-    assert base == str((out / "adapter" / "base").resolve())
-    rebuilt = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base), out / "adapter").eval()
+    assert base == "base"
+    rebuilt = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(out / "adapter" / base),
+                                        out / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(**batch).logits, expected, rtol=1e-5, atol=1e-5)
 
     # A LoRA on weights loaded from a folder (RL on an SFT export) names that folder and saves no copy.
     again = save_rrg(apply_lora(load_rrg(out)[0], tiny.config), processor, tmp_path / "rl_export")
-    assert json.loads((again / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
-        out.resolve()
-    )
+    base = json.loads((again / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == "../../export" and (again / "adapter" / base).resolve() == out.resolve()
     assert not (again / "adapter" / "base").exists()
 
 
@@ -170,6 +171,17 @@ def test_load_is_strict(tmp_path):
     save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(RuntimeError, match="does not match"):
         load_rrg(out)
+
+
+def test_a_damaged_export_is_named_before_loading(tmp_path):
+    tiny = tiny_rrg(tmp_path)
+    export = tmp_path / "sft" / "export"
+    with writing_export(export, {"stage": "sft"}) as out:
+        save_rrg(tiny.model, tiny.processor, out)
+    weights = export / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # damaged after it was marked complete
+    with pytest.raises(DamagedExportError, match=rf"export {export} is damaged: {weights} has 100 bytes"):
+        load_rrg(export)
 
 
 def test_pretrained_llm_is_grafted_and_embeddings_resized(tmp_path):
