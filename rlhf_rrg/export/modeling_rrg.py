@@ -56,16 +56,20 @@ class RRGLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         # Imported here: plain ``generate`` needs none of the prompting code (or its dependencies, e.g. peft).
         from rlhf_rrg.models.generator import ReportGenerator
 
-        if self.__dict__.get("_report_generator") is None:
-            export = Path(export_dir) if export_dir is not None else Path(self.name_or_path)
-            if not export.is_dir():
+        export = Path(export_dir) if export_dir is not None else Path(self.name_or_path)
+        cached = self.__dict__.get("_report_generator")
+        if cached is None or cached[0] != (export, id(processor)):
+            source = export
+            if not source.is_dir():
                 from huggingface_hub import snapshot_download
 
-                export = Path(snapshot_download(self.name_or_path, allow_patterns=["prompting/*"]))
-            # Kept out of the module tree (a plain attribute): the wrapper holds this model, and built once since it
-            # hooks the projector for residual context.
-            self.__dict__["_report_generator"] = ReportGenerator.with_prompting(self, processor, export)
-        generator = self.__dict__["_report_generator"]
+                source = Path(snapshot_download(self.name_or_path, allow_patterns=["prompting/*"]))
+            # Built once per export and processor (it loads the memory bank); a plain attribute, out of the module
+            # tree, since the wrapper holds this model. It hooks nothing outside its own calls, so ``generate``
+            # before or after this call sees the model as the user left it.
+            self.__dict__["_report_generator"] = ((export, id(processor)),
+                                                  ReportGenerator.with_prompting(self, processor, source))
+        generator = self.__dict__["_report_generator"][1]
         if not isinstance(images, torch.Tensor):
             studies = [study if isinstance(study, (list, tuple)) else [study] for study in images]
             images = torch.stack([torch.stack([processor.preprocess_image(v) for v in views]) for views in studies])

@@ -9,6 +9,7 @@ from an export, so a study is prompted identically everywhere.
 from __future__ import annotations
 
 import json
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from rlhf_rrg.config import load_config, save_config
 from rlhf_rrg.export.model_card import write_model_card
 from rlhf_rrg.losses.finding_weighted import finding_spans, token_weights, weighted_lm_loss
 from rlhf_rrg.losses.self_refine import SelfRefineConfig, self_refining_loss, serpent_refining_loss
+from rlhf_rrg.models.chat_prompt import ChatTemplateSetting, use_chat_template
 from rlhf_rrg.models.disease_clues import (
     DiseaseClueConfig,
     DiseaseClueHead,
@@ -30,7 +32,7 @@ from rlhf_rrg.models.disease_clues import (
     clue_texts,
 )
 from rlhf_rrg.models.processor import RRGProcessor
-from rlhf_rrg.models.residual_context import attach_residual_context
+from rlhf_rrg.models.residual_context import projector_of, residual_context_hook
 from rlhf_rrg.models.rrg import generate_response_ids, load_rrg, save_rrg, to_model_device
 from rlhf_rrg.models.text_encoder import pool_hidden_states
 from rlhf_rrg.models.vision_features import VisionFeatures
@@ -50,10 +52,14 @@ class PromptingConfig:
     clues: DiseaseClueConfig = field(default_factory=DiseaseClueConfig, metadata={"help": "TRRG disease clues"})
     views: int = field(default=1, metadata={"help": "query images per study"})
     max_report_tokens: int = field(default=128, metadata={"help": "report tokens kept for teacher forcing"})
+    chat_template: ChatTemplateSetting = field(default="auto", metadata={
+        "help": "prompt as a user turn of the LLM's chat template (instruct LLMs); auto: when its tokenizer has one"})
 
     def __post_init__(self) -> None:
         if self.views < 1:
             raise ValueError(f"prompting.views must be >= 1, got {self.views}")
+        if not (self.chat_template == "auto" or isinstance(self.chat_template, bool)):
+            raise ValueError(f"prompting.chat_template must be auto, true or false, got {self.chat_template!r}")
 
 
 def _finding_weights(offsets: list[list[tuple[int, int]]], reports: list[str], labels: torch.Tensor,
@@ -69,7 +75,7 @@ def _finding_weights(offsets: list[list[tuple[int, int]]], reports: list[str], l
 class ReportGenerator(nn.Module):
     """Args:
     model: the LLaVA report generator (``LlavaForConditionalGeneration`` or its ``PeftModel``).
-    processor: its processor.
+    processor: its processor; its prompt format is set from ``prompting.chat_template``.
     prompting: prompt settings.
     retriever: context retriever; required unless ``prompting.context.mode == "none"``.
     clue_head: TRRG head; required when ``prompting.clues.enabled``.
@@ -90,9 +96,20 @@ class ReportGenerator(nn.Module):
             raise ValueError("clues.enabled needs a clue head, and a clue head needs clues.enabled")
         self.model, self.clue_head = model, clue_head
         self.processor, self.prompting, self.retriever = processor, prompting, retriever
-        if retriever is not None and prompting.context.residual:
-            attach_residual_context(self._llava.model.multi_modal_projector, retriever.num_context_images,
-                                    prompting.views)
+        # An export's processor already has the format its prompting resolves to ("auto" reads the same template).
+        processor.set_chat_prompts(use_chat_template(prompting.chat_template, processor.tokenizer))
+
+    def prompt_hooks(self, model: nn.Module | None = None) -> AbstractContextManager[None]:
+        """Within the block, ``model`` (default: this generator's; RL's frozen reference copy also needs it) reads
+        image features laid out as this generator's prompts: R2GenCSR residual context when
+        ``prompting.context.residual``. :meth:`forward` and :meth:`generate_batch` enter it themselves; code that
+        calls ``self.model`` directly on prompt inputs (RL rollouts and updates) must. Outside, the model is exactly
+        as it was given: a plain ``generate`` on the study's own images is never regrouped.
+        """
+        if self.retriever is None or not self.prompting.context.residual:
+            return nullcontext()
+        return residual_context_hook(projector_of(model if model is not None else self.model),
+                                     self.retriever.num_context_images, self.prompting.views)
 
     # ----------------------------------------------------------------------------------------------- pieces
     @property
@@ -194,7 +211,8 @@ class ReportGenerator(nn.Module):
         labels = inputs.pop("labels") if weighted else inputs["labels"]
         refine = self_refine is not None and self_refine.weight > 0
         serpent = refine and self_refine.formulation == "serpent"
-        out = self.model(**inputs, output_hidden_states=refine, output_attentions=serpent)
+        with self.prompt_hooks():
+            out = self.model(**inputs, output_hidden_states=refine, output_attentions=serpent)
         lm_loss = out.loss if weights is None else weighted_lm_loss(out.logits, labels, weights.to(labels.device))
         loss, metrics = lm_loss * (self_refine.report_weight if refine else 1.0), {"lm_loss": lm_loss.item()}
         if clue_logits is not None:
@@ -251,8 +269,10 @@ class ReportGenerator(nn.Module):
     def generate_batch(self, batch: dict[str, Any], max_new_tokens: int = 100, num_beams: int = 1,
                        do_sample: bool = False) -> list[str]:
         """Reports for a batch from ``collate_context`` (or one passed through :meth:`attach_context`)."""
-        ids = generate_response_ids(self.model, self.processor, self.generation_inputs(batch),
-                                    max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample)
+        inputs = self.generation_inputs(batch)
+        with self.prompt_hooks():
+            ids = generate_response_ids(self.model, self.processor, inputs, max_new_tokens=max_new_tokens,
+                                        num_beams=num_beams, do_sample=do_sample)
         return self.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
     # ----------------------------------------------------------------------------------------------- export
@@ -282,11 +302,13 @@ class ReportGenerator(nn.Module):
         """
         cls._check_export(Path(path))
         model, processor = load_rrg(path, device)
-        return cls.with_prompting(model, processor, path)
+        return cls.with_prompting(model, processor, path).eval()
 
     @classmethod
     def with_prompting(cls, model: nn.Module, processor: RRGProcessor, path: str | Path) -> ReportGenerator:
         """Wraps an export's already loaded model and processor (e.g. by plain transformers) with its ``prompting/``.
+
+        The generator's own parts are set to inference; ``model`` is left as given (its train/eval mode included).
 
         Raises:
             FileNotFoundError: naming the export folder and the file it lacks.
@@ -300,8 +322,10 @@ class ReportGenerator(nn.Module):
             meta = json.loads((path / _PROMPTING_DIR / "clue_head.json").read_text())
             clue_head = DiseaseClueHead(meta["in_dim"], prompting.clues.hidden_dim, prompting.clues.dropout)
             clue_head.load_state_dict(load_file(path / _PROMPTING_DIR / _CLUE_HEAD_FILE))
-            clue_head.to(next(model.parameters()).device)
-        return cls(model, processor, prompting, retriever, clue_head).eval()
+            clue_head.to(next(model.parameters()).device).eval()
+        generator = cls(model, processor, prompting, retriever, clue_head)
+        generator.training = False  # not .eval(): that would recurse into the caller's model
+        return generator
 
     @staticmethod
     def _check_export(path: Path) -> None:

@@ -6,9 +6,11 @@ with ``processor.apply_chat_template`` (image blocks filled from the dataset's `
 ``processor(images=..., text=..., padding=True, return_tensors="pt")`` for the training forward and
 suppress ``model.config.image_token_id`` during generation.
 
-Prompt format (no chat roles, the same for SFT, our RL loops and TRL): one ``<image>`` placeholder
-per view, then the instruction text, then a newline; the report follows and ends with eos. Each
-placeholder is expanded into ``num_image_tokens`` copies, one per projected patch feature.
+Prompt format (the same for SFT, our RL loops, TRL and plain ``generate``): plain, one ``<image>``
+placeholder per view, then the instruction text, then a newline; or, with ``chat_prompts`` (instruct LLMs, see
+:mod:`rlhf_rrg.models.chat_prompt`), that text without the newline as a user turn of the LLM's chat template
+followed by its generation prompt. The report follows and ends with eos. Each placeholder is expanded into
+``num_image_tokens`` copies, one per projected patch feature.
 """
 
 from __future__ import annotations
@@ -23,24 +25,12 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import BatchFeature, PreTrainedTokenizerBase, ProcessorMixin
 
+from rlhf_rrg.models.chat_prompt import PLAIN_CHAT_TEMPLATE, chat_prompt_template, own_chat_template
 from rlhf_rrg.models.tokenizer import IMAGE_TOKEN
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-
-# Renders each turn's content in order (an image block as the image token), then "\n" after a user/system turn
-# and eos after an assistant turn: blocks split at a prompt's placeholders render back to the plain prompt.
-PLAIN_CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
-    "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' -%}{{ image_token }}"
-    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{%- if message['role'] == 'assistant' -%}{{ eos_token }}{%- else -%}{{ '\\n' }}{%- endif -%}"
-    "{%- endfor -%}"
-)
 
 ImageInput = Image.Image | torch.Tensor
 
@@ -55,7 +45,9 @@ class RRGProcessor(ProcessorMixin):
         image_mean: per-channel mean used to normalise PIL images.
         image_std: per-channel std used to normalise PIL images.
         image_token: the placeholder string.
-        chat_template: Jinja template for ``apply_chat_template``; defaults to the plain prompt format.
+        chat_template: Jinja template for ``apply_chat_template``; defaults to the plain prompt format, or with
+            ``chat_prompts`` to the tokenizer's own template.
+        chat_prompts: prompts are a user turn of the LLM's chat template (see :meth:`set_chat_prompts`).
     """
 
     def __init__(
@@ -67,6 +59,7 @@ class RRGProcessor(ProcessorMixin):
         image_std: Sequence[float] = (0.5, 0.5, 0.5),
         image_token: str = IMAGE_TOKEN,
         chat_template: str | None = None,
+        chat_prompts: bool = False,
     ) -> None:
         if image_size <= 0:
             raise ValueError(f"image_size must be positive, got {image_size}")
@@ -83,6 +76,25 @@ class RRGProcessor(ProcessorMixin):
         self.image_token = image_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         super().__init__(tokenizer, chat_template=chat_template or PLAIN_CHAT_TEMPLATE)
+        self.chat_prompts = False
+        if chat_prompts:
+            self.set_chat_prompts(True, chat_template)
+
+    def set_chat_prompts(self, enabled: bool, template: str | None = None) -> None:
+        """Switches the prompt format: a user turn of ``template`` (default: the tokenizer's own chat template) with
+        the generation prompt after it, or the plain format. Saved with the processor.
+
+        Raises:
+            ValueError: ``enabled`` without a chat template.
+        """
+        if enabled:
+            template = template or own_chat_template(self.tokenizer)
+            if template is None:
+                raise ValueError("chat prompts need a chat template, and the tokenizer has none")
+            self.chat_template = chat_prompt_template(template)
+        elif self.chat_prompts:
+            self.chat_template = PLAIN_CHAT_TEMPLATE
+        self.chat_prompts = enabled
 
     @property
     def model_input_names(self) -> list[str]:
@@ -94,17 +106,21 @@ class RRGProcessor(ProcessorMixin):
         return super().apply_chat_template(conversation, *args, **kwargs)
 
     def format_prompt(self, text: str, num_images: int = 1) -> str:
-        """The plain prompt: ``num_images`` placeholders (unless ``text`` already places them), text, newline.
+        """The prompt string: ``num_images`` placeholders (unless ``text`` already places them) and text, followed by
+        a newline, or with ``chat_prompts`` as a user turn of the chat template with its generation prompt.
 
         Raises:
             ValueError: if ``text`` contains placeholders but not exactly ``num_images`` of them.
         """
         placed = text.count(self.image_token)
-        if placed == 0:
-            return self.image_token * num_images + text + "\n"
-        if placed != num_images:
+        if placed and placed != num_images:
             raise ValueError(f"prompt places {placed} {self.image_token} tokens but {num_images} images were given")
-        return text + "\n"
+        content = text if placed else self.image_token * num_images + text
+        if not self.chat_prompts:
+            return content + "\n"
+        # The processor's own rendering: TRL's conversational prompts come out token for token the same.
+        return self.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                        add_generation_prompt=True)
 
     def preprocess_image(self, image: ImageInput) -> torch.Tensor:
         """One image as the encoder's input, shape ``(3, image_size, image_size)``.
@@ -164,7 +180,8 @@ class RRGProcessor(ProcessorMixin):
             text: one string or a batch of strings in the plain prompt format.
             padding: passed to the tokenizer (its ``padding_side`` applies).
             return_tensors: ``"pt"`` for padded tensors, None for lists of ids.
-            **kwargs: other tokenizer arguments (``add_special_tokens``, ``padding_side``, ...).
+            **kwargs: other tokenizer arguments (``add_special_tokens``, ``padding_side``, ...); special tokens are
+                added by default only to plain prompts (a chat template writes its own).
 
         Returns:
             ``input_ids``, ``attention_mask`` and, when images are given, ``pixel_values`` as a float tensor
@@ -181,6 +198,7 @@ class RRGProcessor(ProcessorMixin):
         if n_placeholders != len(flat_images):
             raise ValueError(f"found {n_placeholders} {self.image_token} placeholders but {len(flat_images)} images")
         expanded = [t.replace(self.image_token, self.image_token * self.num_image_tokens) for t in texts]
+        kwargs.setdefault("add_special_tokens", not self.chat_prompts)
         encoded = self.tokenizer(expanded, padding=padding, return_tensors=return_tensors, **kwargs)
         data = dict(encoded)
         if flat_images:
@@ -190,7 +208,7 @@ class RRGProcessor(ProcessorMixin):
     def _prompt_ids(self, prompts: Sequence[str], num_images: int) -> list[list[int]]:
         texts = [self.format_prompt(p, num_images) for p in prompts]
         expanded = [t.replace(self.image_token, self.image_token * self.num_image_tokens) for t in texts]
-        return self.tokenizer(expanded, add_special_tokens=True)["input_ids"]
+        return self.tokenizer(expanded, add_special_tokens=not self.chat_prompts)["input_ids"]
 
     def _pixel_batch(self, pixel_values: torch.Tensor | Sequence[ImageInput], batch_size: int) -> torch.Tensor:
         """(B, 3, H, W), (B, V, 3, H, W) or B images -> (B * V, 3, H, W)."""
@@ -221,8 +239,9 @@ class RRGProcessor(ProcessorMixin):
     ) -> dict[str, Any]:
         """Teacher-forcing batch: prompt tokens and image placeholders are masked out of the labels.
 
-        Each row is ``[bos] <image>*num_image_tokens*V prompt "\\n" report [eos]``, right-padded; labels
-        equal input_ids on the report and eos and are ``-100`` elsewhere (the model shifts them).
+        Each row is the :meth:`format_prompt` prompt (plain: ``[bos] <image>*num_image_tokens*V prompt "\\n"``;
+        chat: up to the assistant turn's start), then ``report [eos]``, right-padded; labels equal input_ids on the
+        report and eos and are ``-100`` elsewhere (the model shifts them).
 
         Args:
             prompts: B instruction texts (may contain retrieved context; placeholders are prepended).

@@ -4,17 +4,18 @@ R2GenCSR feeds the LLM, in place of each retrieved sample's features, their diff
 features, so the context tells the model how the query departs from a normal and an abnormal example rather than
 repeating those examples. It is applied as a forward pre-hook on LLaVA's ``multi_modal_projector``, whose input is
 every image's selected encoder features in prompt order, so the model stays a stock ``LlavaForConditionalGeneration``
-(saves, loads and trains through TRL unchanged) and the hook is re-attached from the prompting settings on load.
+(saves, loads and trains through TRL unchanged). The hook lives only inside :func:`residual_context_hook`'s block:
+a permanent one would also regroup the images of every later plain ``generate`` call, which carry no context.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 
 def residual_context(features: torch.Tensor, num_context: int, num_query: int) -> torch.Tensor:
@@ -39,15 +40,36 @@ def residual_context(features: torch.Tensor, num_context: int, num_query: int) -
     return torch.cat([context, query], dim=1).reshape(features.shape)
 
 
+def projector_of(model: nn.Module) -> nn.Module:
+    """LLaVA's ``multi_modal_projector`` of a report generator, plain or wrapped by PEFT (then its
+    ``modules_to_save`` wrapper, which routes to the trained or, with the adapter disabled, the original copy)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model.multi_modal_projector
+
+
 def _pre_hook(num_context: int, num_query: int) -> Callable[[nn.Module, tuple[Any, ...]], tuple[Any, ...]]:
     def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         return (residual_context(args[0], num_context, num_query), *args[1:])
 
+    hook.residual_context = True  # marks our hook, so a nested block does not apply the residual twice
     return hook
 
 
-def attach_residual_context(projector: nn.Module, num_context: int, num_query: int) -> RemovableHandle:
-    """Hooks ``projector`` (LLaVA's ``multi_modal_projector``) so its inputs become residual context features."""
+@contextmanager
+def residual_context_hook(projector: nn.Module, num_context: int, num_query: int) -> Iterator[None]:
+    """Within the block, ``projector``'s inputs become residual context features; the hook is removed on leaving
+    (on exceptions too). Inside a block already active on ``projector`` it adds nothing.
+
+    Raises:
+        ValueError: a count below 1.
+    """
     if num_context < 1 or num_query < 1:
         raise ValueError(f"residual context needs context and query images, got {num_context} and {num_query}")
-    return projector.register_forward_pre_hook(_pre_hook(num_context, num_query))
+    if any(getattr(h, "residual_context", False) for h in projector._forward_pre_hooks.values()):
+        yield
+        return
+    handle = projector.register_forward_pre_hook(_pre_hook(num_context, num_query))
+    try:
+        yield
+    finally:
+        handle.remove()

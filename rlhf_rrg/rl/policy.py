@@ -118,7 +118,8 @@ class PolicyWithValue(nn.Module):
         """
         out = {}
         if score_responses:
-            logits, hidden = _sequence_forward(self.generator.model, rollout, self.value_head is not None)
+            with self.generator.prompt_hooks():
+                logits, hidden = _sequence_forward(self.generator.model, rollout, self.value_head is not None)
             out["logprobs"] = _generation_logprobs(self.generator.model, logits, rollout.response_ids, temperature)
             if self.value_head is not None:
                 out["values"] = self.value_head(hidden)
@@ -155,7 +156,7 @@ class PolicyWithValue(nn.Module):
         dtype = generator.model.get_input_embeddings().weight.dtype
         device = generator.device
         inputs = {k: v.to(device, dtype) if k == "pixel_values" else v.to(device) for k, v in inputs.items()}
-        with replay_features(generator.model, features):
+        with replay_features(generator.model, features), generator.prompt_hooks():
             return generator.model(**inputs).loss
 
 
@@ -170,11 +171,14 @@ class ReferencePolicy:
         autocast: The mixed-precision context the policy's forward runs in (``accelerator.autocast``): a prepared
             policy is autocast under ``mixed_precision: bf16``, and the reference must be too, or the KL is not 0
             at step 0.
+        prompt_hooks: The policy's :meth:`ReportGenerator.prompt_hooks` (e.g. R2GenCSR residual context), entered
+            on the reference model for each forward; None when its prompts need none.
     """
 
     def __init__(self, model: nn.Module,
-                 autocast: Callable[[], AbstractContextManager[Any]] = nullcontext) -> None:
-        self._autocast = autocast
+                 autocast: Callable[[], AbstractContextManager[Any]] = nullcontext,
+                 prompt_hooks: Callable[[nn.Module], AbstractContextManager[Any]] | None = None) -> None:
+        self._autocast, self._prompt_hooks = autocast, prompt_hooks
         self._live: PeftModel | None = model if isinstance(model, PeftModel) else None
         self._copy: nn.Module | None = None
         if self._live is None:
@@ -187,6 +191,7 @@ class ReferencePolicy:
     def logprobs(self, rollout: Rollout, temperature: float = 1.0) -> torch.Tensor:
         """``(b, R)`` reference log-probs of the rollout's response tokens."""
         model = self._live if self._live is not None else self._copy
-        with self._context(), self._autocast():
+        hooks = self._prompt_hooks(model) if self._prompt_hooks is not None else nullcontext()
+        with self._context(), self._autocast(), hooks:
             logits, _ = _sequence_forward(model, rollout, output_hidden_states=False)
         return _generation_logprobs(model, logits, rollout.response_ids, temperature)

@@ -169,7 +169,7 @@ def generate_rollout(
         features = features.select(image_rows(rows, features.num_images // b))
     tokenizer = generator.processor.tokenizer
     sampling = {"temperature": temperature, "top_k": top_k} if do_sample else {}
-    with replay_features(generator.model, features):
+    with replay_features(generator.model, features), generator.prompt_hooks():
         response_ids = generate_response_ids(generator.model, generator.processor, inputs,
                                              max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=1,
                                              **sampling)

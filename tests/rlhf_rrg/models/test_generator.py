@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from rlhf_rrg.models.tokenizer import build_word_tokenizer
 from rlhf_rrg.probe import clue_predictions, clue_probabilities, study_features, tune_clue_thresholds
 from rlhf_rrg.retrieval.context import ContextConfig, PromptTemplate
 from rlhf_rrg.retrieval.retriever import ContextRetriever, dataset_neighbours
+from rlhf_rrg.testing.tiny_models import TINY_REPORTS, tiny_rrg
 
 SIZE = 64
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -204,10 +206,31 @@ def test_residual_context_survives_export(data_root, tmp_path):
     with torch.no_grad():
         reloaded, _ = loaded(batch)
     torch.testing.assert_close(reloaded, loss)
-    loaded._llava.model.multi_modal_projector._forward_pre_hooks.clear()
+    context = dataclasses.replace(loaded.prompting.context, residual=False)
+    plain = ReportGenerator(loaded.model, loaded.processor, dataclasses.replace(loaded.prompting, context=context),
+                            loaded.retriever, loaded.clue_head).eval()
     with torch.no_grad():
-        without, _ = loaded(batch)
+        without, _ = plain(batch)
     assert not torch.allclose(without, loss)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_residual_context_leaves_the_model_as_it_was_given(data_root, tmp_path, lora):
+    built = build(data_root, tmp_path, lora=lora, residual=True)
+    gen, batch = built.generator.eval(), first_batch(built)
+    projector = gen._llava.model.multi_modal_projector
+    # Two images: one whole prompt of the generator's layout (1 query view + 3 context images) would be 4, so a
+    # hook left behind would regroup (or reject) a plain call on the study's own images.
+    inputs = gen.processor.build_generation_batch(["x", "x"], batch["pixel_values"][:2])
+    with torch.no_grad():
+        before = gen.model(**inputs).logits
+        gen(batch)
+        gen.generate_batch(batch, max_new_tokens=3)
+        with pytest.raises(RuntimeError, match="boom"), gen.prompt_hooks():
+            assert projector._forward_pre_hooks  # active inside the block
+            raise RuntimeError("boom")
+        assert not projector._forward_pre_hooks
+        torch.testing.assert_close(gen.model(**inputs).logits, before, rtol=0, atol=0)
 
 
 def test_sft_loss_adds_clue_and_self_refine_terms(data_root, tmp_path):
@@ -419,3 +442,35 @@ def test_finding_weight_reaches_the_lm_loss(data_root, tmp_path):
     torch.testing.assert_close(same, plain)
     torch.testing.assert_close(weighted, weighted_lm_loss(logits, inputs["labels"], weights))
     assert not torch.isclose(weighted, plain) and metrics["lm_loss"] == pytest.approx(weighted.item())
+
+
+# An instruct LLM's kind of chat template, in the tiny vocabulary: BOS, the user turn closed by eos, then the
+# generation prompt (the assistant turn's start) after which SFT targets and generated reports come.
+CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ message['content'] }} {{ eos_token }} {% endfor %}"
+                 "{% if add_generation_prompt %}findings {% endif %}")
+
+
+@pytest.mark.parametrize("setting", ["auto", True, False])
+def test_chat_template_setting_formats_training_and_generation_and_survives_export(tmp_path, setting):
+    torch.manual_seed(0)
+    tiny = tiny_rrg(tmp_path)
+    tiny.tokenizer.chat_template = CHAT_TEMPLATE
+    gen = ReportGenerator(tiny.model, tiny.processor, PromptingConfig(chat_template=setting)).eval()
+    chat = setting is not False
+    assert gen.processor.chat_prompts is chat
+    pixels = torch.randn(2, 1, 3, SIZE, SIZE)
+    batch = {**gen.attach_context({"ids": ["a", "b"], "pixel_values": pixels}), "reports": list(TINY_REPORTS[:2]),
+             "labels": None}
+    prompts = gen.prompts(batch, None)
+    sft = gen.processor.build_sft_batch(prompts, batch["reports"], gen.images(batch))
+    start = gen.processor.tokenizer("findings", add_special_tokens=False)["input_ids"][0]
+    first_label = int((sft["labels"][0] != -100).nonzero()[0])
+    # Chat: the report is supervised right after the generation prompt, and generation starts from it too.
+    assert bool(sft["input_ids"][0, first_label - 1] == start) is chat
+    assert bool((gen.generation_inputs(batch)["input_ids"][:, -1] == start).all()) is chat
+    expected = gen.generate(pixels, max_new_tokens=6)
+    loaded = ReportGenerator.from_export(gen.save(tmp_path / "export"))
+    assert loaded.processor.chat_prompts is chat and loaded.prompting.chat_template == setting
+    assert loaded.generate(pixels, max_new_tokens=6) == expected
+    with pytest.raises(ValueError, match="chat_template must be auto, true or false"):
+        PromptingConfig(chat_template="yes")

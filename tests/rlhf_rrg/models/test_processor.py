@@ -88,3 +88,53 @@ def test_save_load_round_trip(processor, tmp_path):
     a = processor.build_sft_batch([PROMPT] * 2, REPORTS, pixels)
     b = loaded.build_sft_batch([PROMPT] * 2, REPORTS, pixels)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# A chat template in the style of instruct LLMs (BOS, a turn per message ending with eos, a generation prompt).
+CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ message['role'] }} says {{ message['content'] }} "
+                 "{{ eos_token }} {% endfor %}{% if add_generation_prompt %}assistant says {% endif %}")
+
+
+@pytest.fixture()
+def chat_processor():
+    tok = build_word_tokenizer([*REPORTS, PROMPT, "user assistant says"])
+    tok.chat_template = CHAT_TEMPLATE
+    return RRGProcessor(tok, image_size=8, num_image_tokens=3, chat_prompts=True)
+
+
+def test_chat_prompts_are_a_user_turn_and_sft_targets_follow_the_assistant_start(chat_processor):
+    tok, img = chat_processor.tokenizer, chat_processor.image_token_id
+    text = chat_processor.format_prompt(PROMPT)
+    assert text == tok.apply_chat_template([{"role": "user", "content": "<image>" + PROMPT}], tokenize=False,
+                                           add_generation_prompt=True)
+    batch = chat_processor.build_sft_batch([PROMPT], [REPORTS[0]], torch.zeros(1, 3, 8, 8))
+    # One BOS (the template's), the user turn with its expanded placeholder, the generation prompt, then the target.
+    prompt_part = [tok.bos_token_id, *_ids(chat_processor, "user says"), img, img, img, *_ids(chat_processor, PROMPT),
+                   tok.eos_token_id, *_ids(chat_processor, "assistant says")]
+    target = [*_ids(chat_processor, REPORTS[0]), tok.eos_token_id]
+    assert batch["input_ids"][0].tolist() == prompt_part + target
+    assert batch["labels"][0].tolist() == [IGNORE_INDEX] * len(prompt_part) + target
+    generation = chat_processor.build_generation_batch([PROMPT], torch.zeros(1, 3, 8, 8))
+    assert generation["input_ids"][0].tolist() == prompt_part
+    # What plain ``generate`` users and TRL's conversational prompts get: the same tokens.
+    image = Image.new("L", (8, 8))
+    assert chat_processor(images=image, text=text)["input_ids"][0] == prompt_part
+    conversation = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": PROMPT}]}]
+    assert chat_processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False) == text
+    out = chat_processor.apply_chat_template([conversation], add_generation_prompt=True, tokenize=True,
+                                             return_dict=True)
+    assert out["input_ids"] == [prompt_part]
+
+
+def test_chat_prompts_survive_save_and_load_and_switch_back(chat_processor, tmp_path):
+    chat_processor.save_pretrained(tmp_path)
+    loaded = RRGProcessor.from_pretrained(tmp_path)
+    assert loaded.chat_prompts and loaded.format_prompt(PROMPT) == chat_processor.format_prompt(PROMPT)
+    pixels = torch.randn(2, 3, 8, 8)
+    a = chat_processor.build_sft_batch([PROMPT] * 2, REPORTS, pixels)
+    b = loaded.build_sft_batch([PROMPT] * 2, REPORTS, pixels)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    loaded.set_chat_prompts(False)
+    assert loaded.format_prompt(PROMPT) == "<image>" + PROMPT + "\n"
+    with pytest.raises(ValueError, match="need a chat template"):
+        RRGProcessor(build_word_tokenizer(REPORTS), image_size=8, num_image_tokens=3, chat_prompts=True)

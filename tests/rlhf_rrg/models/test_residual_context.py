@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from rlhf_rrg.models.residual_context import attach_residual_context, residual_context
+from rlhf_rrg.models.residual_context import residual_context, residual_context_hook
 
 
 def test_context_slots_become_query_mean_minus_context():
@@ -24,17 +24,27 @@ def test_prompts_are_handled_independently():
 def test_bad_grouping_and_counts_raise():
     with pytest.raises(ValueError, match="do not split into prompts"):
         residual_context(torch.zeros(5, 1, 1), num_context=2, num_query=1)
-    with pytest.raises(ValueError, match="needs context and query images"):
-        attach_residual_context(nn.Identity(), num_context=0, num_query=1)
+    with pytest.raises(ValueError, match="needs context and query images"), \
+            residual_context_hook(nn.Identity(), num_context=0, num_query=1):
+        pass
 
 
-def test_hook_rewrites_the_projector_input_and_gradients_flow():
+def test_hook_rewrites_the_projector_input_only_inside_its_block_and_gradients_flow():
     projector = nn.Linear(2, 2, bias=False)
-    handle = attach_residual_context(projector, num_context=1, num_query=1)
     features = torch.randn(4, 3, 2, requires_grad=True)
-    out = projector(features)
+    with residual_context_hook(projector, num_context=1, num_query=1):
+        with residual_context_hook(projector, num_context=1, num_query=1):  # nested: the residual is taken once
+            out = projector(features)
+        torch.testing.assert_close(projector(features), out)
     torch.testing.assert_close(out[0], projector.forward(features[1] - features[0]))
     out.sum().backward()
     assert features.grad.abs().sum() > 0
-    handle.remove()
+    assert not projector._forward_pre_hooks
     torch.testing.assert_close(projector(features)[0], projector.forward(features[0]))
+
+
+def test_hook_is_removed_when_the_block_raises():
+    projector = nn.Linear(2, 2, bias=False)
+    with pytest.raises(ValueError, match="do not split"), residual_context_hook(projector, 2, 1):
+        projector(torch.zeros(4, 1, 2))  # 4 images are no whole number of 3-image prompts
+    assert not projector._forward_pre_hooks
