@@ -1,4 +1,13 @@
-"""What every stage does before its first step: accelerator, seed, stage-folder lock and checks, config, loggers."""
+"""What every stage does before its first step: accelerator, seed, stage-folder lock and checks, config, loggers;
+and its entry point, which reports user errors in one line.
+
+Under ``accelerate launch`` a stage runs as the launcher's child process, and accelerate 1.15's launcher raises
+(and prints the traceback of) a ``CalledProcessError`` for any nonzero exit of its child, the child's stderr tail
+included, unless it is started with ``--quiet`` (torchrun-based launches likewise print their ``ChildFailedError``):
+nothing a child does changes that. So a stage exits with its one line and status 2, and the scripts and the stage
+docstrings launch with ``accelerate launch --quiet``: it streams the child's output, adds nothing of its own and
+exits with status 1.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +15,26 @@ import atexit
 import importlib.util
 import logging
 import shutil
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from rlhf_rrg.checkpoint import latest_step, select_valid_checkpoint
-from rlhf_rrg.config import save_config, to_dict
+from rewards.weights import WeightsNotFoundError
+from rlhf_rrg.checkpoint import CheckpointError, latest_step, select_valid_checkpoint
+from rlhf_rrg.config import ConfigError, parse_stage_args, save_config, to_dict
+from rlhf_rrg.data.annotation import DataError
 from rlhf_rrg.distributed import check_world_size, seed_everything
 from rlhf_rrg.logging import BACKEND_PACKAGES, BACKENDS, TRACKING_EXTRA, MetricLogger, build_loggers
-from rlhf_rrg.runlock import LOCK_NAME, RunLock, exit_with_parent
-from rlhf_rrg.runroot import StageDirs
+from rlhf_rrg.runlock import LOCK_NAME, RunLock, RunLockedError, exit_with_parent
+from rlhf_rrg.runroot import MissingStageOutputError, StageDirs, WrongStageOutputError
+
+T = TypeVar("T")
 
 # Restored from the checkpoint (optimizer param groups, scheduler base lrs) whatever the config says, so a resume
 # that changes them would silently train with the old values: refused instead.
@@ -28,6 +43,27 @@ FIXED_ON_RESUME: tuple[str, ...] = ("lr", "weight_decay", "betas", "eps")
 
 class StageFolderError(RuntimeError):
     """The stage folder holds another run's outputs, or settings a resume cannot apply."""
+
+
+# Errors the user fixes by changing the command, the inputs or the run root, each message saying what: no traceback.
+USER_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError, DataError, MissingStageOutputError, WrongStageOutputError, StageFolderError, RunLockedError,
+    CheckpointError, WeightsNotFoundError,
+)
+
+
+def run_stage(main: Callable[[T], None], cls: type[T], description: str | None) -> None:
+    """A stage script's entry point: ``main`` on the command line parsed as ``cls`` (:func:`parse_stage_args`).
+
+    A user error (:data:`USER_ERRORS`), at parse time or once the stage runs, prints ``<script>: error: <message>``
+    on stderr and exits with status 2, argparse's usage status; anything else keeps its traceback (a bug).
+    """
+    cfg = parse_stage_args(cls, description)
+    try:
+        main(cfg)
+    except USER_ERRORS as err:
+        sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {err}\n")
+        raise SystemExit(2) from None
 
 
 def installed(package: str) -> bool:

@@ -13,7 +13,7 @@ RRG_HOME=${RRG_HOME:-$PWD/rrg_home}
 DATA=$RRG_HOME/data/synthetic
 RUN=$RRG_HOME/runs/demo
 DATA_ARGS=(--data.annotation_path "$DATA/annotation.json" --data.image_root "$DATA/images" --run.run_root "$RUN")
-LAUNCH=(accelerate launch --config_file accelerate_configs/cpu_debug.yaml)
+LAUNCH=(accelerate launch --quiet --config_file accelerate_configs/cpu_debug.yaml)
 
 if [ ! -f "$DATA/annotation.json" ]; then
   python -m rlhf_rrg.data.synthetic --out "$DATA" --n-train 1000 --n-val 100 --n-test 200 --image-size 64 --seed 0

@@ -7,9 +7,9 @@ with the best validation ``train.select_metric`` (default image->report Recall@5
 ``<run_root>/align/export/``: ``vision/`` (what ``sft`` loads as its vision tower), ``text/``, ``heads.safetensors``
 and, last, ``export_complete.json``.
 
-    accelerate launch --config_file accelerate_configs/cpu_debug.yaml stages/align.py \
+    accelerate launch --quiet --config_file accelerate_configs/cpu_debug.yaml stages/align.py \
         --config stages/configs/align/debug.yaml
-    accelerate launch --config_file accelerate_configs/multi_gpu.yaml stages/align.py \
+    accelerate launch --quiet --config_file accelerate_configs/multi_gpu.yaml stages/align.py \
         --config stages/configs/align/mimic_cxr.yaml --run.run_root $RRG_HOME/runs/mimic_cxr \
         --text.path $RRG_HOME/models/BiomedVLP-CXR-BERT-general
 """
@@ -23,7 +23,6 @@ import torch
 from torch.utils.data import DataLoader
 
 from rlhf_rrg.checkpoint import CheckpointConfig
-from rlhf_rrg.config import parse_stage_args
 from rlhf_rrg.data.collate import ReportTextCollator
 from rlhf_rrg.data.dataset import DataConfig, build_dataset, labels_tensor
 from rlhf_rrg.data.sampling import study_weights
@@ -35,7 +34,7 @@ from rlhf_rrg.optim import OptimConfig, build_optimizer, build_scheduler
 from rlhf_rrg.retrieval.alignment_eval import RetrievalEvalConfig, evaluate_retrieval
 from rlhf_rrg.retrieval.metrics import positive_findings
 from rlhf_rrg.runroot import resolve_init, writing_export
-from rlhf_rrg.stage_setup import RunConfig, setup_stage
+from rlhf_rrg.stage_setup import RunConfig, run_stage, setup_stage
 from rlhf_rrg.training import TrainConfig, fit, make_train_loader
 
 
@@ -138,4 +137,4 @@ def main(cfg: AlignStageConfig) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_stage_args(AlignStageConfig, __doc__))
+    run_stage(main, AlignStageConfig, __doc__)

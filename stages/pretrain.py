@@ -3,9 +3,9 @@
 The encoder reads clusters 1..K-1 of patches and a cross-attention decoder predicts the normalised pixels of
 clusters 2..K. The exported encoder (``<run_root>/pretrain/export``) is what ``align`` and ``sft`` start from.
 
-    accelerate launch --config_file accelerate_configs/cpu_debug.yaml stages/pretrain.py \
+    accelerate launch --quiet --config_file accelerate_configs/cpu_debug.yaml stages/pretrain.py \
         --config stages/configs/pretrain/debug.yaml
-    accelerate launch --config_file accelerate_configs/multi_gpu.yaml stages/pretrain.py \
+    accelerate launch --quiet --config_file accelerate_configs/multi_gpu.yaml stages/pretrain.py \
         --config stages/configs/pretrain/mimic_cxr.yaml --run.run_root $RRG_HOME/runs/mimic_cxr
 """
 
@@ -16,13 +16,12 @@ from dataclasses import dataclass, field
 import torch
 
 from rlhf_rrg.checkpoint import CheckpointConfig
-from rlhf_rrg.config import parse_stage_args
 from rlhf_rrg.data.dataset import DataConfig, build_dataset
 from rlhf_rrg.losses.ar_pretrain import ARPretrainConfig, build_ar_pretrainer
 from rlhf_rrg.models.rrg import build_vision_model
 from rlhf_rrg.optim import OptimConfig, build_optimizer, build_scheduler
 from rlhf_rrg.runroot import resolve_init, writing_export
-from rlhf_rrg.stage_setup import RunConfig, setup_stage
+from rlhf_rrg.stage_setup import RunConfig, run_stage, setup_stage
 from rlhf_rrg.training import TrainConfig, fit, make_train_loader
 
 
@@ -77,4 +76,4 @@ def main(cfg: PretrainStageConfig) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_stage_args(PretrainStageConfig, __doc__))
+    run_stage(main, PretrainStageConfig, __doc__)

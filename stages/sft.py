@@ -5,9 +5,9 @@ each prompt can carry R2GenCSR context samples retrieved from a memory bank of t
 clues, and the loss can add SERPENT-VLM's self-refining term. Validation generates reports and scores them
 with ``rewards``; the export (``<run_root>/sft/export``) is the model with the best ``train.select_metric``.
 
-    accelerate launch --config_file accelerate_configs/cpu_debug.yaml stages/sft.py \
+    accelerate launch --quiet --config_file accelerate_configs/cpu_debug.yaml stages/sft.py \
         --config stages/configs/sft/debug.yaml
-    accelerate launch --config_file accelerate_configs/zero2.yaml stages/sft.py \
+    accelerate launch --quiet --config_file accelerate_configs/zero2.yaml stages/sft.py \
         --config stages/configs/sft/mimic_cxr.yaml --run.run_root $RRG_HOME/runs/mimic_cxr \
         --model.llm_path $RRG_LLM_PATH
 """
@@ -23,7 +23,6 @@ from transformers import AutoTokenizer
 from rewards.clinical import build_labeler
 from rewards.observations import CHEXPERT_14
 from rlhf_rrg.checkpoint import CheckpointConfig
-from rlhf_rrg.config import parse_stage_args
 from rlhf_rrg.data.context_dataset import ContextDataset, collate_context
 from rlhf_rrg.data.dataset import DataConfig, build_dataset
 from rlhf_rrg.data.sampling import study_weights
@@ -42,7 +41,7 @@ from rlhf_rrg.retrieval.context import check_report_sharing
 from rlhf_rrg.retrieval.metrics import LABEL_K, leave_one_out_label_match
 from rlhf_rrg.retrieval.retriever import ContextRetriever, dataset_neighbours
 from rlhf_rrg.runroot import StageDirs, resolve_init, writing_export
-from rlhf_rrg.stage_setup import RunConfig, setup_stage
+from rlhf_rrg.stage_setup import RunConfig, run_stage, setup_stage
 from rlhf_rrg.training import TrainConfig, fit, make_train_loader
 
 
@@ -208,4 +207,4 @@ def main(cfg: SFTStageConfig) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_stage_args(SFTStageConfig, __doc__))
+    run_stage(main, SFTStageConfig, __doc__)

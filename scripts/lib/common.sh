@@ -63,7 +63,7 @@ need_stage_config() {
 launch_stage() {
   local stage=$1
   shift
-  accelerate launch --config_file "accelerate_configs/$ACCEL" "stages/$stage.py" \
+  accelerate launch --quiet --config_file "accelerate_configs/$ACCEL" "stages/$stage.py" \
     --config "stages/configs/$stage/$DATASET.yaml" --run.run_root "$RUN_ROOT" --run.seed "$SEED" \
     "${DATA_ARGS[@]}" "$@" "${EXTRA[@]}"
 }
