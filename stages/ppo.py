@@ -12,11 +12,11 @@ GRPO/RLOO through TRL's trainers instead (exports without retrieved context). Th
 for the others).
 Held-out evaluations log degeneration statistics and warn when the reward rises while CE-F1 falls.
 
-    accelerate launch --config_file accelerate_configs/cpu_debug.yaml stages/ppo.py \
+    accelerate launch --quiet --config_file accelerate_configs/cpu_debug.yaml stages/ppo.py \
         --config stages/configs/ppo/debug.yaml
-    accelerate launch --config_file accelerate_configs/cpu_debug.yaml stages/ppo.py \
+    accelerate launch --quiet --config_file accelerate_configs/cpu_debug.yaml stages/ppo.py \
         --config stages/configs/ppo/debug.yaml --algo scst
-    accelerate launch --config_file accelerate_configs/zero2.yaml stages/ppo.py \
+    accelerate launch --quiet --config_file accelerate_configs/zero2.yaml stages/ppo.py \
         --config stages/configs/ppo/mimic_cxr.yaml --run.run_root $RRG_HOME/runs/mimic_cxr
 """
 
@@ -31,7 +31,6 @@ from tqdm.auto import tqdm
 
 from rewards.clinical import build_labeler
 from rlhf_rrg.checkpoint import CheckpointConfig, CheckpointManager, TrainState
-from rlhf_rrg.config import parse_stage_args
 from rlhf_rrg.data.context_dataset import collate_context
 from rlhf_rrg.data.dataset import DataConfig, build_dataset
 from rlhf_rrg.data.sampling import study_weights
@@ -59,11 +58,12 @@ from rlhf_rrg.rl.scoring import (
     score_reports,
     scores_tensor,
 )
+from rlhf_rrg.rl.selection import ExportSelector, SelectConfig
 from rlhf_rrg.rl.sentence_credit import SentenceCreditConfig, sentence_credit_rewards
 from rlhf_rrg.rl.trl_adapter import GroupConfig, run_trl
 from rlhf_rrg.rl.value_head import ValueHead
 from rlhf_rrg.runroot import resolve_init, writing_export
-from rlhf_rrg.stage_setup import RunConfig, setup_stage
+from rlhf_rrg.stage_setup import RunConfig, run_stage, setup_stage
 from rlhf_rrg.training import NonFiniteLossError, make_train_loader, resumable_batches
 
 
@@ -98,6 +98,7 @@ class PPOStageConfig:
     pg: PGConfig = field(default_factory=PGConfig)
     group: GroupConfig = field(default_factory=GroupConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     lora: LoraSettings = field(default_factory=lambda: LoraSettings(enabled=False))
     freeze_vision: bool = field(default=True, metadata={"help": "keep the vision encoder fixed"})
@@ -153,20 +154,23 @@ def main(cfg: PPOStageConfig) -> None:
     train_data = with_context(generator, train_set, exclude_self=True)
     eval_data = eval_subset(with_context(generator, build_dataset(cfg.data, cfg.eval.split, train=False), False),
                             cfg.eval)
+    selector = ExportSelector(cfg.select)
     if cfg.algo in ("grpo", "rloo") and cfg.group.backend == "trl":
         before = evaluate(generator, eval_data, cfg, reward, worst)
         metric_logger.log_dict({f"eval/{k}": v for k, v in before.items()}, 0)
+        select_export(cfg, selector, generator, dirs, metric_logger, 0, before)
         records = run_trl(cfg.algo, generator, init, train_data, reward, worst, cfg.group, cfg.generation, cfg.lora,
                           cfg.freeze_vision, cfg.optim, cfg.train.max_steps, cfg.train.batch_size, cfg.run.seed, dirs)
         for record in records:
             metric_logger.log_dict({f"trl/{k}": v for k, v in record.items() if k != "step"}, int(record["step"]))
         after = evaluate(generator, eval_data, cfg, reward, worst)
         metric_logger.log_dict({f"eval/{k}": v for k, v in after.items()}, cfg.train.max_steps)
-        return finish(cfg, generator, dirs, metric_logger, accelerator, before, after)
+        select_export(cfg, selector, generator, dirs, metric_logger, cfg.train.max_steps, after)
+        return finish(cfg, generator, dirs, metric_logger, accelerator, selector, before, after)
 
     generator = make_trainable(generator, cfg.lora, cfg.freeze_vision, cfg.pg.train_clues,
                                cfg.freeze_llm).to(accelerator.device)
-    reference = (ReferencePolicy(generator.model, autocast=accelerator.autocast)
+    reference = (ReferencePolicy(generator.model, autocast=accelerator.autocast, prompt_hooks=generator.prompt_hooks)
                  if cfg.algo == "ppo" or (cfg.pg.kl_coef > 0 and not cfg.freeze_llm) else None)
     value_head = ValueHead(generator.model.config.text_config.hidden_size) if cfg.algo == "ppo" else None
     policy = PolicyWithValue(generator, value_head).to(accelerator.device)
@@ -187,7 +191,7 @@ def main(cfg: PPOStageConfig) -> None:
     kl_ctl = build_kl_controller(cfg.kl.controller, cfg.kl.init_kl_coef, cfg.kl.target, cfg.kl.horizon)
     score_stats = RunningMeanStd()
     monitor = HackingMonitor(cfg.monitor)
-    for stateful in (state, kl_ctl, score_stats, monitor, scheduler):
+    for stateful in (state, kl_ctl, score_stats, monitor, selector, scheduler):
         accelerator.register_for_checkpointing(stateful)
     ckpt = CheckpointManager(accelerator, dirs.checkpoints, cfg.checkpoint.keep)
     if cfg.checkpoint.resume:
@@ -202,6 +206,8 @@ def main(cfg: PPOStageConfig) -> None:
                        else {})
         flags = monitor.check(state.step, metrics) if accelerator.is_main_process else {}
         metric_logger.log_dict({**{f"eval/{k}": v for k, v in metrics.items()}, **flags}, state.step)
+        if accelerator.is_main_process:
+            select_export(cfg, selector, unwrapped.generator, dirs, metric_logger, state.step, metrics)
         accelerator.wait_for_everyone()
         return metrics
 
@@ -235,7 +241,8 @@ def main(cfg: PPOStageConfig) -> None:
     after = run_eval()
     if ckpt.latest() is None or ckpt.latest().name != f"step_{state.step:06d}":
         ckpt.save(state.step)
-    finish(cfg, unwrapped.generator, dirs, metric_logger, accelerator, state.extra.get("before", {}), after)
+    finish(cfg, unwrapped.generator, dirs, metric_logger, accelerator, selector, state.extra.get("before", {}),
+           after)
 
 
 def rl_step(cfg, accelerator, policy, unwrapped, optimizer, scheduler, reference, kl_ctl, score_stats, reward,
@@ -342,19 +349,38 @@ def rl_step(cfg, accelerator, policy, unwrapped, optimizer, scheduler, reference
     return metrics
 
 
-def finish(cfg, generator: ReportGenerator, dirs, metric_logger, accelerator, before: dict, after: dict) -> None:
-    """Exports the policy (merged weights + prompting) and prints the before/after summary."""
+def export_policy(cfg, generator: ReportGenerator, dirs, step: int) -> None:
+    """Writes the policy (merged weights + prompting) as the stage's export."""
+    info = {"stage": "ppo", "algo": cfg.algo, "init_from": str(cfg.run.init_from), "step": step}
+    with writing_export(dirs.export, info) as out:
+        generator.save(out)
+
+
+def select_export(cfg, selector: ExportSelector, generator: ReportGenerator, dirs, metric_logger, step: int,
+                  metrics: dict) -> None:
+    """With ``select.mode: best``, exports this evaluation's policy when the selector prefers it (main process)."""
+    if cfg.select.mode == "best":
+        if selector.offer(step, metrics):
+            export_policy(cfg, generator, dirs, step)
+        metric_logger.log_dict({"select/exported_step": selector.best["step"]}, step)
+
+
+def finish(cfg, generator: ReportGenerator, dirs, metric_logger, accelerator, selector: ExportSelector,
+           before: dict, after: dict) -> None:
+    """Exports the final policy (``select.mode: last``) and prints the before/after summary."""
     if accelerator.is_main_process:
-        info = {"stage": "ppo", "algo": cfg.algo, "init_from": str(cfg.run.init_from)}
-        with writing_export(dirs.export, info) as out:
-            generator.save(out)
+        if cfg.select.mode == "last":
+            export_policy(cfg, generator, dirs, cfg.train.max_steps)
         key = "ce/micro_f1_14"
         nan = float("nan")
         print0(f"{cfg.algo}: reward {before.get('reward', nan):.4f} -> {after.get('reward', nan):.4f}, "
                f"CE-F1 {before.get(key, nan):.4f} -> {after.get(key, nan):.4f}")
+        if cfg.select.mode == "best":
+            print0(f"{cfg.algo}: exported the policy of step {int(selector.best['step'])} (best fluent "
+                   f"{cfg.select.metric}, rlhf_rrg/rl/selection.py)")
     accelerator.wait_for_everyone()
     metric_logger.close()
 
 
 if __name__ == "__main__":
-    main(parse_stage_args(PPOStageConfig, __doc__))
+    run_stage(main, PPOStageConfig, __doc__)

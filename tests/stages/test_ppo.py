@@ -17,13 +17,14 @@ from .conftest import REPO, load_stage, run_stage
 
 pytestmark = pytest.mark.integration
 
-# Small runs of each algorithm on its own (the demo config's sentence credit is tested separately).
+# Small runs of each algorithm on its own (the demo config's sentence credit and the export selection are tested
+# separately: these runs export their last policy).
 SMALL = ["--algo", "ppo", "--sentence_credit.weight", "0", "--pg.train_clues", "false", "--freeze_llm", "false",
          "--generation.num_samples", "1",
          "--generation.temperature", "0.7",
          "--train.batch_size", "8", "--ppo.minibatch_size", "4", "--ppo.ppo_epochs", "2",
          "--generation.max_new_tokens", "16", "--eval.max_samples", "4", "--eval.max_new_tokens", "16",
-         "--kl.controller", "fixed", "--kl.init_kl_coef", "0.01"]
+         "--kl.controller", "fixed", "--kl.init_kl_coef", "0.01", "--select.mode", "last"]
 
 
 def negation_reward(completions, reference, **kwargs):
@@ -152,6 +153,28 @@ def test_sentence_credit_joins_the_report_reward_of_one_advantage_per_report(
         moved = any(not torch.equal(before[n], after[n]) for n in before if "language_model" in n)
         # The loss sees the credit: with it the LLM moves, without it (a zero reward) it stays bit-identical.
         assert (advantage.abs().sum() > 0) == moved == (weight != "0"), (weight, advantage)
+
+
+def brevity_reward(completions, reference, **kwargs):
+    """Pays for short reports: RL on it trades fluency (length) for reward."""
+    return [-len(c.split()) / 20 for c in completions]
+
+
+def test_the_export_is_the_best_fluent_evaluation(synthetic_data, sft_export, tmp_path):
+    run_ppo(synthetic_data, tmp_path, sft_export, *user_reward("brevity_reward"), "--select.mode", "best",
+            "--train.max_steps", "4", "--train.eval_every", "1", "--optim.lr", "2e-3")
+    evals = [r for r in read_jsonl(tmp_path / "ppo" / "metrics.jsonl") if "eval/reward" in r]
+    assert [r["step"] for r in evals] == [0, 1, 2, 3, 4]
+    start = evals[0]
+    band = max(0.15, abs(start["eval/length_ratio"] - 1))
+    fluent = [r for r in evals if abs(r["eval/length_ratio"] - 1) <= band
+              and r["eval/repeated_sentence_rate"] <= start["eval/repeated_sentence_rate"]]
+    best = max(fluent, key=lambda r: r["eval/reward"])  # the first of equals: later ones must beat it
+    assert metric(tmp_path, "select/exported_step")[-1] == best["step"]
+    assert json.loads((tmp_path / "ppo" / "export" / "export_complete.json").read_text())["step"] == best["step"]
+    exported = load_file(tmp_path / "ppo" / "export" / "model.safetensors")
+    start_weights = load_file(sft_export / "model.safetensors")
+    assert all(torch.equal(exported[n], start_weights[n]) for n in exported) == (best["step"] == 0)
 
 
 def test_evaluating_during_training_does_not_change_it(synthetic_data, sft_export, tmp_path):
