@@ -21,10 +21,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from rewards.cleaning import CLEANERS, DEFAULT_CLEANER, DEFAULT_MAX_WORDS, truncate_words
 from rewards.clinical import UncertainPolicy, build_labeler, ce_metrics
 from rewards.nlg import corpus_nlg_scores, java_available
-from rlhf_rrg.data.cleaning import CLEANERS, truncate_words
-from rlhf_rrg.data.dataset import DEFAULT_CLEANER, DEFAULT_MAX_WORDS
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +90,7 @@ def prepare_references(refs: Mapping[str, str], dataset: str, truncate: bool = T
 
     Args:
         refs: id -> raw reference report.
-        dataset: A key of ``rlhf_rrg.data.dataset.DEFAULT_CLEANER`` (``iu_xray``, ``mimic_cxr``, ...).
+        dataset: A key of ``rewards.cleaning.DEFAULT_CLEANER`` (``iu_xray``, ``mimic_cxr``, ...).
         truncate: False keeps the references as given.
 
     Returns:

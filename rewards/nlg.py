@@ -15,13 +15,13 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 
 from rewards.base import RewardOutput, TextCache, score_nonempty, trl_call
-from rlhf_rrg.data.cleaning import CLEANERS
+from rewards.cleaning import CLEANERS
 
 logger = logging.getLogger(__name__)
 
 
 def check_cleaner(cleaner: str) -> str:
-    """``cleaner`` if it names an R2Gen cleaner of ``rlhf_rrg.data.cleaning.CLEANERS``, else ValueError."""
+    """``cleaner`` if it names an R2Gen cleaner of ``rewards.cleaning.CLEANERS``, else ValueError."""
     if cleaner not in CLEANERS:
         raise ValueError(f"cleaner must be one of {sorted(CLEANERS)}, got {cleaner!r}")
     return cleaner

@@ -12,6 +12,7 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import Dataset
 
+from rewards.cleaning import CLEANERS, DEFAULT_CLEANER, DEFAULT_MAX_WORDS, r2gen_kept_words, truncate_words
 from rewards.observations import BLANK, CHEXPERT_14
 from rlhf_rrg.data.annotation import (
     DataError,
@@ -21,21 +22,11 @@ from rlhf_rrg.data.annotation import (
     read_chexpert_plus_csv,
     read_r2gen_annotation,
 )
-from rlhf_rrg.data.cleaning import CLEANERS, r2gen_kept_words, truncate_words
 from rlhf_rrg.data.images import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, load_image, read_grayscale
 
 logger = logging.getLogger(__name__)
 
 DatasetName = Literal["synthetic", "iu_xray", "mimic_cxr", "chexpert_plus"]
-# R2Gen's max_seq_length (BOS included): 60 for IU-Xray, 100 for MIMIC-CXR and CheXpert Plus.
-DEFAULT_MAX_WORDS: dict[str, int] = {"synthetic": 100, "iu_xray": 60, "mimic_cxr": 100, "chexpert_plus": 100}
-# R2Gen applies its IU cleaner to IU-Xray and the MIMIC cleaner to everything else.
-DEFAULT_CLEANER: dict[str, str] = {
-    "synthetic": "mimic_cxr",
-    "iu_xray": "iu_xray",
-    "mimic_cxr": "mimic_cxr",
-    "chexpert_plus": "mimic_cxr",
-}
 
 
 @dataclass

@@ -3,11 +3,11 @@ import json
 import pytest
 from pycocoevalcap.bleu.bleu import Bleu
 
+from rewards.cleaning import DEFAULT_MAX_WORDS
 from rewards.clinical import ce_metrics
 from rewards.evaluate import align, evaluate_reports, format_table, main, prepare_references, read_reports
 from rewards.labeler import RuleLabeler
 from rewards.nlg import r2gen_tokenize
-from rlhf_rrg.data.dataset import DEFAULT_MAX_WORDS
 
 REFS = {
     "s1": "Mild cardiomegaly. Small right pleural effusion.",

@@ -112,3 +112,13 @@ CLEANERS: dict[str, Callable[[str], str]] = {
     "mimic_cxr": clean_report_mimic_cxr,
     "none": lambda text: text,
 }
+
+# R2Gen's max_seq_length (BOS included): 60 for IU-Xray, 100 for MIMIC-CXR and CheXpert Plus.
+DEFAULT_MAX_WORDS: dict[str, int] = {"synthetic": 100, "iu_xray": 60, "mimic_cxr": 100, "chexpert_plus": 100}
+# R2Gen applies its IU cleaner to IU-Xray and the MIMIC cleaner to everything else.
+DEFAULT_CLEANER: dict[str, str] = {
+    "synthetic": "mimic_cxr",
+    "iu_xray": "iu_xray",
+    "mimic_cxr": "mimic_cxr",
+    "chexpert_plus": "mimic_cxr",
+}

@@ -2,7 +2,7 @@
 
 import pytest
 
-from rlhf_rrg.data.cleaning import clean_report_iu_xray, clean_report_mimic_cxr, r2gen_kept_words, truncate_words
+from rewards.cleaning import clean_report_iu_xray, clean_report_mimic_cxr, r2gen_kept_words, truncate_words
 
 
 @pytest.mark.parametrize(
