@@ -32,8 +32,8 @@ from rlhf_rrg.config import ConfigError, load_config, save_config
 from rlhf_rrg.data.annotation import DataError
 from rlhf_rrg.data.dataset import DataConfig, ReportDataset, build_dataset
 from rlhf_rrg.evaluation import most_common_report
-from rlhf_rrg.export.marker import export_id
 from rlhf_rrg.generate import CheckpointError, StudyImages, generate_for_studies, load_generator, write_jsonl
+from rlhf_rrg.marker import export_id
 from rlhf_rrg.runroot import EXPORT_MARKER, STAGES, StageDirs
 
 logger = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 Resume (optimizer, RNG, step) lives in ``checkpoints/`` and is only read by the same stage; the next stage
 reads ``export/`` (weights + resolved config), never another stage's optimizer state. An export counts once its
-marker (:mod:`rlhf_rrg.export.marker`) is written, and is checked against the marker when the next stage takes it.
+marker (:mod:`rlhf_rrg.marker`) is written, and is checked against the marker when the next stage takes it.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any
 
 import yaml
 
-from rlhf_rrg.export.leaks import ExportLeakError, find_leaks, scrub_model_paths
-from rlhf_rrg.export.marker import EXPORT_MARKER, export_problem, portable, read_marker, write_marker
+from rlhf_rrg.leaks import ExportLeakError, find_leaks, scrub_model_paths
+from rlhf_rrg.marker import EXPORT_MARKER, export_problem, portable, read_marker, write_marker
 
 STAGES: tuple[str, ...] = ("pretrain", "align", "sft", "ppo")
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from huggingface_hub import HfApi
 
-from rlhf_rrg.export.leaks import ExportLeakError, find_leaks
 from rlhf_rrg.export.model_card import config_value, read_yaml, write_model_card
+from rlhf_rrg.leaks import ExportLeakError, find_leaks
 from rlhf_rrg.retrieval.context import CREDENTIALED_DATASETS
 from rlhf_rrg.runroot import EXPORT_MARKER, recorded_lineage
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from rlhf_rrg.export.marker import export_id
+from rlhf_rrg.marker import export_id
 from rlhf_rrg.retrieval.context import PromptTemplate, build_context_prompt
 from rlhf_rrg.runroot import export_lineage
 

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from rlhf_rrg.export.leaks import ExportLeakError, text_leaks
+from rlhf_rrg.leaks import ExportLeakError, text_leaks
 from rlhf_rrg.manifest import file_entries, files_problem
 
 EXPORT_MARKER = "export_complete.json"

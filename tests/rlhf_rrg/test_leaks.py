@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from rlhf_rrg.export.leaks import ExportLeakError, find_leaks, machine_names, scrub_model_paths, text_leaks
+from rlhf_rrg.leaks import ExportLeakError, find_leaks, machine_names, scrub_model_paths, text_leaks
 from rlhf_rrg.models.generator import PromptingConfig, ReportGenerator
 from rlhf_rrg.models.rrg import RRGModelConfig, apply_lora, build_processor, build_rrg_model, load_rrg
 from rlhf_rrg.runroot import EXPORT_MARKER, StageDirs, writing_export
