@@ -35,8 +35,8 @@ from rlhf_rrg.data.dataset import build_dataset
 from rlhf_rrg.data.synthetic import SyntheticConfig, write_synthetic_dataset
 from rlhf_rrg.evaluation import EvalConfig
 from rlhf_rrg.logging import read_jsonl
-from rlhf_rrg.models.generator import ReportGenerator
 from rlhf_rrg.probe import probe_export
+from rlhf_rrg.prompting.generator import ReportGenerator
 from rlhf_rrg.retrieval.metrics import LABEL_K
 from rlhf_rrg.runroot import EXPORT_MARKER
 from rlhf_rrg.testing.stage_scripts import load_stage

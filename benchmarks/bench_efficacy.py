@@ -30,8 +30,8 @@ from rlhf_rrg.config import load_config
 from rlhf_rrg.data.dataset import DataConfig, build_dataset
 from rlhf_rrg.evaluate_run import resolve_data_config
 from rlhf_rrg.evaluation import EvalConfig, generate_and_score, with_context
-from rlhf_rrg.models.generator import ReportGenerator
 from rlhf_rrg.probe import probe_export
+from rlhf_rrg.prompting.generator import ReportGenerator
 from rlhf_rrg.rl.scoring import build_stage_reward, empty_report_reward, heldout_report_metrics
 from rlhf_rrg.testing.stage_scripts import stage_config_class
 

@@ -42,8 +42,8 @@ from rlhf_rrg.data.realtext import RealTextConfig, write_realtext_dataset
 from rlhf_rrg.evaluate_run import evaluate_run, resolve_data_config
 from rlhf_rrg.evaluation import EvalConfig
 from rlhf_rrg.logging import read_jsonl
-from rlhf_rrg.models.generator import ReportGenerator
 from rlhf_rrg.probe import probe_export
+from rlhf_rrg.prompting.generator import ReportGenerator
 from rlhf_rrg.rl.monitors import text_statistics
 from rlhf_rrg.runroot import EXPORT_MARKER, StageDirs
 from rlhf_rrg.testing.stage_scripts import stage_config_class

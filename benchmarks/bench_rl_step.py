@@ -42,7 +42,7 @@ from machine import machine_line, pin_threads  # benchmarks/machine.py: scripts 
 from rlhf_rrg.config import load_config
 from rlhf_rrg.data.synthetic import SyntheticConfig, write_synthetic_dataset
 from rlhf_rrg.logging import read_jsonl
-from rlhf_rrg.models.generator import PromptingConfig, ReportGenerator
+from rlhf_rrg.prompting.generator import PromptingConfig, ReportGenerator
 from rlhf_rrg.retrieval.context import ContextConfig
 from rlhf_rrg.runroot import mark_export_complete
 from rlhf_rrg.testing.stage_scripts import load_stage

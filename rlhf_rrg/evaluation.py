@@ -11,8 +11,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from rewards.evaluate import METRICS, evaluate_reports
-from rlhf_rrg.data.context_dataset import ContextDataset, collate_context
-from rlhf_rrg.models.generator import ReportGenerator
+from rlhf_rrg.prompting.generator import ReportGenerator
+from rlhf_rrg.retrieval.context_dataset import ContextDataset, collate_context
 from rlhf_rrg.retrieval.retriever import dataset_neighbours
 
 

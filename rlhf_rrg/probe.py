@@ -31,13 +31,13 @@ from rewards.labeler import RuleLabeler
 from rewards.observations import BLANK, CHEXPERT_14, POSITIVE
 from rlhf_rrg.config import ConfigError
 from rlhf_rrg.data.annotation import DataError
-from rlhf_rrg.data.context_dataset import ContextDataset, collate_context
 from rlhf_rrg.data.dataset import build_dataset
 from rlhf_rrg.evaluate_run import resolve_data_config
 from rlhf_rrg.evaluation import EvalConfig, generate_and_score, with_context
 from rlhf_rrg.generate import CheckpointError, check_export
 from rlhf_rrg.models.disease_clues import best_thresholds
-from rlhf_rrg.models.generator import ReportGenerator
+from rlhf_rrg.prompting.generator import ReportGenerator
+from rlhf_rrg.retrieval.context_dataset import ContextDataset, collate_context
 from rlhf_rrg.retrieval.retriever import embed_studies
 from rlhf_rrg.runroot import StageDirs
 

@@ -31,14 +31,14 @@ from tqdm.auto import tqdm
 
 from rewards.clinical import build_labeler
 from rlhf_rrg.checkpoint import CheckpointConfig, CheckpointManager, TrainState
-from rlhf_rrg.data.context_dataset import collate_context
 from rlhf_rrg.data.dataset import DataConfig, build_dataset
 from rlhf_rrg.data.sampling import study_weights
 from rlhf_rrg.distributed import preserved_rng, print0
 from rlhf_rrg.evaluation import EvalConfig, eval_subset, generate_and_score, with_context
-from rlhf_rrg.models.generator import ReportGenerator
 from rlhf_rrg.models.rrg import LoraSettings
 from rlhf_rrg.optim import OptimConfig, build_optimizer, build_scheduler, learning_rates
+from rlhf_rrg.prompting.generator import ReportGenerator
+from rlhf_rrg.retrieval.context_dataset import collate_context
 from rlhf_rrg.rl.advantages import RunningMeanStd
 from rlhf_rrg.rl.host_sync import reduce_to_host
 from rlhf_rrg.rl.kl import KLConfig, build_kl_controller

@@ -23,7 +23,6 @@ from transformers import AutoTokenizer
 from rewards.clinical import build_labeler
 from rewards.observations import CHEXPERT_14
 from rlhf_rrg.checkpoint import CheckpointConfig
-from rlhf_rrg.data.context_dataset import ContextDataset, collate_context
 from rlhf_rrg.data.dataset import DataConfig, build_dataset
 from rlhf_rrg.data.sampling import study_weights
 from rlhf_rrg.evaluation import EvalConfig, eval_subset, generate_and_score, majority_report_scores
@@ -31,13 +30,14 @@ from rlhf_rrg.logging import read_jsonl
 from rlhf_rrg.losses.finding_weighted import FindingWeightConfig
 from rlhf_rrg.losses.self_refine import SelfRefineConfig
 from rlhf_rrg.models.disease_clues import DiseaseClueHead
-from rlhf_rrg.models.generator import PromptingConfig, ReportGenerator
 from rlhf_rrg.models.llm_configs import TINY_LLMS
 from rlhf_rrg.models.rrg import RRGModelConfig, apply_lora, build_processor, build_rrg_model, build_vision_model
 from rlhf_rrg.models.tokenizer import build_word_tokenizer
 from rlhf_rrg.optim import OptimConfig, build_optimizer, build_scheduler, module_prefix
 from rlhf_rrg.probe import tune_clue_thresholds
+from rlhf_rrg.prompting.generator import PromptingConfig, ReportGenerator
 from rlhf_rrg.retrieval.context import check_report_sharing
+from rlhf_rrg.retrieval.context_dataset import ContextDataset, collate_context
 from rlhf_rrg.retrieval.metrics import LABEL_K, leave_one_out_label_match
 from rlhf_rrg.retrieval.retriever import ContextRetriever, dataset_neighbours
 from rlhf_rrg.runroot import StageDirs, resolve_init, writing_export

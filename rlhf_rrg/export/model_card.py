@@ -17,7 +17,8 @@ from typing import Any
 import yaml
 
 from rlhf_rrg.marker import export_id
-from rlhf_rrg.retrieval.context import PromptTemplate, build_context_prompt
+from rlhf_rrg.prompting.prompts import build_context_prompt
+from rlhf_rrg.retrieval.context import PromptTemplate
 from rlhf_rrg.runroot import export_lineage
 
 CARD_FILE = "README.md"

@@ -54,7 +54,7 @@ class RRGLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             b reports.
         """
         # Imported here: plain ``generate`` needs none of the prompting code (or its dependencies, e.g. peft).
-        from rlhf_rrg.models.generator import ReportGenerator
+        from rlhf_rrg.prompting.generator import ReportGenerator
 
         export = Path(export_dir) if export_dir is not None else Path(self.name_or_path)
         cached = self.__dict__.get("_report_generator")

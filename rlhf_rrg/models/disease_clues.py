@@ -3,7 +3,7 @@
 TRRG (Wang et al. 2024) injects the diseases a classifier finds in the image into the LLM input as
 text, so the report is conditioned on explicit findings. Here a small head on the pooled image
 features predicts the 14 CheXpert observations; :func:`clue_texts` turns its probabilities into a
-sentence for ``retrieval.context.build_context_prompt``; :func:`clue_bce_loss` trains it on
+sentence for ``prompting.prompts.build_context_prompt``; :func:`clue_bce_loss` trains it on
 CheXpert/CheXbert label codes (blank counts as negative, the uncertain policy is a setting).
 """
 

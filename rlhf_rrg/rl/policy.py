@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from peft import PeftModel
 from torch import nn
 
-from rlhf_rrg.models.generator import ReportGenerator
 from rlhf_rrg.models.rrg import LoraSettings, RRGModelConfig, apply_lora
 from rlhf_rrg.models.vision_features import replay_features
+from rlhf_rrg.prompting.generator import ReportGenerator
 from rlhf_rrg.rl.logprobs import entropy_from_logits, logprobs_from_logits, response_logits_slice
 from rlhf_rrg.rl.rollout import Rollout
 from rlhf_rrg.rl.value_head import ValueHead

@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from rlhf_rrg.models.generator import ReportGenerator
 from rlhf_rrg.models.rrg import generate_response_ids
 from rlhf_rrg.models.vision_features import VisionFeatures, encode_frozen, replay_features
+from rlhf_rrg.prompting.generator import ReportGenerator
 
 
 @dataclass

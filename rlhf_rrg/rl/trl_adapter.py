@@ -22,10 +22,10 @@ from datasets import Dataset
 from torch.utils.data import DataLoader
 
 from rewards import Reward
-from rlhf_rrg.data.context_dataset import ContextDataset, collate_context
-from rlhf_rrg.models.generator import ReportGenerator
 from rlhf_rrg.models.rrg import LoraSettings
 from rlhf_rrg.optim import OptimConfig
+from rlhf_rrg.prompting.generator import ReportGenerator
+from rlhf_rrg.retrieval.context_dataset import ContextDataset, collate_context
 from rlhf_rrg.rl.policy import make_trainable
 from rlhf_rrg.rl.rollout import GenerationConfig
 from rlhf_rrg.rl.scoring import score_reports

@@ -3,11 +3,11 @@ import torch
 from torch.utils.data import Subset
 
 from rewards.evaluate import evaluate_reports
-from rlhf_rrg.data.context_dataset import ContextDataset, collate_context
 from rlhf_rrg.data.dataset import DataConfig, build_dataset
 from rlhf_rrg.data.synthetic import SyntheticConfig, write_synthetic_dataset
 from rlhf_rrg.evaluation import EvalConfig, eval_subset, generate_and_score, majority_report_scores
-from rlhf_rrg.models.generator import PromptingConfig, ReportGenerator
+from rlhf_rrg.prompting.generator import PromptingConfig, ReportGenerator
+from rlhf_rrg.retrieval.context_dataset import ContextDataset, collate_context
 from rlhf_rrg.testing.tiny_models import tiny_rrg
 
 METRICS = ["bleu", "rouge_l", "ce"]

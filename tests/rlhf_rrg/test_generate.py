@@ -12,7 +12,7 @@ from PIL import Image
 from rlhf_rrg import generate as gen
 from rlhf_rrg.data.images import load_image
 from rlhf_rrg.inference import ReportGenerator
-from rlhf_rrg.models.generator import PromptingConfig
+from rlhf_rrg.prompting.generator import PromptingConfig
 from rlhf_rrg.retrieval.context import ContextConfig
 from rlhf_rrg.testing.fixtures import write_chexpert_plus_fixture, write_iu_xray_fixture
 from rlhf_rrg.testing.tiny_models import tiny_rrg

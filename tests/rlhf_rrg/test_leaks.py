@@ -11,8 +11,8 @@ import torch
 import yaml
 
 from rlhf_rrg.leaks import ExportLeakError, find_leaks, machine_names, scrub_model_paths, text_leaks
-from rlhf_rrg.models.generator import PromptingConfig, ReportGenerator
 from rlhf_rrg.models.rrg import RRGModelConfig, apply_lora, build_processor, build_rrg_model, load_rrg
+from rlhf_rrg.prompting.generator import PromptingConfig, ReportGenerator
 from rlhf_rrg.runroot import EXPORT_MARKER, StageDirs, writing_export
 from rlhf_rrg.testing.tiny_models import tiny_rrg
 

@@ -10,11 +10,11 @@ from safetensors.torch import load_file
 
 from rewards.evaluate import evaluate_reports
 from rlhf_rrg.config import ConfigError, load_config
-from rlhf_rrg.data.context_dataset import ContextDataset
 from rlhf_rrg.data.dataset import build_dataset
 from rlhf_rrg.logging import read_jsonl
-from rlhf_rrg.models.generator import ReportGenerator
 from rlhf_rrg.models.rrg import build_vision_model
+from rlhf_rrg.prompting.generator import ReportGenerator
+from rlhf_rrg.retrieval.context_dataset import ContextDataset
 from rlhf_rrg.runroot import MissingStageOutputError, WrongStageOutputError
 
 from .conftest import REPO, load_stage, run_stage, stage_overrides

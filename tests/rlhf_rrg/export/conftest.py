@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from rlhf_rrg.marker import export_id
-from rlhf_rrg.models.generator import PromptingConfig, ReportGenerator
+from rlhf_rrg.prompting.generator import PromptingConfig, ReportGenerator
 from rlhf_rrg.runroot import mark_export_complete
 from rlhf_rrg.testing.tiny_models import tiny_rrg
 

@@ -9,7 +9,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from rlhf_rrg.export.model_card import render_model_card, stage_lineage
-from rlhf_rrg.retrieval.context import PromptTemplate, build_context_prompt
+from rlhf_rrg.prompting.prompts import build_context_prompt
+from rlhf_rrg.retrieval.context import PromptTemplate
 from rlhf_rrg.runroot import EXPORT_MARKER, writing_export
 
 

@@ -15,14 +15,15 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from rlhf_rrg.data.context_dataset import ContextDataset, collate_context
 from rlhf_rrg.data.dataset import DataConfig, build_dataset
 from rlhf_rrg.data.synthetic import SyntheticConfig, write_synthetic_dataset
 from rlhf_rrg.export.modeling_rrg import RRGLlavaForConditionalGeneration
 from rlhf_rrg.export.remote_code import AUTO_MAP, remote_sources
 from rlhf_rrg.models.disease_clues import DiseaseClueConfig, DiseaseClueHead
-from rlhf_rrg.models.generator import PromptingConfig, ReportGenerator
-from rlhf_rrg.retrieval.context import ContextConfig, PromptTemplate, build_context_prompt
+from rlhf_rrg.prompting.generator import PromptingConfig, ReportGenerator
+from rlhf_rrg.prompting.prompts import build_context_prompt
+from rlhf_rrg.retrieval.context import ContextConfig, PromptTemplate
+from rlhf_rrg.retrieval.context_dataset import ContextDataset, collate_context
 from rlhf_rrg.retrieval.retriever import ContextRetriever
 from rlhf_rrg.testing.tiny_models import tiny_rrg
 

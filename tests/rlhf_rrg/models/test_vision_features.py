@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from rlhf_rrg.models.disease_clues import DiseaseClueConfig, DiseaseClueHead
-from rlhf_rrg.models.generator import PromptingConfig, ReportGenerator
 from rlhf_rrg.models.vision_features import encode_frozen, replay_features
+from rlhf_rrg.prompting.generator import PromptingConfig, ReportGenerator
 from rlhf_rrg.retrieval.context import ContextConfig
 from rlhf_rrg.rl.policy import PolicyWithValue, ReferencePolicy
 from rlhf_rrg.rl.rollout import encode_batch_images, generate_rollout

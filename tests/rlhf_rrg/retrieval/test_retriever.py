@@ -10,12 +10,12 @@ from torch.utils.data import DataLoader
 
 from rewards.observations import BLANK, CHEXPERT_14, POSITIVE
 from rlhf_rrg.data.annotation import DataError
-from rlhf_rrg.data.context_dataset import ContextDataset, collate_context
 from rlhf_rrg.data.dataset import DataConfig, build_dataset
 from rlhf_rrg.data.images import load_image
 from rlhf_rrg.data.synthetic import SyntheticConfig, write_synthetic_dataset
 from rlhf_rrg.models.rrg import build_vision_model
 from rlhf_rrg.retrieval.context import ContextConfig
+from rlhf_rrg.retrieval.context_dataset import ContextDataset, collate_context
 from rlhf_rrg.retrieval.memory_bank import MemoryBank, fixed_context
 from rlhf_rrg.retrieval.retriever import ContextRetriever, dataset_neighbours, embed_studies
 

@@ -4,8 +4,8 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
 from rlhf_rrg.models.disease_clues import DiseaseClueConfig, DiseaseClueHead
-from rlhf_rrg.models.generator import PromptingConfig, ReportGenerator
 from rlhf_rrg.models.rrg import LoraSettings
+from rlhf_rrg.prompting.generator import PromptingConfig, ReportGenerator
 from rlhf_rrg.retrieval.context import ContextConfig
 from rlhf_rrg.rl.kl import kl_per_token
 from rlhf_rrg.rl.logprobs import logprobs_from_logits

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rlhf_rrg.models.generator import PromptingConfig, ReportGenerator
 from rlhf_rrg.models.rrg import LoraSettings
+from rlhf_rrg.prompting.generator import PromptingConfig, ReportGenerator
 from rlhf_rrg.retrieval.context import ContextConfig
 from rlhf_rrg.rl.logprobs import logprobs_from_logits
 from rlhf_rrg.rl.policy import PolicyWithValue, ReferencePolicy, make_trainable

@@ -22,13 +22,13 @@ from transformers import PreTrainedTokenizerFast
 
 from rewards.nlg import BleuReward
 from rewards.observations import CHEXPERT_14
-from rlhf_rrg.data.context_dataset import ContextDataset, collate_context
 from rlhf_rrg.data.dataset import DataConfig, build_dataset
 from rlhf_rrg.models.disease_clues import DiseaseClueConfig, DiseaseClueHead
-from rlhf_rrg.models.generator import PromptingConfig, ReportGenerator
 from rlhf_rrg.models.rrg import LoraSettings, RRGModelConfig, build_processor, build_rrg_model
 from rlhf_rrg.optim import OptimConfig
+from rlhf_rrg.prompting.generator import PromptingConfig, ReportGenerator
 from rlhf_rrg.retrieval.context import PromptTemplate
+from rlhf_rrg.retrieval.context_dataset import ContextDataset, collate_context
 from rlhf_rrg.rl.rollout import GenerationConfig
 from rlhf_rrg.rl.trl_adapter import GroupConfig, prompt_blocks, run_trl, trl_dataset
 from rlhf_rrg.runroot import StageDirs

@@ -13,13 +13,11 @@ from torch.utils.data import DataLoader
 
 from rewards.clinical import ce_metrics
 from rewards.observations import CHEXPERT_14
-from rlhf_rrg.data.context_dataset import ContextDataset, collate_context
 from rlhf_rrg.data.dataset import DataConfig, ReportDataset, build_dataset
 from rlhf_rrg.data.synthetic import SyntheticConfig, write_synthetic_dataset
 from rlhf_rrg.losses.finding_weighted import finding_spans, weighted_lm_loss
 from rlhf_rrg.losses.self_refine import SelfRefineConfig, self_refining_loss
 from rlhf_rrg.models.disease_clues import DiseaseClueConfig, DiseaseClueHead, best_thresholds
-from rlhf_rrg.models.generator import PromptingConfig, ReportGenerator
 from rlhf_rrg.models.rrg import (
     LoraSettings,
     RRGModelConfig,
@@ -30,7 +28,9 @@ from rlhf_rrg.models.rrg import (
 )
 from rlhf_rrg.models.tokenizer import build_word_tokenizer
 from rlhf_rrg.probe import clue_predictions, clue_probabilities, study_features, tune_clue_thresholds
+from rlhf_rrg.prompting.generator import PromptingConfig, ReportGenerator
 from rlhf_rrg.retrieval.context import ContextConfig, PromptTemplate
+from rlhf_rrg.retrieval.context_dataset import ContextDataset, collate_context
 from rlhf_rrg.retrieval.retriever import ContextRetriever, dataset_neighbours
 from rlhf_rrg.testing.tiny_models import TINY_REPORTS, tiny_rrg
 

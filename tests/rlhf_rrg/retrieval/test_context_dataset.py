@@ -2,10 +2,10 @@ import pytest
 import torch
 
 from rewards.observations import CHEXPERT_14, POSITIVE
-from rlhf_rrg.data.context_dataset import ContextDataset, collate_context
 from rlhf_rrg.data.dataset import DataConfig, build_dataset
 from rlhf_rrg.data.synthetic import SyntheticConfig, write_synthetic_dataset
 from rlhf_rrg.retrieval.context import ContextConfig
+from rlhf_rrg.retrieval.context_dataset import ContextDataset, collate_context
 from rlhf_rrg.retrieval.memory_bank import MemoryBank
 from rlhf_rrg.retrieval.retriever import ContextRetriever
 

@@ -36,7 +36,8 @@ from rlhf_rrg.models.residual_context import projector_of, residual_context_hook
 from rlhf_rrg.models.rrg import generate_response_ids, load_rrg, save_rrg, to_model_device
 from rlhf_rrg.models.text_encoder import pool_hidden_states
 from rlhf_rrg.models.vision_features import VisionFeatures
-from rlhf_rrg.retrieval.context import ContextConfig, build_context_prompt
+from rlhf_rrg.prompting.prompts import build_context_prompt
+from rlhf_rrg.retrieval.context import ContextConfig
 from rlhf_rrg.retrieval.retriever import ContextRetriever, embed_studies
 
 _PROMPTING_DIR = "prompting"
