@@ -41,6 +41,7 @@ from machine import machine_line, pin_threads  # benchmarks/machine.py: scripts 
 
 from rlhf_rrg.config import load_config
 from rlhf_rrg.data.synthetic import SyntheticConfig, write_synthetic_dataset
+from rlhf_rrg.export.save import save_generator
 from rlhf_rrg.logging import read_jsonl
 from rlhf_rrg.prompting.generator import PromptingConfig, ReportGenerator
 from rlhf_rrg.retrieval.context import ContextConfig
@@ -56,7 +57,7 @@ SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__in
 def tiny_export(out: Path) -> Path:
     tiny = tiny_rrg(out / "tiny", encoder_type="vit")
     generator = ReportGenerator(tiny.model, tiny.processor, PromptingConfig(context=ContextConfig(mode="none")))
-    export = generator.save(out / "export")
+    export = save_generator(generator, out / "export")
     mark_export_complete(export, {"stage": "benchmark"})
     return export
 

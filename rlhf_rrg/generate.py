@@ -34,7 +34,7 @@ from rlhf_rrg.data.images import load_image
 
 logger = logging.getLogger(__name__)
 
-# What stages/sft.py and stages/ppo.py write through ReportGenerator.save.
+# What stages/sft.py and stages/ppo.py write through rlhf_rrg.export.save.save_generator.
 EXPORT_CONFIG = "config.json"
 EXPORT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 EXPORT_PROMPTING = "prompting/prompting.yaml"

@@ -35,6 +35,7 @@ from rlhf_rrg.data.dataset import DataConfig, build_dataset
 from rlhf_rrg.data.sampling import study_weights
 from rlhf_rrg.distributed import preserved_rng, print0
 from rlhf_rrg.evaluation import EvalConfig, eval_subset, generate_and_score, with_context
+from rlhf_rrg.export.save import save_generator
 from rlhf_rrg.models.rrg import LoraSettings
 from rlhf_rrg.optim import OptimConfig, build_optimizer, build_scheduler, learning_rates
 from rlhf_rrg.prompting.generator import ReportGenerator
@@ -353,7 +354,7 @@ def export_policy(cfg, generator: ReportGenerator, dirs, step: int) -> None:
     """Writes the policy (merged weights + prompting) as the stage's export."""
     info = {"stage": "ppo", "algo": cfg.algo, "init_from": str(cfg.run.init_from), "step": step}
     with writing_export(dirs.export, info) as out:
-        generator.save(out)
+        save_generator(generator, out)
 
 
 def select_export(cfg, selector: ExportSelector, generator: ReportGenerator, dirs, metric_logger, step: int,

@@ -26,6 +26,7 @@ from rlhf_rrg.checkpoint import CheckpointConfig
 from rlhf_rrg.data.dataset import DataConfig, build_dataset
 from rlhf_rrg.data.sampling import study_weights
 from rlhf_rrg.evaluation import EvalConfig, eval_subset, generate_and_score, majority_report_scores
+from rlhf_rrg.export.save import save_generator
 from rlhf_rrg.logging import read_jsonl
 from rlhf_rrg.losses.finding_weighted import FindingWeightConfig
 from rlhf_rrg.losses.self_refine import SelfRefineConfig
@@ -194,7 +195,7 @@ def main(cfg: SFTStageConfig) -> None:
                 # bank rows are the same studies in the same order, so training-time neighbours stay valid.
                 unwrapped.retriever = build_bank(cfg, unwrapped.vision_tower, ContextDataset(bank_set))
             with writing_export(dirs.export, {"stage": "sft", "vision": vision_source(cfg)}) as out:
-                unwrapped.save(out)
+                save_generator(unwrapped, out)
 
     state = fit(accelerator=accelerator, model=generator, optimizer=optimizer, scheduler=scheduler, loader=loader,
                 step_fn=step_fn, train_cfg=cfg.train, optim_cfg=cfg.optim, ckpt_cfg=cfg.checkpoint, dirs=dirs,

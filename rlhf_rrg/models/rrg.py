@@ -9,10 +9,7 @@ would any LLaVA. Image features: hidden states of ``vision_feature_layer``, cls 
 
 from __future__ import annotations
 
-import copy
-import json
 import logging
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,7 +29,6 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from rlhf_rrg.export.remote_code import write_remote_code
 from rlhf_rrg.models.llm_configs import DTYPES, PRETRAINED_LLMS, TINY_LLMS, load_pretrained_llm, tiny_text_config
 from rlhf_rrg.models.processor import ImageInput, RRGProcessor
 from rlhf_rrg.models.tokenizer import IMAGE_TOKEN, add_image_token
@@ -242,65 +238,10 @@ def apply_lora(model: LlavaForConditionalGeneration, cfg: RRGModelConfig) -> Pef
     return get_peft_model(model, peft_config)
 
 
-def save_rrg(model: LlavaForConditionalGeneration | PeftModel, processor: RRGProcessor, out_dir: str | Path) -> Path:
-    """Exports a standalone model for the next stage; a LoRA model also keeps its adapter.
-
-    Layout: ``out_dir/`` holds the (LoRA-merged) LLaVA weights, configs, the processor and the code that loads them
-    in plain transformers (``trust_remote_code=True``), loadable by ``load_rrg``; ``out_dir/adapter/`` holds the PEFT
-    adapter (with the projector) when ``model`` is a ``PeftModel``, its ``base_model_name_or_path`` naming a folder
-    that exists (see :func:`adapter_base`), relative to ``adapter/``. The live model is not modified.
-
-    Returns:
-        ``out_dir`` as a Path.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if isinstance(model, PeftModel):
-        adapter_dir = out_dir / "adapter"
-        model.peft_config[model.active_adapter].base_model_name_or_path = adapter_base(model, adapter_dir)
-        model.save_pretrained(adapter_dir)
-        _relative_adapter_base(adapter_dir)
-        # Merging rewrites the base weights in place, so merge a copy and keep training the original.
-        model = copy.deepcopy(model).merge_and_unload()
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    write_remote_code(out_dir)
-    logger.info("saved report generator to %s", out_dir)
-    return out_dir
-
-
-def adapter_base(model: PeftModel, adapter_dir: Path) -> str:
-    """The absolute path of a folder holding the adapter's base weights.
-
-    A base loaded from a folder (RL on an SFT export) is that folder; a base assembled in memory (SFT: LLM + encoder
-    + new projector) is saved to ``adapter_dir/base`` first, since no folder holds it.
-    """
-    name = model.peft_config[model.active_adapter].base_model_name_or_path
-    if name and (Path(name) / "config.json").is_file():
-        return str(Path(name).resolve())
-    base_dir = adapter_dir / "base"
-    # unload() strips the LoRA layers without merging them; it rewrites modules, hence the copy.
-    copy.deepcopy(model).unload().save_pretrained(base_dir)
-    return str(base_dir.resolve())
-
-
-def _relative_adapter_base(adapter_dir: Path) -> None:
-    """Rewrites the saved adapter's base as a path relative to the adapter: an absolute one would name the training
-    machine's folders in the export and break when the run root moves (the live model keeps the absolute path, valid
-    in this process whatever its working directory)."""
-    config_path = adapter_dir / "adapter_config.json"
-    config = json.loads(config_path.read_text())
-    base = config["base_model_name_or_path"]
-    config["base_model_name_or_path"] = Path(os.path.relpath(base, adapter_dir.resolve())).as_posix()
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
-    # peft's template card repeats the base's absolute path and says nothing the export's own card does not.
-    (adapter_dir / "README.md").unlink(missing_ok=True)
-
-
 def load_rrg(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[LlavaForConditionalGeneration, RRGProcessor]:
-    """Loads a ``save_rrg`` export with ``AutoModelForImageTextToText`` and its processor.
+    """Loads a ``rlhf_rrg.export.save.save_rrg`` export with ``AutoModelForImageTextToText`` and its processor.
 
     Raises:
         rlhf_rrg.runroot.DamagedExportError: a file of a complete-marked export differs from its marker.

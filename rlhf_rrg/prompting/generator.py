@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from rewards.observations import CHEXPERT_14
-from rlhf_rrg.config import load_config, save_config
-from rlhf_rrg.export.model_card import write_model_card
+from rlhf_rrg.config import load_config
 from rlhf_rrg.losses.finding_weighted import finding_spans, token_weights, weighted_lm_loss
 from rlhf_rrg.losses.self_refine import SelfRefineConfig, self_refining_loss, serpent_refining_loss
 from rlhf_rrg.models.chat_prompt import ChatTemplateSetting, use_chat_template
@@ -33,16 +32,17 @@ from rlhf_rrg.models.disease_clues import (
 )
 from rlhf_rrg.models.processor import RRGProcessor
 from rlhf_rrg.models.residual_context import projector_of, residual_context_hook
-from rlhf_rrg.models.rrg import generate_response_ids, load_rrg, save_rrg, to_model_device
+from rlhf_rrg.models.rrg import generate_response_ids, load_rrg, to_model_device
 from rlhf_rrg.models.text_encoder import pool_hidden_states
 from rlhf_rrg.models.vision_features import VisionFeatures
 from rlhf_rrg.prompting.prompts import build_context_prompt
 from rlhf_rrg.retrieval.context import ContextConfig
 from rlhf_rrg.retrieval.retriever import ContextRetriever, embed_studies
 
-_PROMPTING_DIR = "prompting"
-_SETTINGS_FILE = "prompting.yaml"
-_CLUE_HEAD_FILE = "clue_head.safetensors"
+PROMPTING_DIR = "prompting"
+SETTINGS_FILE = "prompting.yaml"
+CLUE_HEAD_FILE = "clue_head.safetensors"
+CLUE_HEAD_META = "clue_head.json"
 
 
 @dataclass
@@ -277,26 +277,9 @@ class ReportGenerator(nn.Module):
         return self.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
     # ----------------------------------------------------------------------------------------------- export
-    def save(self, out_dir: str | Path) -> Path:
-        """``save_rrg`` export (merged weights, processor, remote code) plus ``prompting/`` (settings, bank with its
-        context images, clue head) and the model card ``README.md``."""
-        out_dir = save_rrg(self.model, self.processor, out_dir)
-        prompting_dir = out_dir / _PROMPTING_DIR
-        prompting_dir.mkdir(exist_ok=True)
-        save_config(self.prompting, prompting_dir / _SETTINGS_FILE)
-        if self.retriever is not None:
-            self.retriever.save(prompting_dir)
-        if self.clue_head is not None:
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.clue_head.state_dict().items()},
-                      prompting_dir / _CLUE_HEAD_FILE)
-            in_dim = self.clue_head.net[0].normalized_shape[0]
-            (prompting_dir / "clue_head.json").write_text(json.dumps({"in_dim": in_dim}))
-        write_model_card(out_dir)
-        return out_dir
-
     @classmethod
     def from_export(cls, path: str | Path, device: str | torch.device = "cpu") -> ReportGenerator:
-        """Loads an sft/ppo export written by :meth:`save`.
+        """Loads an sft/ppo export written by :func:`rlhf_rrg.export.save.save_generator`.
 
         Raises:
             FileNotFoundError: naming the export folder and the file it lacks.
@@ -316,13 +299,13 @@ class ReportGenerator(nn.Module):
         """
         path = Path(path)
         cls._check_export(path)
-        prompting = load_config(PromptingConfig, path / _PROMPTING_DIR / _SETTINGS_FILE)
-        retriever = ContextRetriever.load_dir(path / _PROMPTING_DIR) if prompting.context.mode != "none" else None
+        prompting = load_config(PromptingConfig, path / PROMPTING_DIR / SETTINGS_FILE)
+        retriever = ContextRetriever.load_dir(path / PROMPTING_DIR) if prompting.context.mode != "none" else None
         clue_head = None
         if prompting.clues.enabled:
-            meta = json.loads((path / _PROMPTING_DIR / "clue_head.json").read_text())
+            meta = json.loads((path / PROMPTING_DIR / CLUE_HEAD_META).read_text())
             clue_head = DiseaseClueHead(meta["in_dim"], prompting.clues.hidden_dim, prompting.clues.dropout)
-            clue_head.load_state_dict(load_file(path / _PROMPTING_DIR / _CLUE_HEAD_FILE))
+            clue_head.load_state_dict(load_file(path / PROMPTING_DIR / CLUE_HEAD_FILE))
             clue_head.to(next(model.parameters()).device).eval()
         generator = cls(model, processor, prompting, retriever, clue_head)
         generator.training = False  # not .eval(): that would recurse into the caller's model
@@ -330,7 +313,7 @@ class ReportGenerator(nn.Module):
 
     @staticmethod
     def _check_export(path: Path) -> None:
-        for required in (path / "config.json", path / _PROMPTING_DIR / _SETTINGS_FILE):
+        for required in (path / "config.json", path / PROMPTING_DIR / SETTINGS_FILE):
             if not required.is_file():
                 raise FileNotFoundError(f"{path} is not a report-generator export: {required} is missing "
                                         "(exports are written by stages/sft.py and stages/ppo.py)")

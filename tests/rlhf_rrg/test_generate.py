@@ -11,6 +11,7 @@ from PIL import Image
 
 from rlhf_rrg import generate as gen
 from rlhf_rrg.data.images import load_image
+from rlhf_rrg.export.save import save_generator
 from rlhf_rrg.inference import ReportGenerator
 from rlhf_rrg.prompting.generator import PromptingConfig
 from rlhf_rrg.retrieval.context import ContextConfig
@@ -45,7 +46,7 @@ def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("export")
     tiny = tiny_rrg(tmp)
     prompting = PromptingConfig(context=ContextConfig(mode="none"), views=1)
-    return ReportGenerator(tiny.model, tiny.processor, prompting).save(tmp / "export")
+    return save_generator(ReportGenerator(tiny.model, tiny.processor, prompting), tmp / "export")
 
 
 def test_check_export_names_path_and_expected_files(tmp_path: Path) -> None:
@@ -133,7 +134,7 @@ def test_cli_annotation_split_with_two_view_export(tmp_path: Path) -> None:
     torch.manual_seed(0)
     tiny = tiny_rrg(tmp_path)
     prompting = PromptingConfig(context=ContextConfig(mode="none"), views=2)
-    export = ReportGenerator(tiny.model, tiny.processor, prompting).save(tmp_path / "export")
+    export = save_generator(ReportGenerator(tiny.model, tiny.processor, prompting), tmp_path / "export")
     data = write_iu_xray_fixture(tmp_path)
     out = tmp_path / "reports.jsonl"
     argv = [

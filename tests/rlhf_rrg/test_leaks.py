@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from rlhf_rrg.export.save import save_generator
 from rlhf_rrg.leaks import ExportLeakError, find_leaks, machine_names, scrub_model_paths, text_leaks
 from rlhf_rrg.models.rrg import RRGModelConfig, apply_lora, build_processor, build_rrg_model, load_rrg
 from rlhf_rrg.prompting.generator import PromptingConfig, ReportGenerator
@@ -99,7 +100,7 @@ def test_an_sft_export_of_a_run_carries_no_machine_path(tmp_path):
     generator = ReportGenerator(model, build_processor(model.base_model.model, tiny.tokenizer), PromptingConfig())
     export = StageDirs(run, "sft").export
     with writing_export(export, {"stage": "sft", "vision": str(vision)}) as out:
-        generator.save(out)
+        save_generator(generator, out)
 
     assert find_leaks(export) == []
     for path in export.rglob("*"):

@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from rlhf_rrg.export.save import save_generator
 from rlhf_rrg.marker import export_id
 from rlhf_rrg.prompting.generator import PromptingConfig, ReportGenerator
 from rlhf_rrg.runroot import mark_export_complete
@@ -29,7 +30,7 @@ def make_run(tmp_path_factory):
     tiny = tiny_rrg(template)
     generator = ReportGenerator(tiny.model, tiny.processor, PromptingConfig()).eval()
     for stage in ("sft", "ppo"):
-        generator.save(template / stage)
+        save_generator(generator, template / stage)
 
     def make(dataset: str) -> Path:
         run = tmp_path_factory.mktemp(dataset)

@@ -18,7 +18,7 @@ def test_card_describes_the_run(make_run):
     run = make_run("iu_xray")
     export = run / "ppo" / "export"
     assert [stage for stage, _ in stage_lineage(export)] == ["sft", "ppo"]
-    card = (export / "README.md").read_text()  # written by ReportGenerator.save
+    card = (export / "README.md").read_text()  # written by save_generator
     front = yaml.safe_load(card.split("---")[1])
     assert front["pipeline_tag"] == "image-text-to-text" and front["library_name"] == "transformers"
     card = render_model_card(export)  # now with the eval scores written after the export

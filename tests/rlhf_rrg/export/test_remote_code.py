@@ -19,6 +19,7 @@ from rlhf_rrg.data.dataset import DataConfig, build_dataset
 from rlhf_rrg.data.synthetic import SyntheticConfig, write_synthetic_dataset
 from rlhf_rrg.export.modeling_rrg import RRGLlavaForConditionalGeneration
 from rlhf_rrg.export.remote_code import AUTO_MAP, remote_sources
+from rlhf_rrg.export.save import save_generator
 from rlhf_rrg.models.disease_clues import DiseaseClueConfig, DiseaseClueHead
 from rlhf_rrg.prompting.generator import PromptingConfig, ReportGenerator
 from rlhf_rrg.prompting.prompts import build_context_prompt
@@ -99,7 +100,7 @@ def test_export_generates_in_plain_transformers_without_the_package(tmp_path, co
         generator = context_generator(tmp_path, tiny)
     else:
         generator = ReportGenerator(tiny.model, tiny.processor, PromptingConfig()).eval()
-    export = generator.save(tmp_path / "export")
+    export = save_generator(generator, tmp_path / "export")
     config = json.loads((export / "config.json").read_text())
     assert config["auto_map"] == AUTO_MAP and config["vision_config"]["model_type"] == "rrg_vision"
     image = Image.fromarray((np.random.default_rng(0).random((90, 70)) * 255).astype(np.uint8))
@@ -130,7 +131,8 @@ def test_export_generates_in_plain_transformers_without_the_package(tmp_path, co
 def test_generate_reports_takes_each_study_as_its_views(tmp_path):
     torch.manual_seed(0)
     tiny = tiny_rrg(tmp_path)
-    export = ReportGenerator(tiny.model, tiny.processor, PromptingConfig(views=2)).eval().save(tmp_path / "export")
+    export = save_generator(ReportGenerator(tiny.model, tiny.processor, PromptingConfig(views=2)).eval(),
+                            tmp_path / "export")
     rng = np.random.default_rng(1)
     studies = [[Image.fromarray((rng.random((80, 80)) * 255).astype(np.uint8)) for _ in range(2)] for _ in range(2)]
     pixels = torch.stack([torch.stack([tiny.processor.preprocess_image(v) for v in views]) for views in studies])
@@ -141,7 +143,7 @@ def test_generate_reports_takes_each_study_as_its_views(tmp_path):
 
 def test_generate_reports_keeps_the_models_train_mode(tmp_path):
     tiny = tiny_rrg(tmp_path)
-    export = ReportGenerator(tiny.model, tiny.processor, PromptingConfig()).eval().save(tmp_path / "export")
+    export = save_generator(ReportGenerator(tiny.model, tiny.processor, PromptingConfig()).eval(), tmp_path / "export")
     model = RRGLlavaForConditionalGeneration.from_pretrained(export).train()
     model.generate_reports(tiny.processor, torch.zeros(1, 1, 3, SIZE, SIZE), max_new_tokens=2)
     assert all(module.training for module in model.modules())
@@ -176,7 +178,7 @@ def test_generate_and_generate_reports_leave_the_model_as_found_in_any_order(tmp
     projector for good, so a later plain ``generate`` on 1 image failed and on 2 images mixed their features."""
     torch.manual_seed(0)
     tiny = tiny_rrg(tmp_path)
-    export = context_generator(tmp_path, tiny, k_pos=1, k_neg=0).save(tmp_path / "export")
+    export = save_generator(context_generator(tmp_path, tiny, k_pos=1, k_neg=0), tmp_path / "export")
     rng = np.random.default_rng(3)
     paths = []
     for i in range(2):

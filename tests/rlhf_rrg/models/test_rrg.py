@@ -7,6 +7,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM
 
+from rlhf_rrg.export.save import save_rrg
 from rlhf_rrg.models.llm_configs import check_llm_path
 from rlhf_rrg.models.rrg import (
     LoraSettings,
@@ -16,7 +17,6 @@ from rlhf_rrg.models.rrg import (
     build_rrg_model,
     generate_reports,
     load_rrg,
-    save_rrg,
 )
 from rlhf_rrg.optim import OptimConfig, build_optimizer, module_prefix
 from rlhf_rrg.runroot import DamagedExportError, writing_export

@@ -7,7 +7,8 @@ from datasets import Dataset
 from PIL import Image
 from trl import GRPOConfig, GRPOTrainer
 
-from rlhf_rrg.models.rrg import apply_lora, load_rrg, save_rrg
+from rlhf_rrg.export.save import save_rrg
+from rlhf_rrg.models.rrg import apply_lora, load_rrg
 from rlhf_rrg.testing.tiny_models import TINY_PROMPT, tiny_rrg
 
 

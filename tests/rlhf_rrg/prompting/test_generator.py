@@ -15,6 +15,7 @@ from rewards.clinical import ce_metrics
 from rewards.observations import CHEXPERT_14
 from rlhf_rrg.data.dataset import DataConfig, ReportDataset, build_dataset
 from rlhf_rrg.data.synthetic import SyntheticConfig, write_synthetic_dataset
+from rlhf_rrg.export.save import save_generator
 from rlhf_rrg.losses.finding_weighted import finding_spans, weighted_lm_loss
 from rlhf_rrg.losses.self_refine import SelfRefineConfig, self_refining_loss
 from rlhf_rrg.models.disease_clues import DiseaseClueConfig, DiseaseClueHead, best_thresholds
@@ -202,7 +203,7 @@ def test_residual_context_survives_export(data_root, tmp_path):
     gen, batch = built.generator.eval(), first_batch(built)
     with torch.no_grad():
         loss, _ = gen(batch)
-    loaded = ReportGenerator.from_export(gen.save(tmp_path / "export")).eval()
+    loaded = ReportGenerator.from_export(save_generator(gen, tmp_path / "export")).eval()
     with torch.no_grad():
         reloaded, _ = loaded(batch)
     torch.testing.assert_close(reloaded, loss)
@@ -328,7 +329,7 @@ def test_export_round_trip_generates_the_same_reports(data_root, tmp_path, lora)
         expected_loss, _ = gen(batch)
     expected = gen.generate(pixels, ids, max_new_tokens=12)
     assert all(expected)
-    loaded = ReportGenerator.from_export(gen.save(tmp_path / "export"))
+    loaded = ReportGenerator.from_export(save_generator(gen, tmp_path / "export"))
     assert loaded.prompting == gen.prompting and not loaded.training
     assert loaded.retriever.bank.ids == gen.retriever.bank.ids
     assert (loaded.image_size, loaded.views, loaded.mean, loaded.std) == (SIZE, 1, MEAN, STD)
@@ -345,7 +346,7 @@ def test_copied_export_generates_with_the_training_data_gone(tmp_path):
     gen = built.generator.eval()
     pixels = torch.stack([built.val[i]["pixel_values"] for i in range(len(built.val))])
     expected = gen.generate(pixels, max_new_tokens=12)
-    gen.save(tmp_path / "export")
+    save_generator(gen, tmp_path / "export")
     shutil.copytree(tmp_path / "export", tmp_path / "copied")
     shutil.rmtree(root)
     shutil.rmtree(tmp_path / "export")
@@ -396,7 +397,7 @@ def test_per_observation_thresholds_decide_the_clues_and_survive_export(data_roo
     presence = gen.clue_presence(logits)
     assert presence[:, [0, *range(2, 14)]].sum() == 0 and presence[:, 1].sum() == 1
     assert CHEXPERT_14[1].lower() in gen.prompts(batch, presence)[int(probs[:, 1].argmax())]
-    loaded = ReportGenerator.from_export(gen.save(tmp_path / "export"))
+    loaded = ReportGenerator.from_export(save_generator(gen, tmp_path / "export"))
     assert loaded.prompting.clues.thresholds == thresholds
     assert torch.equal(loaded.clue_presence(loaded.clue_logits(batch["pixel_values"])), presence)
     with pytest.raises(ValueError, match="thresholds must be 14 values"):
@@ -469,7 +470,7 @@ def test_chat_template_setting_formats_training_and_generation_and_survives_expo
     assert bool(sft["input_ids"][0, first_label - 1] == start) is chat
     assert bool((gen.generation_inputs(batch)["input_ids"][:, -1] == start).all()) is chat
     expected = gen.generate(pixels, max_new_tokens=6)
-    loaded = ReportGenerator.from_export(gen.save(tmp_path / "export"))
+    loaded = ReportGenerator.from_export(save_generator(gen, tmp_path / "export"))
     assert loaded.processor.chat_prompts is chat and loaded.prompting.chat_template == setting
     assert loaded.generate(pixels, max_new_tokens=6) == expected
     with pytest.raises(ValueError, match="chat_template must be auto, true or false"):
