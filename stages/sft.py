@@ -30,6 +30,7 @@ from rlhf_rrg.export.save import save_generator
 from rlhf_rrg.logging import read_jsonl
 from rlhf_rrg.losses.finding_weighted import FindingWeightConfig
 from rlhf_rrg.losses.self_refine import SelfRefineConfig
+from rlhf_rrg.losses.sft import sft_loss
 from rlhf_rrg.models.disease_clues import DiseaseClueHead
 from rlhf_rrg.models.llm_configs import TINY_LLMS
 from rlhf_rrg.models.rrg import RRGModelConfig, apply_lora, build_processor, build_rrg_model, build_vision_model
@@ -178,7 +179,8 @@ def main(cfg: SFTStageConfig) -> None:
         ctx.metric_logger.log_dict({f"baseline_majority/{k}": v for k, v in baseline.items()}, 0)
 
     def step_fn(model, batch):
-        return model(batch, cfg.self_refine, cfg.lm.finding_weight)
+        # The pass goes through the wrapped model (DDP syncs its gradients); the loss reads the generator's settings.
+        return sft_loss(accelerator.unwrap_model(model), batch, cfg.self_refine, cfg.lm.finding_weight, forward=model)
 
     def eval_fn(model) -> dict[str, float]:
         unwrapped = accelerator.unwrap_model(model)

@@ -2,8 +2,9 @@
 
 ``ReportGenerator`` owns the LLaVA-style model (plain or LoRA), an optional TRRG disease-clue head, and the
 non-trainable pieces that turn a study into model inputs: the processor, the context retriever (R2GenCSR) and
-the prompt settings. SFT computes its loss through it, RL builds rollout inputs through it, and inference loads it
-from an export, so a study is prompted identically everywhere.
+the prompt settings. SFT runs its teacher-forced pass through it (the loss is :mod:`rlhf_rrg.losses.sft`), RL
+builds rollout inputs through it, and inference loads it from an export, so a study is prompted identically
+everywhere.
 """
 
 from __future__ import annotations
@@ -20,20 +21,16 @@ from torch import nn
 
 from rewards.observations import CHEXPERT_14
 from rlhf_rrg.config import load_config
-from rlhf_rrg.losses.finding_weighted import finding_spans, token_weights, weighted_lm_loss
-from rlhf_rrg.losses.self_refine import SelfRefineConfig, self_refining_loss, serpent_refining_loss
 from rlhf_rrg.models.chat_prompt import ChatTemplateSetting, use_chat_template
 from rlhf_rrg.models.disease_clues import (
     DiseaseClueConfig,
     DiseaseClueHead,
-    clue_bce_loss,
     clue_targets,
     clue_texts,
 )
 from rlhf_rrg.models.processor import RRGProcessor
 from rlhf_rrg.models.residual_context import projector_of, residual_context_hook
 from rlhf_rrg.models.rrg import generate_response_ids, load_rrg, to_model_device
-from rlhf_rrg.models.text_encoder import pool_hidden_states
 from rlhf_rrg.models.vision_features import VisionFeatures
 from rlhf_rrg.prompting.prompts import build_context_prompt
 from rlhf_rrg.retrieval.context import ContextConfig
@@ -63,14 +60,21 @@ class PromptingConfig:
             raise ValueError(f"prompting.chat_template must be auto, true or false, got {self.chat_template!r}")
 
 
-def _finding_weights(offsets: list[list[tuple[int, int]]], reports: list[str], labels: torch.Tensor,
-                     weight: float) -> torch.Tensor:
-    """``(b, L)`` LM-loss weights: ``weight`` on report tokens inside sentences stating a finding, else 1."""
-    weights = torch.ones(labels.shape, dtype=torch.float32)
-    first = (labels != -100).int().argmax(dim=1).tolist()  # each row's first report token
-    for i, (row, report) in enumerate(zip(offsets, reports, strict=True)):
-        weights[i, first[i] : first[i] + len(row)] = torch.tensor(token_weights(row, finding_spans(report), weight))
-    return weights
+@dataclass
+class TeacherForced:
+    """One teacher-forced pass of :meth:`ReportGenerator.forward`, what the SFT loss (:mod:`rlhf_rrg.losses.sft`)
+    is computed from.
+
+    ``output``: the LLM's output (``loss`` only when labels went in; ``hidden_states`` / ``attentions`` when asked);
+    ``input_ids`` and ``labels`` ``(b, t)`` on the model's device (-100 outside the report); ``clue_logits``
+    ``(b, 14)`` or None; ``report_offsets``: per study, the character span of each report token (when asked).
+    """
+
+    output: Any
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    clue_logits: torch.Tensor | None
+    report_offsets: list[list[tuple[int, int]]] | None
 
 
 class ReportGenerator(nn.Module):
@@ -196,55 +200,28 @@ class ReportGenerator(nn.Module):
                 "neg_reports": [x["neg_reports"] for x in loaded], "pos_reports": [x["pos_reports"] for x in loaded]}
 
     # ----------------------------------------------------------------------------------------------- SFT
-    def forward(self, batch: dict[str, Any], self_refine: SelfRefineConfig | None = None,
-                finding_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
-        """SFT loss: LM cross-entropy (its finding sentences weighted by ``finding_weight``, see
-        :mod:`rlhf_rrg.losses.finding_weighted`) + TRRG clue BCE + SERPENT-VLM self-refining term (each when
-        enabled)."""
+    def forward(self, batch: dict[str, Any], output_hidden_states: bool = False, output_attentions: bool = False,
+                report_offsets: bool = False, model_loss: bool = True) -> TeacherForced:
+        """Teacher-forced pass over a ``collate_context`` batch: prompts (with the clue head's statements, see
+        :meth:`_training_clues`) followed by the reference reports. The loss is :func:`rlhf_rrg.losses.sft.sft_loss`.
+
+        Args:
+            batch: studies with their context and reports.
+            output_hidden_states: the LLM also returns its hidden states.
+            output_attentions: the LLM also returns its attention probabilities.
+            report_offsets: also return each report token's character span.
+            model_loss: the LLM computes its own cross-entropy (``output.loss``); off when the caller weighs tokens.
+        """
         clue_logits = self.clue_logits(batch["pixel_values"])
-        weighted = finding_weight != 1.0
         inputs = self.processor.build_sft_batch(self.prompts(batch, self._training_clues(batch, clue_logits)),
                                                 batch["reports"], self.images(batch),
-                                                self.prompting.max_report_tokens, return_offsets=weighted)
-        weights = _finding_weights(inputs.pop("report_offsets"), batch["reports"], inputs["labels"],
-                                   finding_weight) if weighted else None
+                                                self.prompting.max_report_tokens, return_offsets=report_offsets)
+        offsets = inputs.pop("report_offsets") if report_offsets else None
         inputs = to_model_device(self.model, inputs)
-        labels = inputs.pop("labels") if weighted else inputs["labels"]
-        refine = self_refine is not None and self_refine.weight > 0
-        serpent = refine and self_refine.formulation == "serpent"
+        labels = inputs["labels"] if model_loss else inputs.pop("labels")
         with self.prompt_hooks():
-            out = self.model(**inputs, output_hidden_states=refine, output_attentions=serpent)
-        lm_loss = out.loss if weights is None else weighted_lm_loss(out.logits, labels, weights.to(labels.device))
-        loss, metrics = lm_loss * (self_refine.report_weight if refine else 1.0), {"lm_loss": lm_loss.item()}
-        if clue_logits is not None:
-            if batch["labels"] is None:
-                raise ValueError("clues.enabled needs CheXpert labels for every study (the dataset has none)")
-            bce = clue_bce_loss(clue_logits, batch["labels"].to(self.device), self.prompting.clues.uncertain_policy)
-            loss = loss + self.prompting.clues.loss_weight * bce
-            metrics["clue_bce"] = bce.item()
-        if refine:
-            term = self._self_refine_term(out, inputs["input_ids"], labels, self_refine)
-            loss = loss + self_refine.weight * term
-            metrics["self_refine"] = term.item()
-        return loss, metrics
-
-    def _self_refine_term(self, out: Any, input_ids: torch.Tensor, labels: torch.Tensor,
-                          cfg: SelfRefineConfig) -> torch.Tensor:
-        """SERPENT-VLM's term (:mod:`rlhf_rrg.losses.self_refine`). Image side: the projected query-image
-        embeddings the LLM receives (``hidden_states[0]`` is its input embedding sequence); report side: the last
-        layer over the report tokens (pooled), or the attention-pooled soft embeddings of the logits (serpent)."""
-        image_mask = self._query_image_mask(input_ids)
-        if cfg.formulation == "pooled":
-            return self_refining_loss(out.hidden_states[0], image_mask, out.hidden_states[-1], labels != -100,
-                                      cfg.similarity)
-        if not out.attentions:
-            raise ValueError("self_refine.formulation serpent needs the LLM's attention probabilities: set its "
-                             "attention to eager (model.set_attn_implementation('eager'), as stages/sft.py does)")
-        predicts_report = torch.zeros_like(labels, dtype=torch.bool)
-        predicts_report[:, :-1] = labels[:, 1:] != -100  # the logits at t predict the token at t + 1
-        image = pool_hidden_states(out.hidden_states[0], image_mask, "mean")
-        return serpent_refining_loss(out.logits, out.attentions[-1], self.model.get_input_embeddings().weight,
-                                     predicts_report, image, cfg.tau)
+            out = self.model(**inputs, output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+        return TeacherForced(out, inputs["input_ids"], labels, clue_logits, offsets)
 
     def _training_clues(self, batch: dict[str, Any], clue_logits: torch.Tensor | None) -> torch.Tensor | None:
         """The clue statements of SFT prompts: the head's, or with ``clues.gold_prompt_prob`` the study's labels."""
@@ -257,13 +234,6 @@ class ReportGenerator(nn.Module):
         gold = clue_targets(batch["labels"], self.prompting.clues.uncertain_policy)[0].bool().to(clues.device)
         use_gold = torch.rand(clues.shape[0], 1, device=clues.device) < share
         return torch.where(use_gold, gold, clues)
-
-    def _query_image_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """``(b, t)`` mask of the query study's image tokens (the last ``views`` images; context images excluded)."""
-        is_image = input_ids == self.processor.image_token_id
-        per_row = is_image.sum(1, keepdim=True)
-        query_tokens = self.prompting.views * self.processor.num_image_tokens
-        return is_image & (is_image.cumsum(1) > per_row - query_tokens)
 
     # ----------------------------------------------------------------------------------------------- generation
     @torch.no_grad()

@@ -18,6 +18,7 @@ from rlhf_rrg.data.synthetic import SyntheticConfig, write_synthetic_dataset
 from rlhf_rrg.export.save import save_generator
 from rlhf_rrg.losses.finding_weighted import finding_spans, weighted_lm_loss
 from rlhf_rrg.losses.self_refine import SelfRefineConfig, self_refining_loss
+from rlhf_rrg.losses.sft import query_image_mask, sft_loss
 from rlhf_rrg.models.disease_clues import DiseaseClueConfig, DiseaseClueHead, best_thresholds
 from rlhf_rrg.models.rrg import (
     LoraSettings,
@@ -118,7 +119,7 @@ def test_query_mask_is_the_last_views_images_tokens(data_root, tmp_path, views):
     sft = processor.build_sft_batch(prompts, batch["reports"], gen.images(batch), 40)
     generation = processor.build_generation_batch(prompts, gen.images(batch))
     for input_ids in (sft["input_ids"], generation["input_ids"]):  # right- and left-padded
-        mask = gen._query_image_mask(input_ids)
+        mask = query_image_mask(gen, input_ids)
         for row, positions in enumerate(image_positions(input_ids, processor.image_token_id)):
             assert len(positions) == (K_POS + K_NEG + views) * n_img
             expected = torch.zeros_like(mask[row])
@@ -158,7 +159,7 @@ def image_slot_embeddings(gen: ReportGenerator, batch: dict) -> tuple[torch.Tens
     for hook in hooks:
         hook.remove()
     b, d = len(batch["ids"]), llava.config.text_config.hidden_size
-    query_mask = gen._query_image_mask(captured["input_ids"])
+    query_mask = query_image_mask(gen, captured["input_ids"])
     is_image = captured["input_ids"] == gen.processor.image_token_id
     embeds = captured["embeds"]
     return embeds[query_mask].reshape(b, -1, d), embeds[is_image & ~query_mask].reshape(b, -1, d)
@@ -202,16 +203,16 @@ def test_residual_context_survives_export(data_root, tmp_path):
     built = build(data_root, tmp_path, residual=True)
     gen, batch = built.generator.eval(), first_batch(built)
     with torch.no_grad():
-        loss, _ = gen(batch)
+        loss, _ = sft_loss(gen, batch)
     loaded = ReportGenerator.from_export(save_generator(gen, tmp_path / "export")).eval()
     with torch.no_grad():
-        reloaded, _ = loaded(batch)
+        reloaded, _ = sft_loss(loaded, batch)
     torch.testing.assert_close(reloaded, loss)
     context = dataclasses.replace(loaded.prompting.context, residual=False)
     plain = ReportGenerator(loaded.model, loaded.processor, dataclasses.replace(loaded.prompting, context=context),
                             loaded.retriever, loaded.clue_head).eval()
     with torch.no_grad():
-        without, _ = plain(batch)
+        without, _ = sft_loss(plain, batch)
     assert not torch.allclose(without, loss)
 
 
@@ -238,7 +239,7 @@ def test_sft_loss_adds_clue_and_self_refine_terms(data_root, tmp_path):
     built = build(data_root, tmp_path)
     gen, batch = built.generator, first_batch(built)
     refine = SelfRefineConfig(weight=0.3)
-    loss, metrics = gen(batch, refine)
+    loss, metrics = sft_loss(gen, batch, refine)
     assert set(metrics) == {"lm_loss", "clue_bce", "self_refine"}
     expected = (
         metrics["lm_loss"] + gen.prompting.clues.loss_weight * metrics["clue_bce"] + 0.3 * metrics["self_refine"]
@@ -247,7 +248,7 @@ def test_sft_loss_adds_clue_and_self_refine_terms(data_root, tmp_path):
     loss.backward()
     assert gen.clue_head.net[-1].weight.grad.abs().sum() > 0
     assert gen.model.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
-    _, plain = gen(batch)
+    _, plain = sft_loss(gen, batch)
     assert set(plain) == {"lm_loss", "clue_bce"}
 
 
@@ -264,10 +265,10 @@ def test_self_refine_pairs_the_llm_input_image_embeddings_with_the_last_layer_re
             lambda m, a, out: captured.update(last=out.last_hidden_state)),
     ]
     with torch.no_grad():
-        _, metrics = gen(batch, SelfRefineConfig(weight=0.5))
+        _, metrics = sft_loss(gen, batch, SelfRefineConfig(weight=0.5))
     for hook in hooks:
         hook.remove()
-    query, report = gen._query_image_mask(captured["ids"]), captured["labels"] != -100
+    query, report = query_image_mask(gen, captured["ids"]), captured["labels"] != -100
     # The image side is the projector output scattered into the LLM input, not a hidden state of the LLM.
     expected = self_refining_loss(captured["embeds"], query, captured["last"], report)
     assert metrics["self_refine"] == pytest.approx(expected.item(), rel=1e-5)
@@ -278,9 +279,9 @@ def test_serpent_formulation_scales_the_lm_loss_and_adds_exp_of_summed_cosines(d
     gen, batch = built.generator.eval(), first_batch(built)
     refine = SelfRefineConfig(weight=0.1, report_weight=0.05, formulation="serpent")
     with pytest.raises(ValueError, match="set its attention to eager"):
-        gen(batch, refine)
+        sft_loss(gen, batch, refine)
     gen.model.set_attn_implementation("eager")
-    loss, metrics = gen(batch, refine)
+    loss, metrics = sft_loss(gen, batch, refine)
     clue_weight = gen.prompting.clues.loss_weight
     expected = 0.05 * metrics["lm_loss"] + clue_weight * metrics["clue_bce"] + 0.1 * metrics["self_refine"]
     assert loss.item() == pytest.approx(expected, rel=1e-5)
@@ -294,7 +295,7 @@ def test_clues_without_labels_raise(data_root, tmp_path):
     built = build(data_root, tmp_path)
     batch = {**first_batch(built), "labels": None}
     with pytest.raises(ValueError, match="clues.enabled needs CheXpert labels"):
-        built.generator(batch)
+        sft_loss(built.generator, batch)
 
 
 def test_attach_context_matches_the_dataset_context(data_root, tmp_path):
@@ -326,7 +327,7 @@ def test_export_round_trip_generates_the_same_reports(data_root, tmp_path, lora)
     pixels = torch.stack([built.val[i]["pixel_values"] for i in range(len(built.val))])
     ids = [s.id for s in built.val.studies]
     with torch.no_grad():
-        expected_loss, _ = gen(batch)
+        expected_loss, _ = sft_loss(gen, batch)
     expected = gen.generate(pixels, ids, max_new_tokens=12)
     assert all(expected)
     loaded = ReportGenerator.from_export(save_generator(gen, tmp_path / "export"))
@@ -335,7 +336,7 @@ def test_export_round_trip_generates_the_same_reports(data_root, tmp_path, lora)
     assert (loaded.image_size, loaded.views, loaded.mean, loaded.std) == (SIZE, 1, MEAN, STD)
     assert loaded.generate(pixels, ids, max_new_tokens=12) == expected
     with torch.no_grad():
-        loaded_loss, _ = loaded(batch)
+        loaded_loss, _ = sft_loss(loaded, batch)
     torch.testing.assert_close(loaded_loss, expected_loss, rtol=1e-4, atol=1e-5)
 
 
@@ -426,9 +427,9 @@ def test_finding_weight_reaches_the_lm_loss(data_root, tmp_path):
     gen.eval()  # no dropout: the same forward three times
     assert any(finding_spans(r) for r in batch["reports"])  # the batch has finding sentences to weight
     with torch.no_grad():
-        plain, _ = gen(batch)
-        same, _ = gen(batch, finding_weight=1.0)
-        weighted, metrics = gen(batch, finding_weight=4.0)
+        plain, _ = sft_loss(gen, batch)
+        same, _ = sft_loss(gen, batch, finding_weight=1.0)
+        weighted, metrics = sft_loss(gen, batch, finding_weight=4.0)
         inputs = gen.processor.build_sft_batch(gen.prompts(batch, None), batch["reports"], gen.images(batch),
                                                gen.prompting.max_report_tokens, return_offsets=True)
         offsets = inputs.pop("report_offsets")

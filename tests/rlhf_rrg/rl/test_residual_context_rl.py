@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from rlhf_rrg.losses.sft import sft_loss
 from rlhf_rrg.models.rrg import LoraSettings
 from rlhf_rrg.prompting.generator import PromptingConfig, ReportGenerator
 from rlhf_rrg.retrieval.context import ContextConfig
@@ -54,10 +55,10 @@ def test_rollout_and_policy_see_the_residual_features(tmp_path):
     assert torch.equal(rollout.response_ids[:, :n], ids[:, :n])
     with torch.no_grad():
         scored = PolicyWithValue(generator)(rollout, nll_batch=batch)
-        sft_loss, _ = generator(batch)
+        lm_loss, _ = sft_loss(generator, batch)
     torch.testing.assert_close(scored["logprobs"][:, :n],
                                logprobs_from_logits(scores[:, :n], rollout.response_ids[:, :n]), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(scored["nll"], sft_loss)
+    torch.testing.assert_close(scored["nll"], lm_loss)
     assert not projector._forward_pre_hooks
 
 
