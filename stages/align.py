@@ -26,9 +26,10 @@ from rlhf_rrg.checkpoint import CheckpointConfig
 from rlhf_rrg.data.collate import ReportTextCollator
 from rlhf_rrg.data.dataset import DataConfig, build_dataset, labels_tensor
 from rlhf_rrg.data.sampling import study_weights
+from rlhf_rrg.export.aligner import save_aligner
 from rlhf_rrg.losses.contrastive import ClipLoss, ContrastiveConfig
 from rlhf_rrg.models.rrg import build_vision_model
-from rlhf_rrg.models.study_aligner import StudyAligner, StudyAlignerConfig, build_study_aligner, save_aligner
+from rlhf_rrg.models.study_aligner import StudyAligner, StudyAlignerConfig, build_study_aligner
 from rlhf_rrg.models.text_encoder import TextEncoderConfig, build_text_encoder, tiny_text_encoder
 from rlhf_rrg.optim import OptimConfig, build_optimizer, build_scheduler
 from rlhf_rrg.retrieval.alignment_eval import RetrievalEvalConfig, evaluate_retrieval

@@ -4,34 +4,23 @@ A study has ``V`` images (IU-Xray: frontal + lateral). ``view_pooling="first"`` 
 ``"mean"`` embeds each view, averages the unit-norm embeddings and re-normalises, so a study is one point on the
 sphere either way. Everything runs inside ``forward`` so DDP sees one forward per step.
 
-The export (``save_aligner`` / ``load_aligner``) is three things side by side: ``vision/`` (the ``RRGVisionModel``
-that SFT loads as its vision tower), ``text/`` (encoder + tokenizer, any ``AutoModel`` layout) and
-``heads.safetensors`` (both projections and the logit scale, with the pooling settings in its metadata).
+Its export (``vision/``, ``text/``, ``heads.safetensors``) is written and read by :mod:`rlhf_rrg.export.aligner`.
 """
 
 from __future__ import annotations
 
-import logging
-import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, PreTrainedModel
-from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
-from rlhf_rrg.losses.contrastive import AlignerOutput, ClipLoss, ImageTextAligner
+from rlhf_rrg.models.image_text_aligner import AlignerOutput, ImageTextAligner
 from rlhf_rrg.models.text_encoder import Pooling
 
-logger = logging.getLogger(__name__)
-
 ViewPooling = Literal["first", "mean"]
-HEADS_FILE = "heads.safetensors"
-_HEAD_KEYS = ("image_proj.weight", "text_proj.weight", "loss.logit_scale")
 
 
 @dataclass
@@ -112,7 +101,7 @@ def build_study_aligner(
     vision_encoder: PreTrainedModel,
     text_encoder: PreTrainedModel,
     text_pooling: Pooling,
-    loss: ClipLoss,
+    loss: nn.Module,
     embed_dim: int,
     view_pooling: ViewPooling,
     freeze_vision: bool = False,
@@ -127,7 +116,7 @@ def build_study_aligner(
         vision_encoder: An encoder with ``config.hidden_size`` returning ``pooler_output`` ``(b, hidden)``.
         text_encoder: A Hugging Face encoder returning ``last_hidden_state`` ``(b, t, hidden)``.
         text_pooling: ``"cls"`` or ``"mean"``.
-        loss: The contrastive loss (owns the logit scale).
+        loss: The contrastive loss (owns the logit scale), e.g. :class:`rlhf_rrg.losses.contrastive.ClipLoss`.
         embed_dim: Width of the shared space.
         view_pooling: ``"first"`` or ``"mean"``.
         freeze_vision: Turn off gradients of the vision encoder.
@@ -151,56 +140,3 @@ def build_study_aligner(
     if isinstance(pooler, nn.Module):
         pooler.requires_grad_(False)
     return StudyAligner(aligner, view_pooling)
-
-
-def save_aligner(model: StudyAligner, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> None:
-    """Writes ``vision/``, ``text/`` and ``heads.safetensors`` under ``out_dir`` (see the module docstring)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    aligner = model.aligner
-    aligner.vision_encoder.save_pretrained(out_dir / "vision")
-    aligner.text_encoder.save_pretrained(out_dir / "text")
-    tokenizer.save_pretrained(out_dir / "text")
-    state = aligner.state_dict()
-    heads = {key: state[key].detach().cpu().contiguous() for key in _HEAD_KEYS}
-    metadata = {
-        "text_pooling": aligner.text_pooling,
-        "view_pooling": model.view_pooling,
-        "max_logit_scale": repr(math.exp(aligner.loss.max_log_scale)),
-    }
-    save_file(heads, str(out_dir / HEADS_FILE), metadata=metadata)
-
-
-def load_aligner(export_dir: str | Path) -> tuple[StudyAligner, PreTrainedTokenizerBase]:
-    """Loads what :func:`save_aligner` wrote.
-
-    Args:
-        export_dir: Folder with ``vision/``, ``text/`` and ``heads.safetensors``.
-
-    Returns:
-        ``(model, tokenizer)``, the model in eval mode.
-
-    Raises:
-        FileNotFoundError: naming the missing part of the export.
-    """
-    export_dir = Path(export_dir)
-    for part in ("vision/config.json", "text/config.json", HEADS_FILE):
-        if not (export_dir / part).is_file():
-            raise FileNotFoundError(f"aligner export {export_dir} lacks {part}")
-    vision = AutoModel.from_pretrained(export_dir / "vision", local_files_only=True)
-    text = AutoModel.from_pretrained(export_dir / "text", local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(export_dir / "text", local_files_only=True)
-    with safe_open(str(export_dir / HEADS_FILE), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    heads = load_file(str(export_dir / HEADS_FILE))
-    missing = [key for key in _HEAD_KEYS if key not in heads] + [
-        key for key in ("text_pooling", "view_pooling", "max_logit_scale") if key not in metadata
-    ]
-    if missing:
-        raise ValueError(f"{export_dir / HEADS_FILE} lacks {missing}")
-    loss = ClipLoss(max_logit_scale=float(metadata["max_logit_scale"]))
-    embed_dim = heads["image_proj.weight"].shape[0]
-    model = build_study_aligner(vision, text, metadata["text_pooling"], loss, embed_dim, metadata["view_pooling"])
-    model.aligner.load_state_dict({**model.aligner.state_dict(), **heads})
-    logger.info("loaded aligner export %s (embed_dim %d)", export_dir, embed_dim)
-    return model.eval(), tokenizer

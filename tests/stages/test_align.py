@@ -7,8 +7,8 @@ from safetensors.torch import load_file
 from transformers import AutoModel
 
 from rlhf_rrg.config import ConfigError, load_config
+from rlhf_rrg.export.aligner import load_aligner
 from rlhf_rrg.logging import read_jsonl
-from rlhf_rrg.models.study_aligner import load_aligner
 from rlhf_rrg.models.vision import RRGVisionModel
 from rlhf_rrg.runroot import EXPORT_MARKER, MissingStageOutputError
 

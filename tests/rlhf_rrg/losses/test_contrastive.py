@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from rlhf_rrg.losses.contrastive import ClipLoss, ContrastiveConfig, ImageTextAligner, label_aware_targets
+from rlhf_rrg.losses.contrastive import ClipLoss, ContrastiveConfig, label_aware_targets
+from rlhf_rrg.models.image_text_aligner import ImageTextAligner
 from rlhf_rrg.models.text_encoder import build_text_encoder, tiny_text_encoder
 
 

@@ -3,8 +3,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel
 
+from rlhf_rrg.export.aligner import load_aligner, save_aligner
 from rlhf_rrg.losses.contrastive import ClipLoss
-from rlhf_rrg.models.study_aligner import StudyAlignerConfig, build_study_aligner, load_aligner, save_aligner
+from rlhf_rrg.models.study_aligner import StudyAlignerConfig, build_study_aligner
 from rlhf_rrg.models.text_encoder import build_text_encoder, tiny_text_encoder
 from rlhf_rrg.models.vision import tiny_vision_config
 
