@@ -89,9 +89,9 @@ TARGETS = {"gain >= 0.04": lambda rl, sft: rl["CE-F1"] >= sft["CE-F1"] + 0.04,
            "rep <= SFT": lambda rl, sft: rl["rep"] <= sft["rep"]}
 
 
-def spread(values: list[float]) -> str:
-    """``mean (min to max)`` of one cell over runs."""
-    return f"{sum(values) / len(values):+.3f} ({min(values):+.3f} to {max(values):+.3f})"
+def spread(values: list[float], sign: str = "+") -> str:
+    """``mean (min to max)`` of one cell over runs; ``sign="+"`` prints signs, for differences."""
+    return f"{sum(values) / len(values):{sign}.3f} ({min(values):{sign}.3f} to {max(values):{sign}.3f})"
 
 
 def summary(runs: dict[str, list[dict]]) -> str:
@@ -105,7 +105,7 @@ def summary(runs: dict[str, list[dict]]) -> str:
         gaps = [r["gap"] for r in items if r["gap"] is not None]
         held = [f"{sum(check(r['rl'], r['sft']) for r in items)}/{len(items)}" for check in TARGETS.values()]
         lines.append(f"| {name} | {len(items)} | {spread(gains)} | {spread(ratios) if ratios else ''} | "
-                     f"{spread([r['rl']['len'] for r in items])} | {spread(gaps) if gaps else ''} | "
+                     f"{spread([r['rl']['len'] for r in items], '')} | {spread(gaps) if gaps else ''} | "
                      + " | ".join(held) + " |")
     return "\n".join(lines)
 
