@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import subprocess
@@ -25,17 +26,27 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def launch_env() -> dict[str, str]:
+    """The environment of launched stages.
+
+    ACCELERATE_USE_CPU: without it CPU processes do not join one gloo group (see cpu_ddp.yaml). The repo root on
+    PYTHONPATH: the launched script sees this checkout whatever install the venv holds. TORCH_EXTENSIONS_DIR: one per
+    Python environment, for DeepSpeed's JIT-built CPU comm op; two venvs sharing ``~/.cache/torch_extensions`` rebuild
+    it in turn (their include paths differ), and a process loading it while another rebuilds it can abort."""
+    prefix = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "ACCELERATE_USE_CPU": "true",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+            "TORCH_EXTENSIONS_DIR": os.environ.get(
+                "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions" / f"env-{prefix}"))}
+
+
 def accelerate_launch(config: str, stage: str, args: list[str]) -> subprocess.CompletedProcess:
     """Runs ``accelerate launch --config_file accelerate_configs/<config> stages/<stage>.py <args>`` from the repo
     root (config paths in ``args`` are relative to it); asserts it succeeded."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(REPO / "accelerate_configs" / config), "--main_process_port", str(free_port()),
                str(REPO / "stages" / f"{stage}.py"), *args]
-    # ACCELERATE_USE_CPU: without it CPU processes do not join one gloo group (see cpu_ddp.yaml). The repo root on
-    # PYTHONPATH: the launched script sees this checkout whatever install the venv holds.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "ACCELERATE_USE_CPU": "true",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
