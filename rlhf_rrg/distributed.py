@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import PartialState
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DistributedType
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,105 @@ def gather_params(model: torch.nn.Module, modifier_rank: int | None = None) -> I
 
     with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank):
         yield
+
+
+def deepspeed_on_cpu() -> bool:
+    """Whether ``accelerate launch`` started this process for DeepSpeed on a machine without an accelerator."""
+    launched = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    return launched and not torch.accelerator.is_available()
+
+
+def build_accelerator(**kwargs: Any) -> Accelerator:
+    """``Accelerator(**kwargs)``, with DeepSpeed on CPU processes joined into one gloo group.
+
+    accelerate 1.15 cannot start DeepSpeed on CPU by itself (``accelerate/state.py``): with ``ACCELERATE_USE_CPU``
+    set, ``AcceleratorState`` drops DeepSpeed (``... and not cpu``) and trains with DDP; without it, ``PartialState``
+    finds no device backend, calls ``deepspeed.init_distributed(dist_backend=None)`` and then counts ONE process
+    per rank. Naming the backend (``PartialState(backend="gloo")``) before the ``Accelerator`` exists makes it
+    initialise DeepSpeed's gloo group and read the real world size; ``ACCELERATE_USE_CPU`` is dropped from this
+    process's environment first (the CPU device follows from there being no accelerator). Anywhere else (GPUs, DDP
+    on CPU, one plain process) this is ``Accelerator(**kwargs)``.
+    """
+    if deepspeed_on_cpu() and not PartialState._shared_state:
+        os.environ.pop("ACCELERATE_USE_CPU", None)
+        PartialState(backend="gloo")
+    return Accelerator(**kwargs)
+
+
+def zero_stage(accelerator: Accelerator) -> int:
+    """The DeepSpeed ZeRO stage the accelerator trains with; 0 without DeepSpeed."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return 0
+    return int(accelerator.state.deepspeed_plugin.zero_stage)
+
+
+def configure_deepspeed(accelerator: Accelerator, micro_batch_size: int, grad_clip: float) -> None:
+    """Fills the DeepSpeed settings ``accelerator.prepare`` cannot infer from our loops; a no-op without DeepSpeed.
+
+    Call it before ``prepare``. ``micro_batch_size``: samples per process per backward (our batch samplers hide
+    the loader's batch size, which accelerate would read); ``grad_clip``: the max grad norm the DDP path clips to
+    (DeepSpeed clips inside its step and ignores ``accelerator.clip_grad_norm_``; accelerate's "auto" is 1.0
+    whatever the stage config says; 0 disables clipping in both).
+    """
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = micro_batch_size
+    config["gradient_clipping"] = grad_clip
+
+
+@contextlib.contextmanager
+def built_whole(accelerator: Accelerator) -> Iterator[None]:
+    """Models constructed in the block are whole on every process under ZeRO-3 with ``zero3_init_flag: false``.
+
+    accelerate 1.15 registers its DeepSpeed config with transformers (``HfDeepSpeedConfig``) whatever
+    ``zero3_init_flag`` says, and transformers then builds every model (``from_config``, ``from_pretrained``) inside
+    ``deepspeed.zero.Init``: partitioned at construction, so a stage could not run or edit it (memory bank, LoRA,
+    weight grafting) before ``accelerator.prepare``. The block hides that config from transformers and restores it
+    on exit (generation then syncs the ranks as under any ZeRO-3). With the flag true (``zero3.yaml``) and without
+    ZeRO-3 it does nothing.
+    """
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None or plugin.zero_stage != 3 or plugin.zero3_init_flag:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
+@contextlib.contextmanager
+def gathered_weights(accelerator: Accelerator, model: torch.nn.Module) -> Iterator[None]:
+    """Under ZeRO-3, the prepared ``model`` is whole on every process inside the block; a no-op otherwise.
+
+    Every process gathers all weights once and DeepSpeed's per-module hooks (which gather before, and release after,
+    each submodule's forward, collectively) are removed until the block ends, as TRL does for generation
+    (``trl.models.utils.unwrap_model_for_generation``). transformers' DeepSpeed config is hidden as well, so
+    ``generate`` does not sync with the other processes. Inside, each process can generate on its own data, and one
+    process alone can evaluate or export the model. Must be entered on every process (the gather is collective).
+
+    Args:
+        model: The model returned by ``accelerator.prepare`` (the DeepSpeed engine under DeepSpeed).
+    """
+    if zero_stage(accelerator) != 3:
+        yield
+        return
+    import deepspeed
+    from transformers.integrations import unset_hf_deepspeed_config
+    from trl.models.utils import add_hooks, remove_hooks
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        remove_hooks(model)
+        unset_hf_deepspeed_config()
+        try:
+            yield
+        finally:
+            accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
+            add_hooks(model)
 
 
 def check_world_size(num_processes: int) -> None:

@@ -26,6 +26,7 @@ from rlhf_rrg.checkpoint import CheckpointConfig
 from rlhf_rrg.data.collate import ReportTextCollator
 from rlhf_rrg.data.dataset import DataConfig, build_dataset, labels_tensor
 from rlhf_rrg.data.sampling import study_weights
+from rlhf_rrg.distributed import configure_deepspeed
 from rlhf_rrg.export.aligner import save_aligner
 from rlhf_rrg.losses.contrastive import ClipLoss, ContrastiveConfig
 from rlhf_rrg.models.rrg import build_vision_model
@@ -101,6 +102,7 @@ def main(cfg: AlignStageConfig) -> None:
     loader = make_train_loader(train_set, cfg.train.batch_size, cfg.run.seed, collate, cfg.train.num_workers, weights)
     val_loader = DataLoader(val_set, batch_size=cfg.eval.batch_size, shuffle=False, collate_fn=collate,
                             num_workers=cfg.train.num_workers)
+    configure_deepspeed(accelerator, cfg.train.batch_size, cfg.optim.grad_clip)
     # The scheduler stays unprepared: fit() steps it once per optimizer step whatever the process count.
     model, optimizer, loader, val_loader = accelerator.prepare(model, optimizer, loader, val_loader)
     core: StudyAligner = accelerator.unwrap_model(model)

@@ -33,10 +33,11 @@ from rewards.clinical import build_labeler
 from rlhf_rrg.checkpoint import CheckpointConfig, CheckpointManager, TrainState
 from rlhf_rrg.data.dataset import DataConfig, build_dataset
 from rlhf_rrg.data.sampling import study_weights
-from rlhf_rrg.distributed import preserved_rng, print0
+from rlhf_rrg.distributed import built_whole, configure_deepspeed, gathered_weights, preserved_rng, print0
 from rlhf_rrg.evaluation import EvalConfig, eval_subset, generate_and_score, with_context
 from rlhf_rrg.export.save import save_generator
 from rlhf_rrg.models.rrg import LoraSettings
+from rlhf_rrg.models.vision_features import freeze_unread_vision
 from rlhf_rrg.optim import OptimConfig, build_optimizer, build_scheduler, learning_rates
 from rlhf_rrg.prompting.generator import ReportGenerator
 from rlhf_rrg.retrieval.context_dataset import collate_context
@@ -145,7 +146,8 @@ def main(cfg: PPOStageConfig) -> None:
     init = resolve_init(cfg.run.run_root, "ppo", cfg.run.init_from)
 
     # 1. policy from the SFT export, data with context from its memory bank, reward
-    generator = ReportGenerator.from_export(init)
+    with built_whole(accelerator):
+        generator = ReportGenerator.from_export(init)
     reward = build_stage_reward(cfg.reward.funcs, cfg.reward.weights, require_weights=cfg.reward.require_weights)
     # The CheXpert labeler that scores each sampled clue statement (pg.clue_credit: observation).
     clue_labeler = build_labeler("rule") if cfg.pg.train_clues and cfg.pg.clue_credit == "observation" else None
@@ -171,6 +173,8 @@ def main(cfg: PPOStageConfig) -> None:
 
     generator = make_trainable(generator, cfg.lora, cfg.freeze_vision, cfg.pg.train_clues,
                                cfg.freeze_llm).to(accelerator.device)
+    # A trainable encoder's final norm feeds only the clue head, which trains with pg.train_clues alone.
+    freeze_unread_vision(generator.model, output_read=cfg.pg.train_clues)
     reference = (ReferencePolicy(generator.model, autocast=accelerator.autocast, prompt_hooks=generator.prompt_hooks)
                  if cfg.algo == "ppo" or (cfg.pg.kl_coef > 0 and not cfg.freeze_llm) else None)
     value_head = ValueHead(generator.model.config.text_config.hidden_size) if cfg.algo == "ppo" else None
@@ -183,10 +187,7 @@ def main(cfg: PPOStageConfig) -> None:
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps * updates_per_step)
     weights = study_weights([s.labels for s in train_set.studies], cfg.train.balance_findings)
     loader = make_train_loader(train_data, cfg.train.batch_size, cfg.run.seed, collate_context, weights=weights)
-    if accelerator.state.deepspeed_plugin is not None:
-        # The batch sampler hides the batch size from DeepSpeed's config inference.
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = (
-            cfg.ppo.minibatch_size if cfg.algo == "ppo" else cfg.train.batch_size * cfg.generation.num_samples)
+    configure_deepspeed(accelerator, cfg.ppo.minibatch_size if cfg.algo == "ppo" else rollouts, cfg.optim.grad_clip)
     policy, optimizer, loader = accelerator.prepare(policy, optimizer, loader)
     state = TrainState()
     kl_ctl = build_kl_controller(cfg.kl.controller, cfg.kl.init_kl_coef, cfg.kl.target, cfg.kl.horizon)
@@ -201,14 +202,16 @@ def main(cfg: PPOStageConfig) -> None:
     unwrapped.eval()  # dropout off: rollout-time and update-time log-probs must be the same function
 
     def run_eval() -> dict[str, float]:
-        # The RNG is restored afterwards (the eval loader draws a seed): train.eval_every never changes training.
-        with preserved_rng():
-            metrics = (evaluate(unwrapped.generator, eval_data, cfg, reward, worst) if accelerator.is_main_process
-                       else {})
-        flags = monitor.check(state.step, metrics) if accelerator.is_main_process else {}
-        metric_logger.log_dict({**{f"eval/{k}": v for k, v in metrics.items()}, **flags}, state.step)
-        if accelerator.is_main_process:
-            select_export(cfg, selector, unwrapped.generator, dirs, metric_logger, state.step, metrics)
+        # The main process evaluates and exports (ZeRO-3: the whole model, gathered on every process). The RNG is
+        # restored afterwards (the eval loader draws a seed): train.eval_every never changes training.
+        with gathered_weights(accelerator, policy):
+            with preserved_rng():
+                metrics = (evaluate(unwrapped.generator, eval_data, cfg, reward, worst)
+                           if accelerator.is_main_process else {})
+            flags = monitor.check(state.step, metrics) if accelerator.is_main_process else {}
+            metric_logger.log_dict({**{f"eval/{k}": v for k, v in metrics.items()}, **flags}, state.step)
+            if accelerator.is_main_process:
+                select_export(cfg, selector, unwrapped.generator, dirs, metric_logger, state.step, metrics)
         accelerator.wait_for_everyone()
         return metrics
 
@@ -242,8 +245,9 @@ def main(cfg: PPOStageConfig) -> None:
     after = run_eval()
     if ckpt.latest() is None or ckpt.latest().name != f"step_{state.step:06d}":
         ckpt.save(state.step)
-    finish(cfg, unwrapped.generator, dirs, metric_logger, accelerator, selector, state.extra.get("before", {}),
-           after)
+    with gathered_weights(accelerator, policy):
+        finish(cfg, unwrapped.generator, dirs, metric_logger, accelerator, selector, state.extra.get("before", {}),
+               after)
 
 
 def rl_step(cfg, accelerator, policy, unwrapped, optimizer, scheduler, reference, kl_ctl, score_stats, reward,
@@ -255,16 +259,18 @@ def rl_step(cfg, accelerator, policy, unwrapped, optimizer, scheduler, reference
     # 1. rollout: k samples per study, adjacent (SCST also decodes greedily: its baseline)
     start = time.perf_counter()
     sampled_batch = repeat_batch(batch, k)
-    features = encode_batch_images(unwrapped.generator, batch)  # each image once per step (frozen tower)
-    clues = None
-    if cfg.pg.train_clues:  # the clue sentence of each sample is part of its action
-        with torch.no_grad():
-            logits = unwrapped.generator.clue_logits(batch["pixel_values"], features).float()
-        clues = torch.bernoulli(torch.sigmoid(logits / cfg.pg.clue_temperature).repeat_interleave(k, 0)).bool()
-    rollout = generate_rollout(unwrapped.generator, batch, gen.max_new_tokens, True, gen.temperature,
-                               gen.top_k, repeats=k, features=features, clues=clues)
-    greedy = generate_rollout(unwrapped.generator, batch, gen.max_new_tokens, False,
-                              features=features) if cfg.algo == "scst" else None
+    # ZeRO-3: each process generates with the whole model, gathered once per step (not once per token and module).
+    with gathered_weights(accelerator, policy):
+        features = encode_batch_images(unwrapped.generator, batch)  # each image once per step (frozen tower)
+        clues = None
+        if cfg.pg.train_clues:  # the clue sentence of each sample is part of its action
+            with torch.no_grad():
+                logits = unwrapped.generator.clue_logits(batch["pixel_values"], features).float()
+            clues = torch.bernoulli(torch.sigmoid(logits / cfg.pg.clue_temperature).repeat_interleave(k, 0)).bool()
+        rollout = generate_rollout(unwrapped.generator, batch, gen.max_new_tokens, True, gen.temperature,
+                                   gen.top_k, repeats=k, features=features, clues=clues)
+        greedy = generate_rollout(unwrapped.generator, batch, gen.max_new_tokens, False,
+                                  features=features) if cfg.algo == "scst" else None
     times["generate"] = time.perf_counter() - start
 
     # 2. reward (NaN/inf on any process stops every process); reports cut off at the budget may be penalised

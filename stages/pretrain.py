@@ -17,6 +17,7 @@ import torch
 
 from rlhf_rrg.checkpoint import CheckpointConfig
 from rlhf_rrg.data.dataset import DataConfig, build_dataset
+from rlhf_rrg.distributed import built_whole, configure_deepspeed, gathered_weights
 from rlhf_rrg.losses.ar_pretrain import ARPretrainConfig, build_ar_pretrainer
 from rlhf_rrg.models.rrg import build_vision_model
 from rlhf_rrg.optim import OptimConfig, build_optimizer, build_scheduler
@@ -48,13 +49,16 @@ def main(cfg: PretrainStageConfig) -> None:
     # 1. data and model
     dataset = build_dataset(cfg.data, "train", train=True)
     init_dir = resolve_init(cfg.run.run_root, "pretrain", cfg.run.init_from)
-    encoder = build_vision_model(str(init_dir) if init_dir is not None else cfg.vision)
-    if encoder.config.image_size != cfg.data.image_size:
-        raise ValueError(f"data.image_size={cfg.data.image_size} but the encoder expects {encoder.config.image_size}")
-    model = build_ar_pretrainer(encoder, cfg.arm)
+    with built_whole(accelerator):  # under ZeRO-3, prepare partitions it
+        encoder = build_vision_model(str(init_dir) if init_dir is not None else cfg.vision)
+        if encoder.config.image_size != cfg.data.image_size:
+            raise ValueError(f"data.image_size={cfg.data.image_size} but the encoder expects "
+                             f"{encoder.config.image_size}")
+        model = build_ar_pretrainer(encoder, cfg.arm)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     loader = make_train_loader(dataset, cfg.train.batch_size, cfg.run.seed, collate_images, cfg.train.num_workers)
+    configure_deepspeed(accelerator, cfg.train.batch_size, cfg.optim.grad_clip)
     # The scheduler stays unprepared: fit() steps it once per optimizer step whatever the process count.
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 
@@ -65,9 +69,10 @@ def main(cfg: PretrainStageConfig) -> None:
 
     # 3. export the encoder only; the decoder is a pretraining head
     def export_fn(unwrapped) -> None:
-        if accelerator.is_main_process:
-            with writing_export(dirs.export, {"stage": "pretrain", "vision": cfg.vision}) as out:
-                unwrapped.vision_model.save_pretrained(out)
+        with gathered_weights(accelerator, model):  # ZeRO-3: every process gathers, the main process writes
+            if accelerator.is_main_process:
+                with writing_export(dirs.export, {"stage": "pretrain", "vision": cfg.vision}) as out:
+                    unwrapped.vision_model.save_pretrained(out)
 
     fit(accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader,
         step_fn=step_fn, train_cfg=cfg.train, optim_cfg=cfg.optim, ckpt_cfg=cfg.checkpoint, dirs=dirs,

@@ -25,6 +25,7 @@ from rewards.observations import CHEXPERT_14
 from rlhf_rrg.checkpoint import CheckpointConfig
 from rlhf_rrg.data.dataset import DataConfig, build_dataset
 from rlhf_rrg.data.sampling import study_weights
+from rlhf_rrg.distributed import built_whole, configure_deepspeed, gathered_weights
 from rlhf_rrg.evaluation import EvalConfig, eval_subset, generate_and_score, majority_report_scores
 from rlhf_rrg.export.save import save_generator
 from rlhf_rrg.logging import read_jsonl
@@ -35,6 +36,7 @@ from rlhf_rrg.models.disease_clues import DiseaseClueHead
 from rlhf_rrg.models.llm_configs import TINY_LLMS
 from rlhf_rrg.models.rrg import RRGModelConfig, apply_lora, build_processor, build_rrg_model, build_vision_model
 from rlhf_rrg.models.tokenizer import build_word_tokenizer
+from rlhf_rrg.models.vision_features import freeze_unread_vision
 from rlhf_rrg.optim import OptimConfig, build_optimizer, build_scheduler, module_prefix
 from rlhf_rrg.probe import tune_clue_thresholds
 from rlhf_rrg.prompting.generator import PromptingConfig, ReportGenerator
@@ -135,19 +137,22 @@ def main(cfg: SFTStageConfig) -> None:
         raise ValueError(f"prompting.clues.enabled needs CheXpert labels for every study: {cfg.data.annotation_path} "
                          "has training studies without 'labels' (add them or set prompting.clues.enabled false)")
 
-    # 2. model: encoder from the previous stage, LLM (+LoRA), projector, optional clue head
-    vision = build_vision_model(vision_source(cfg)).eval()
-    tokenizer = build_tokenizer(cfg, train_reports, dirs.root / "tokenizer")
-    model = build_rrg_model(cfg.model, tokenizer, vision_model=vision)
-    if cfg.self_refine.weight > 0 and cfg.self_refine.formulation == "serpent":
-        model.set_attn_implementation("eager")  # the term weighs by attention probabilities, which sdpa never forms
-    processor = build_processor(model, tokenizer, cfg.data.mean, cfg.data.std)
-    if cfg.model.lora.enabled:
-        model = apply_lora(model, cfg.model)
-    clue_head = None
-    if cfg.prompting.clues.enabled:
-        clue_head = DiseaseClueHead(vision.config.hidden_size, cfg.prompting.clues.hidden_dim,
-                                    cfg.prompting.clues.dropout)
+    # 2. model: encoder from the previous stage, LLM (+LoRA), projector, optional clue head; built whole on every
+    # process (under ZeRO-3, prepare partitions it)
+    with built_whole(accelerator):
+        vision = build_vision_model(vision_source(cfg)).eval()
+        tokenizer = build_tokenizer(cfg, train_reports, dirs.root / "tokenizer")
+        model = build_rrg_model(cfg.model, tokenizer, vision_model=vision)
+        if cfg.self_refine.weight > 0 and cfg.self_refine.formulation == "serpent":
+            # the term weighs by attention probabilities, which sdpa never forms
+            model.set_attn_implementation("eager")
+        processor = build_processor(model, tokenizer, cfg.data.mean, cfg.data.std)
+        if cfg.model.lora.enabled:
+            model = apply_lora(model, cfg.model)
+        clue_head = None
+        if cfg.prompting.clues.enabled:
+            clue_head = DiseaseClueHead(vision.config.hidden_size, cfg.prompting.clues.hidden_dim,
+                                        cfg.prompting.clues.dropout)
 
     # 3. context retrieval (R2GenCSR): bank of training studies, neighbours of every study
     retriever, neighbours = build_retriever(cfg, vision, ContextDataset(bank_set), ContextDataset(val_set))
@@ -158,6 +163,9 @@ def main(cfg: SFTStageConfig) -> None:
     train_data = ContextDataset(train_set, retriever, neighbours["train"])
     val_data = ContextDataset(val_set, retriever, neighbours["val"])
     generator = ReportGenerator(model, processor, cfg.prompting, retriever, clue_head)
+    # A trainable encoder's final norm feeds only the clue head: without it, it must not train (DDP and ZeRO need
+    # every trainable parameter in the loss).
+    freeze_unread_vision(generator.model, output_read=clue_head is not None)
 
     # 4. optimisation
     optimizer = build_optimizer(generator, cfg.optim,
@@ -166,6 +174,7 @@ def main(cfg: SFTStageConfig) -> None:
     weights = study_weights([s.labels for s in train_set.studies], cfg.train.balance_findings)
     loader = make_train_loader(train_data, cfg.train.batch_size, cfg.run.seed, collate_context, cfg.train.num_workers,
                                weights)
+    configure_deepspeed(accelerator, cfg.train.batch_size, cfg.optim.grad_clip)
     # The scheduler stays unprepared: fit() steps it once per optimizer step whatever the process count.
     generator, optimizer, loader = accelerator.prepare(generator, optimizer, loader)
 
@@ -184,14 +193,19 @@ def main(cfg: SFTStageConfig) -> None:
 
     def eval_fn(model) -> dict[str, float]:
         unwrapped = accelerator.unwrap_model(model)
-        if cfg.prompting.clues.tune_thresholds:
-            # Chosen on the evaluation split and then kept by the export; the test split is never seen.
-            tune_clue_thresholds(unwrapped, val_set)
-        scores, _ = generate_and_score(unwrapped, eval_data, cfg.eval)
+        # Every process evaluates the same studies (ZeRO-3: with the whole model, gathered once).
+        with gathered_weights(accelerator, model):
+            if cfg.prompting.clues.tune_thresholds:
+                # Chosen on the evaluation split and then kept by the export; the test split is never seen.
+                tune_clue_thresholds(unwrapped, val_set)
+            scores, _ = generate_and_score(unwrapped, eval_data, cfg.eval)
         return scores
 
     def export_fn(unwrapped: ReportGenerator) -> None:
-        if accelerator.is_main_process:
+        # Under ZeRO-3 every process holds a shard of each weight: all of them gather, the main process writes.
+        with gathered_weights(accelerator, generator):
+            if not accelerator.is_main_process:
+                return
             if retriever is not None and not cfg.model.freeze_vision:
                 # Inference embeds queries with the tuned encoder, so the exported bank must come from it too;
                 # bank rows are the same studies in the same order, so training-time neighbours stay valid.

@@ -32,6 +32,8 @@ def save_aligner(model: StudyAligner, tokenizer: PreTrainedTokenizerBase, out_di
     tokenizer.save_pretrained(out_dir / "text")
     state = aligner.state_dict()
     heads = {key: state[key].detach().cpu().contiguous() for key in _HEAD_KEYS}
+    # Exported 0-dim, as before the parameter became shape (1,) for DeepSpeed: exports read the same either way.
+    heads["loss.logit_scale"] = heads["loss.logit_scale"].reshape(())
     metadata = {
         "text_pooling": aligner.text_pooling,
         "view_pooling": model.view_pooling,

@@ -98,15 +98,25 @@ class ClipLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.label_targets = label_targets
+        # Shape (1,), not 0-dim: DeepSpeed cannot broadcast or partition a 0-dim parameter (ZeRO fails at
+        # ``accelerator.prepare`` with "self.dim() cannot be 0 to view Float as Byte"). State dicts written with the
+        # 0-dim parameter (earlier exports and checkpoints) still load: see ``_load_from_state_dict``.
         self.logit_scale = nn.Parameter(
-            torch.tensor(math.log(1.0 / init_temperature)), requires_grad=learnable_temperature
+            torch.tensor([math.log(1.0 / init_temperature)]), requires_grad=learnable_temperature
         )
         self.max_log_scale = math.log(max_logit_scale)
         self.gather_across_processes = gather_across_processes
 
     def scale(self) -> torch.Tensor:
         """The clamped logit scale ``exp(logit_scale)``, a scalar tensor."""
-        return self.logit_scale.clamp(0.0, self.max_log_scale).exp()
+        return self.logit_scale.clamp(0.0, self.max_log_scale).exp().squeeze(0)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # A 0-dim logit scale (state dicts written before it became shape (1,)) loads as shape (1,).
+        key = prefix + "logit_scale"
+        if key in state_dict and state_dict[key].dim() == 0:
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def clamp_(self) -> None:

@@ -15,6 +15,8 @@ because LLaVA's "default" feature strategy drops index 0:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
@@ -131,6 +133,24 @@ class RRGVisionModel(PreTrainedModel):
             self.encoder.init_linear(module)
         elif isinstance(module, (MambaEncoder, ViTEncoder, RMSNorm, nn.Linear, nn.Conv1d, nn.Conv2d, nn.LayerNorm)):
             module.reset_parameters()
+
+    def unread_modules(self, feature_layers: int | Sequence[int], output_read: bool) -> list[str]:
+        """Submodules (names relative to this model) that nothing reaches when a model reads only
+        ``hidden_states[i]`` for ``i`` in ``feature_layers`` (LLaVA's ``vision_feature_layer``, negative from the
+        end) and, with ``output_read``, ``last_hidden_state`` / ``pooler_output`` too.
+
+        ``hidden_states[j]`` is the stream after the first ``j`` blocks, before the final norm: the blocks from the
+        deepest layer read and the final norm get no gradient unless the normed output is read. DDP needs every
+        trainable parameter in the loss, so what a configuration does not read must not train.
+        """
+        if output_read:
+            return []
+        encoder = self.encoder
+        blocks, norm = ("blocks", "norm") if isinstance(encoder, ViTEncoder) else ("layers", "norm_f")
+        count = len(getattr(encoder, blocks))
+        layers = [feature_layers] if isinstance(feature_layers, int) else list(feature_layers)
+        deepest = max(layer % (count + 1) for layer in layers)
+        return [f"encoder.{blocks}.{i}" for i in range(deepest, count)] + [f"encoder.{norm}"]
 
     def _to_summary_first(self, seq: torch.Tensor) -> torch.Tensor:
         """(b, l, d) in encoder order -> (b, 1 + n, d) with the summary token first (see module docstring)."""

@@ -5,10 +5,13 @@ epoch and minibatch, each of k samples). With the tower frozen its outputs canno
 :func:`encode_frozen` runs it once per distinct image and :func:`replay_features` makes the tower hand those
 outputs back instead of encoding. LLaVA's own feature selection and the trainable projector still run in every
 forward, so gradients reach the projector and the LLM exactly as without the cache.
+
+A trainable tower: :func:`freeze_unread_vision` freezes the parts of it that LLaVA's feature selection never reads.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,6 +19,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from rlhf_rrg.models.vision import RRGVisionModel
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,6 +55,38 @@ def vision_tower_of(model: nn.Module) -> nn.Module:
 
 def tower_is_frozen(tower: nn.Module) -> bool:
     return not any(p.requires_grad for p in tower.parameters())
+
+
+def freeze_unread_vision(model: nn.Module, output_read: bool) -> list[str]:
+    """Freezes the trainable vision-tower parameters of ``model`` that no loss can reach.
+
+    LLaVA feeds the projector ``hidden_states[vision_feature_layer]``, taken before the encoder's final norm (and
+    before any later block), so those weights get a gradient only when the normed output is read as well
+    (``output_read``: the TRRG clue head reads ``pooler_output``). Single-process training leaves such weights
+    unchanged anyway (no gradient, no optimizer update); DDP aborts on them at its second step ("parameters that
+    were not used in producing loss"). Freezing them keeps every process count the same function and costs nothing,
+    unlike ``find_unused_parameters=True``, which searches the graph at every step.
+
+    Args:
+        model: The LLaVA report generator (plain, or PEFT with the tower in ``modules_to_save``).
+        output_read: Whether a training loss reads the tower's normed output (``pooler_output``).
+
+    Returns:
+        The names (under the tower) of the parameters frozen here.
+    """
+    tower = vision_tower_of(model)
+    frozen: list[str] = []
+    for prefix, module in tower.named_modules():
+        if not isinstance(module, RRGVisionModel):
+            continue
+        for name in module.unread_modules(model.config.vision_feature_layer, output_read):
+            for param_name, param in module.get_submodule(name).named_parameters():
+                if param.requires_grad:
+                    param.requires_grad_(False)
+                    frozen.append(".".join(filter(None, (prefix, name, param_name))))
+    if frozen:
+        logger.info("vision tower: %d parameters no loss reads are frozen (%s)", len(frozen), ", ".join(frozen))
+    return frozen
 
 
 @torch.no_grad()

@@ -1,5 +1,5 @@
-"""``accelerate launch stages/ppo.py``: one process, 2-process DDP on CPU (PPO and SCST), DeepSpeed ZeRO-2 (one CPU
-process); each run reports the world size it ran with and follows the same lr schedule."""
+"""``accelerate launch stages/ppo.py``: one process, 2-process DDP on CPU (PPO and SCST), DeepSpeed ZeRO-2 (2 CPU
+processes); each run reports the world size and ZeRO stage it ran with and follows the same lr schedule."""
 
 
 import pytest
@@ -9,7 +9,7 @@ from rlhf_rrg.data.synthetic import SyntheticConfig, write_synthetic_dataset
 from rlhf_rrg.optim import OptimConfig, lr_factor
 from rlhf_rrg.testing.stage_scripts import load_stage
 
-from .conftest import REPO, accelerate_launch, logged, world_size
+from .conftest import REPO, accelerate_launch, logged, world_size, zero_stage
 
 pytestmark = pytest.mark.distributed
 
@@ -35,7 +35,7 @@ def data_and_export(tmp_path_factory):
     ("cpu_debug.yaml", "ppo", 1),
     ("cpu_ddp.yaml", "ppo", 2),
     ("cpu_ddp.yaml", "scst", 2),
-    ("zero2_cpu.yaml", "ppo", 1),
+    ("zero2_cpu.yaml", "ppo", 2),
 ], ids=["single", "ddp2", "ddp2-scst", "zero2"])
 def test_accelerate_launch_runs_ppo(data_and_export, tmp_path, config, algo, processes):
     data, export = data_and_export
@@ -52,6 +52,7 @@ def test_accelerate_launch_runs_ppo(data_and_export, tmp_path, config, algo, pro
     ])
     assert f"{algo}: reward" in result.stdout
     assert world_size(tmp_path, "ppo") == processes
+    assert zero_stage(tmp_path, "ppo") == (2 if config.startswith("zero2") else 0)
     assert len(logged(tmp_path, "ppo", "reward/mean")) == 2
     # The schedule counts optimizer updates per process (PPO: 4 // 2 minibatches per step; SCST: one), so
     # every process count walks it at the same pace.

@@ -9,9 +9,13 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from accelerate import Accelerator
 
 from rlhf_rrg.distributed import (
+    built_whole,
     check_world_size,
+    configure_deepspeed,
+    deepspeed_on_cpu,
     gather_params,
     is_main_process,
     preserved_rng,
@@ -19,6 +23,7 @@ from rlhf_rrg.distributed import (
     rng_state,
     seed_everything,
     set_rng_state,
+    zero_stage,
 )
 
 
@@ -105,6 +110,22 @@ def test_world_size_must_match_the_launcher(monkeypatch):
     # What a CPU launch without ACCELERATE_USE_CPU gives: 2 processes that each see a world of 1.
     with pytest.raises(RuntimeError, match="started 2 processes .* accelerate sees 1.*ACCELERATE_USE_CPU=true"):
         check_world_size(1)
+
+
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="the CPU-only route")
+def test_a_deepspeed_launch_on_cpu_is_recognised(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    assert not deepspeed_on_cpu()
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what accelerate launch sets for a DEEPSPEED config
+    assert deepspeed_on_cpu()
+
+
+def test_deepspeed_helpers_do_nothing_without_deepspeed():
+    accelerator = Accelerator(cpu=True)
+    assert zero_stage(accelerator) == 0
+    configure_deepspeed(accelerator, micro_batch_size=4, grad_clip=0.5)
+    with built_whole(accelerator):
+        assert torch.nn.Linear(2, 2).weight.shape == (2, 2)
 
 
 def test_gather_params_is_a_no_op_without_zero3():

@@ -223,3 +223,11 @@ def test_aligner_requires_pooler_output():
     aligner = ImageTextAligner(NoPool(), nn.Identity(), 4, 4, 4, "cls", ClipLoss())
     with pytest.raises(ValueError, match="pooler_output"):
         aligner.encode_image(torch.zeros(1, 1, 2, 2))
+
+
+def test_logit_scale_is_one_element_and_a_0_dim_state_dict_still_loads():
+    # Shape (1,) so DeepSpeed can broadcast it; state dicts written when it was 0-dim (exports, checkpoints) load.
+    loss_fn = ClipLoss(init_temperature=0.07)
+    assert loss_fn.logit_scale.shape == (1,) and loss_fn.scale().dim() == 0
+    loss_fn.load_state_dict({"logit_scale": torch.tensor(1.5)})
+    assert loss_fn.logit_scale.shape == (1,) and loss_fn.logit_scale.item() == 1.5

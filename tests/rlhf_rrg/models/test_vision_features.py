@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rlhf_rrg.models.disease_clues import DiseaseClueConfig, DiseaseClueHead
-from rlhf_rrg.models.vision_features import encode_frozen, replay_features
+from rlhf_rrg.models.vision_features import encode_frozen, freeze_unread_vision, replay_features
 from rlhf_rrg.prompting.generator import PromptingConfig, ReportGenerator
 from rlhf_rrg.retrieval.context import ContextConfig
 from rlhf_rrg.rl.policy import PolicyWithValue, ReferencePolicy
@@ -113,3 +113,34 @@ def test_replay_with_the_wrong_number_of_images_is_named(tmp_path):
     with replay_features(generator.model, features), pytest.raises(ValueError, match="3 images passed"):
         generator.vision_tower(torch.randn(3, 3, 64, 64))
     assert "forward" not in generator.vision_tower.__dict__  # the tower is restored
+
+
+@pytest.mark.parametrize(("encoder_type", "feature_layer", "frozen"), [
+    ("vit", -1, ["encoder.norm.weight", "encoder.norm.bias"]),
+    ("vim", -1, ["encoder.norm_f.weight"]),
+    ("arm", -1, ["encoder.norm_f.weight"]),
+    ("vit", -2, ["encoder.blocks.1.", "encoder.norm.weight", "encoder.norm.bias"]),
+])
+def test_unread_tower_weights_are_frozen_and_every_trainable_one_gets_a_gradient(tmp_path, encoder_type,
+                                                                                 feature_layer, frozen):
+    # What DDP needs: no trainable parameter without a gradient (it aborts at the next step otherwise).
+    torch.manual_seed(0)
+    tiny = tiny_rrg(tmp_path, encoder_type=encoder_type)
+    tiny.model.config.vision_feature_layer = feature_layer
+    prompting = PromptingConfig(context=ContextConfig(mode="none"), views=VIEWS)
+    generator = ReportGenerator(tiny.model, tiny.processor, prompting)
+    generator.vision_tower.requires_grad_(True)
+    names = freeze_unread_vision(generator.model, output_read=False)
+    assert [n for n in names if not any(n.startswith(f) for f in frozen)] == []
+    assert all(any(n.startswith(f) for n in names) for f in frozen)
+    loss, _ = generator(make_batch(2))
+    loss.backward()
+    missing = [n for n, p in generator.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+
+
+def test_a_read_output_keeps_the_whole_tower_trainable(tmp_path):
+    generator = make_generator(tmp_path, "vit")  # with a clue head, which reads pooler_output
+    generator.vision_tower.requires_grad_(True)
+    assert freeze_unread_vision(generator.model, output_read=True) == []
+    assert all(p.requires_grad for p in generator.vision_tower.parameters())
