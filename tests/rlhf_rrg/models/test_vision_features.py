@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 import torch
 
+from rlhf_rrg.losses.sft import sft_loss
 from rlhf_rrg.models.disease_clues import DiseaseClueConfig, DiseaseClueHead
 from rlhf_rrg.models.vision_features import encode_frozen, freeze_unread_vision, replay_features
 from rlhf_rrg.prompting.generator import PromptingConfig, ReportGenerator
@@ -133,7 +134,7 @@ def test_unread_tower_weights_are_frozen_and_every_trainable_one_gets_a_gradient
     names = freeze_unread_vision(generator.model, output_read=False)
     assert [n for n in names if not any(n.startswith(f) for f in frozen)] == []
     assert all(any(n.startswith(f) for n in names) for f in frozen)
-    loss, _ = generator(make_batch(2))
+    loss, _ = sft_loss(generator, make_batch(2))
     loss.backward()
     missing = [n for n, p in generator.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == []
