@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from rlhf_rrg.config import load_config
@@ -85,6 +86,39 @@ PLAIN_SFT = ["--config", "stages/configs/sft/debug.yaml", "--run.init_from", "nu
              "--prompting.context.mode", "none", "--prompting.clues.enabled", "false", "--self_refine.weight", "0",
              "--train.log_every", "1", "--train.eval_every", "0", "--checkpoint.save_every", "0",
              "--eval.max_samples", "2", "--eval.max_new_tokens", "4"]
+
+
+# Steps of the DDP(2) SFT run that the ZeRO and checkpoint tests compare against.
+SFT_STEPS = 3
+
+
+def plain_sft_args(data: Path, run_root: Path, steps: int, *extra: str) -> list[str]:
+    """:data:`PLAIN_SFT` for ``steps`` steps of 4 studies per process (one warmup step) on ``data``, into
+    ``run_root``."""
+    return [*PLAIN_SFT, "--run.run_root", str(run_root), *data_args(data), "--train.max_steps", str(steps),
+            "--train.batch_size", "4", "--optim.warmup_steps", "1", *extra]
+
+
+def small_sft_data(root: Path) -> Path:
+    """32 synthetic training studies (8 val, no test) under ``root/data``."""
+    data = root / "data"
+    write_synthetic_dataset(data, SyntheticConfig(n_train=32, n_val=8, n_test=0, image_size=64, seed=0))
+    return data
+
+
+def close(actual: list[float], expected: list[float]) -> None:
+    """Logged series equal within fp32 rounding."""
+    torch.testing.assert_close(torch.tensor(actual), torch.tensor(expected), rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="session")
+def sft_ddp(tmp_path_factory) -> tuple[Path, Path]:
+    """(data, the root of a DDP(2) run of :data:`SFT_STEPS` plain SFT steps): the reference of ZeRO runs."""
+    root = tmp_path_factory.mktemp("sft_ddp")
+    data = small_sft_data(root)
+    accelerate_launch("cpu_ddp.yaml", "sft", plain_sft_args(data, root / "ddp", SFT_STEPS))
+    assert (world_size(root / "ddp", "sft"), zero_stage(root / "ddp", "sft")) == (2, 0)
+    return data, root / "ddp"
 
 
 @pytest.fixture(scope="session")

@@ -5,18 +5,16 @@ import subprocess
 import sys
 
 import pytest
-import torch
-
-from rlhf_rrg.data.synthetic import SyntheticConfig, write_synthetic_dataset
 
 from .conftest import (
-    PLAIN_SFT,
     REPO,
     accelerate_launch,
-    data_args,
+    close,
     free_port,
     launch_env,
     logged,
+    plain_sft_args,
+    small_sft_data,
     world_size,
     zero_stage,
 )
@@ -24,11 +22,6 @@ from .conftest import (
 pytestmark = pytest.mark.distributed
 
 STEPS = 2
-
-
-def sft_args(data, run_root) -> list[str]:
-    return [*PLAIN_SFT, "--run.run_root", str(run_root), *data_args(data), "--train.max_steps", str(STEPS),
-            "--train.batch_size", "4", "--optim.warmup_steps", "1"]
 
 
 def launch_nodes(node_command) -> None:
@@ -50,9 +43,8 @@ def launch_nodes(node_command) -> None:
 def one_machine(tmp_path_factory):
     """(data, the root of a 2-process DDP run on one machine)."""
     root = tmp_path_factory.mktemp("multi_node")
-    data = root / "data"
-    write_synthetic_dataset(data, SyntheticConfig(n_train=32, n_val=8, n_test=0, image_size=64, seed=0))
-    accelerate_launch("cpu_ddp.yaml", "sft", sft_args(data, root / "one"))
+    data = small_sft_data(root)
+    accelerate_launch("cpu_ddp.yaml", "sft", plain_sft_args(data, root / "one", STEPS))
     assert world_size(root / "one", "sft") == 2
     return data, root / "one"
 
@@ -60,8 +52,7 @@ def one_machine(tmp_path_factory):
 def assert_same_losses(run_root, reference) -> None:
     losses = logged(run_root, "sft", "train/loss")
     assert len(losses) == STEPS
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(logged(reference, "sft", "train/loss")),
-                               rtol=1e-5, atol=1e-6)
+    close(losses, logged(reference, "sft", "train/loss"))
 
 
 def test_two_torchrun_nodes_train_as_one_world(one_machine, tmp_path):
@@ -70,7 +61,7 @@ def test_two_torchrun_nodes_train_as_one_world(one_machine, tmp_path):
     launch_nodes(lambda rank: [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank",
         str(rank), "--master_addr", "127.0.0.1", "--master_port", str(port), str(REPO / "stages" / "sft.py"),
-        *sft_args(data, tmp_path)])
+        *plain_sft_args(data, tmp_path, STEPS)])
     assert (world_size(tmp_path, "sft"), zero_stage(tmp_path, "sft")) == (2, 0)
     assert_same_losses(tmp_path, one)
 
@@ -83,6 +74,6 @@ def test_multi_node_config_on_two_loopback_nodes(one_machine, tmp_path):
         sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--config_file",
         str(REPO / "accelerate_configs" / "multi_node.yaml"), "--machine_rank", str(rank), "--num_machines", "2",
         "--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
-        "--mixed_precision", "no", str(REPO / "stages" / "sft.py"), *sft_args(data, tmp_path)])
+        "--mixed_precision", "no", str(REPO / "stages" / "sft.py"), *plain_sft_args(data, tmp_path, STEPS)])
     assert (world_size(tmp_path, "sft"), zero_stage(tmp_path, "sft")) == (2, 2)
     assert_same_losses(tmp_path, one)

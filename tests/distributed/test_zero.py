@@ -7,14 +7,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhf_rrg.data.synthetic import SyntheticConfig, write_synthetic_dataset
-
 from .conftest import (
-    PLAIN_SFT,
+    SFT_STEPS,
     accelerate_launch,
+    close,
     data_args,
     export_weights,
     logged,
+    plain_sft_args,
     rl_args,
     world_size,
     zero_stage,
@@ -22,37 +22,14 @@ from .conftest import (
 
 pytestmark = pytest.mark.distributed
 
-STEPS = 3
-
-
-def close(actual: list[float], expected: list[float]) -> None:
-    torch.testing.assert_close(torch.tensor(actual), torch.tensor(expected), rtol=1e-5, atol=1e-6)
-
-
-@pytest.fixture(scope="module")
-def sft_ddp(tmp_path_factory):
-    """(data, the DDP(2) reference run's root)."""
-    root = tmp_path_factory.mktemp("sft_zero")
-    data = root / "data"
-    write_synthetic_dataset(data, SyntheticConfig(n_train=32, n_val=8, n_test=0, image_size=64, seed=0))
-    accelerate_launch("cpu_ddp.yaml", "sft", sft_args(data, root / "ddp"))
-    assert (world_size(root / "ddp", "sft"), zero_stage(root / "ddp", "sft")) == (2, 0)
-    return data, root / "ddp"
-
-
-def sft_args(data, run_root) -> list[str]:
-    return [*PLAIN_SFT, "--run.run_root", str(run_root), *data_args(data), "--train.max_steps", str(STEPS),
-            "--train.batch_size", "4", "--optim.warmup_steps", "1"]
-
-
 @pytest.mark.parametrize(("config", "stage"), [("zero2_cpu.yaml", 2), ("zero3_cpu.yaml", 3)], ids=["zero2", "zero3"])
 def test_sft_under_zero_matches_ddp(sft_ddp, tmp_path, config, stage):
     data, ddp = sft_ddp
-    accelerate_launch(config, "sft", sft_args(data, tmp_path))
+    accelerate_launch(config, "sft", plain_sft_args(data, tmp_path, SFT_STEPS))
     assert (world_size(tmp_path, "sft"), zero_stage(tmp_path, "sft")) == (2, stage)
     assert logged(tmp_path, "sft", "train/lr") == pytest.approx(logged(ddp, "sft", "train/lr"), rel=1e-12)
     losses = logged(tmp_path, "sft", "train/loss")
-    assert len(losses) == STEPS
+    assert len(losses) == SFT_STEPS
     close(losses, logged(ddp, "sft", "train/loss"))
     # The export is the whole model (ZeRO-3: gathered from both partitions), equal to the DDP run's.
     ours, reference = export_weights(tmp_path, "sft"), export_weights(ddp, "sft")
@@ -66,7 +43,7 @@ def test_sft_with_context_clues_and_refining_under_zero3_matches_ddp(sft_ddp, tm
     # gathered encoder), the clue head and SERPENT-VLM's term.
     data, _ = sft_ddp
     args = ["--config", "stages/configs/sft/debug.yaml", "--run.init_from", "null", *data_args(data),
-            "--train.max_steps", str(STEPS), "--train.batch_size", "4", "--train.log_every", "1",
+            "--train.max_steps", str(SFT_STEPS), "--train.batch_size", "4", "--train.log_every", "1",
             "--train.eval_every", "0", "--checkpoint.save_every", "0", "--eval.max_samples", "4",
             "--eval.max_new_tokens", "4"]
     ddp, zero = tmp_path / "ddp", tmp_path / "zero3"
@@ -74,7 +51,7 @@ def test_sft_with_context_clues_and_refining_under_zero3_matches_ddp(sft_ddp, tm
     accelerate_launch("zero3_cpu.yaml", "sft", [*args, "--run.run_root", str(zero)])
     assert (world_size(zero, "sft"), zero_stage(zero, "sft")) == (2, 3)
     for key in ("train/loss", "train/clue_bce", "train/self_refine"):
-        assert len(logged(zero, "sft", key)) == STEPS
+        assert len(logged(zero, "sft", key)) == SFT_STEPS
         close(logged(zero, "sft", key), logged(ddp, "sft", key))
     close(logged(zero, "sft", "eval/ce/micro_f1_14"), logged(ddp, "sft", "eval/ce/micro_f1_14"))
     ours, reference = export_weights(zero, "sft"), export_weights(ddp, "sft")
@@ -91,7 +68,7 @@ def test_sft_with_context_clues_and_refining_under_zero3_matches_ddp(sft_ddp, tm
 @pytest.mark.parametrize(("config", "stage"), [("zero2_cpu.yaml", 2), ("zero3_cpu.yaml", 3)], ids=["zero2", "zero3"])
 def test_pretrain_under_zero_matches_ddp(sft_ddp, tmp_path, config, stage):
     data, _ = sft_ddp
-    args = ["--config", "stages/configs/pretrain/debug.yaml", *data_args(data), "--train.max_steps", str(STEPS),
+    args = ["--config", "stages/configs/pretrain/debug.yaml", *data_args(data), "--train.max_steps", str(SFT_STEPS),
             "--train.batch_size", "4", "--train.log_every", "1", "--checkpoint.save_every", "0"]
     ddp, zero = tmp_path / "ddp", tmp_path / "zero"
     accelerate_launch("cpu_ddp.yaml", "pretrain", [*args, "--run.run_root", str(ddp)])

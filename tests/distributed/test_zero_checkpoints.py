@@ -14,46 +14,23 @@ import pytest
 import torch
 
 from rlhf_rrg.checkpoint import MANIFEST, step_dirs
-from rlhf_rrg.data.synthetic import SyntheticConfig, write_synthetic_dataset
 
 from .conftest import (
-    PLAIN_SFT,
     REPO,
+    SFT_STEPS,
     accelerate_launch,
-    data_args,
+    close,
     export_weights,
     free_port,
     launch_env,
     logged,
-    world_size,
-    zero_stage,
+    plain_sft_args,
 )
 
 pytestmark = pytest.mark.distributed
 
-STEPS = 3
 ZERO = pytest.mark.parametrize(("config", "stage"), [("zero2_cpu.yaml", 2), ("zero3_cpu.yaml", 3)],
                                ids=["zero2", "zero3"])
-
-
-def close(actual: list[float], expected: list[float]) -> None:
-    torch.testing.assert_close(torch.tensor(actual), torch.tensor(expected), rtol=1e-5, atol=1e-6)
-
-
-def sft_args(data, run_root, *extra: str) -> list[str]:
-    return [*PLAIN_SFT, "--run.run_root", str(run_root), *data_args(data), "--train.max_steps", str(STEPS),
-            "--train.batch_size", "4", "--optim.warmup_steps", "1", *extra]
-
-
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-    """(data, the root of an uninterrupted DDP(2) run of STEPS steps)."""
-    root = tmp_path_factory.mktemp("zero_ckpt")
-    data = root / "data"
-    write_synthetic_dataset(data, SyntheticConfig(n_train=32, n_val=8, n_test=0, image_size=64, seed=0))
-    accelerate_launch("cpu_ddp.yaml", "sft", sft_args(data, root / "ddp"))
-    assert (world_size(root / "ddp", "sft"), zero_stage(root / "ddp", "sft")) == (2, 0)
-    return data, root / "ddp"
 
 
 def assert_same_run(run_root, reference, stage: int) -> None:
@@ -63,7 +40,7 @@ def assert_same_run(run_root, reference, stage: int) -> None:
                         strict=True))
     assert len(launches) == 2 and set(launches) == {(2, stage)}, launches
     losses = logged(run_root, "sft", "train/loss")
-    assert len(losses) == STEPS
+    assert len(losses) == SFT_STEPS
     close(losses, logged(reference, "sft", "train/loss"))
     ours, theirs = export_weights(run_root, "sft"), export_weights(reference, "sft")
     assert ours.keys() == theirs.keys() and theirs
@@ -80,23 +57,24 @@ def sharded_files(checkpoint) -> list[str]:
 
 
 @ZERO
-def test_stop_and_resume_equals_a_straight_run(straight, tmp_path, config, stage):
-    data, ddp = straight
-    accelerate_launch(config, "sft", sft_args(data, tmp_path, "--checkpoint.save_every", "1",
-                                              "--train.stop_at_step", "2"))
+def test_stop_and_resume_equals_a_straight_run(sft_ddp, tmp_path, config, stage):
+    data, ddp = sft_ddp
+    stop_at_2 = plain_sft_args(data, tmp_path, SFT_STEPS, "--checkpoint.save_every", "1", "--train.stop_at_step", "2")
+    accelerate_launch(config, "sft", stop_at_2)
     (checkpoint, *_) = reversed(step_dirs(tmp_path / "sft" / "checkpoints"))
     assert checkpoint.name == "step_000002"
     shards = sharded_files(checkpoint)
     # Both processes' optimizer-state partitions are in the manifest (ZeRO-3: the parameters' too).
     assert sum("optim_states" in name for name in shards) == 2, shards
-    accelerate_launch(config, "sft", sft_args(data, tmp_path, "--checkpoint.save_every", "1"))
+    accelerate_launch(config, "sft",
+                      plain_sft_args(data, tmp_path, SFT_STEPS, "--checkpoint.save_every", "1"))
     assert_same_run(tmp_path, ddp, stage)
 
 
-def test_a_damaged_zero3_shard_falls_back_to_the_previous_checkpoint(straight, tmp_path):
-    data, ddp = straight
-    accelerate_launch("zero3_cpu.yaml", "sft", sft_args(data, tmp_path, "--checkpoint.save_every", "1",
-                                                        "--train.stop_at_step", "2"))
+def test_a_damaged_zero3_shard_falls_back_to_the_previous_checkpoint(sft_ddp, tmp_path):
+    data, ddp = sft_ddp
+    stop_at_2 = plain_sft_args(data, tmp_path, SFT_STEPS, "--checkpoint.save_every", "1", "--train.stop_at_step", "2")
+    accelerate_launch("zero3_cpu.yaml", "sft", stop_at_2)
     checkpoints = tmp_path / "sft" / "checkpoints"
     newest = checkpoints / "step_000002"
     # Rank 1's optimizer partition: only the manifest can tell that it is damaged (DeepSpeed would load it).
@@ -104,16 +82,17 @@ def test_a_damaged_zero3_shard_falls_back_to_the_previous_checkpoint(straight, t
     with (newest / shard).open("r+b") as f:
         f.seek(-8, os.SEEK_END)
         f.write(b"\0" * 8)
-    accelerate_launch("zero3_cpu.yaml", "sft", sft_args(data, tmp_path, "--checkpoint.save_every", "1"))
+    accelerate_launch("zero3_cpu.yaml", "sft",
+                      plain_sft_args(data, tmp_path, SFT_STEPS, "--checkpoint.save_every", "1"))
     assert (checkpoints / "invalid_step_000002").is_dir()
     assert_same_run(tmp_path, ddp, 3)
 
 
-def test_sigkill_under_zero3_resumes_exactly(straight, tmp_path):
+def test_sigkill_under_zero3_resumes_exactly(sft_ddp, tmp_path):
     # Killed while training (at whatever point the second checkpoint is being or has been written): the resume
     # starts from the newest intact checkpoint and the run ends as if never stopped.
-    data, ddp = straight
-    args = sft_args(data, tmp_path, "--checkpoint.save_every", "1")
+    data, ddp = sft_ddp
+    args = plain_sft_args(data, tmp_path, SFT_STEPS, "--checkpoint.save_every", "1")
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(REPO / "accelerate_configs" / "zero3_cpu.yaml"), "--main_process_port", str(free_port()),
                str(REPO / "stages" / "sft.py"), *args]
