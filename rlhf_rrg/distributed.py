@@ -63,6 +63,34 @@ def gather_params(model: torch.nn.Module, modifier_rank: int | None = None) -> I
         yield
 
 
+@torch.no_grad()
+def clamp_parameter_(param: torch.nn.Parameter, low: float, high: float) -> None:
+    """Clamps ``param`` in place together with the copies DeepSpeed ZeRO trains in its stead.
+
+    ZeRO's optimizer steps an fp32 master copy of the parameters (each process the part it owns) and writes it over
+    the parameters after every step, so clamping the parameter alone is undone by the next step. Clamping is
+    elementwise: each process clamps the parts it holds, with no communication. Under ZeRO-3 ``param`` itself is
+    empty outside a forward unless small enough to stay whole (``stage3_param_persistence_threshold``); its part lies
+    in ``ds_tensor``.
+
+    Args:
+        param: Any parameter (of a model prepared for DeepSpeed or not).
+        low: Lower bound.
+        high: Upper bound.
+    """
+    param.data.clamp_(low, high)
+    if hasattr(param, "ds_tensor"):
+        param.ds_tensor.data.clamp_(low, high)
+    if not param.requires_grad:  # no master copy
+        return
+    if getattr(param, "_z3_optimizer", None) is not None:
+        from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+        safe_set_local_fp32_param(param, safe_get_local_fp32_param(param).clamp(low, high))
+    elif getattr(param, "_hp_mapping", None) is not None:  # ZeRO-1/2: the fragment of the master this process owns
+        param._hp_mapping.get_hp_fragment().clamp_(low, high)
+
+
 def deepspeed_on_cpu() -> bool:
     """Whether ``accelerate launch`` started this process for DeepSpeed on a machine without an accelerator."""
     launched = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
