@@ -128,12 +128,19 @@ def configure_deepspeed(accelerator: Accelerator, micro_batch_size: int, grad_cl
     the loader's batch size, which accelerate would read); ``grad_clip``: the max grad norm the DDP path clips to
     (DeepSpeed clips inside its step and ignores ``accelerator.clip_grad_norm_``; accelerate's "auto" is 1.0
     whatever the stage config says; 0 disables clipping in both).
+
+    On CPU processes ZeRO-3 partitions every parameter: DeepSpeed keeps those of at most
+    ``stage3_param_persistence_threshold`` elements (default 1e5) whole on every process, and every weight of the tiny
+    models CPU runs train is that small, so ZeRO-3 would partition none of them and no CPU run would meet the
+    partitioned weights GPU runs of real models hold.
     """
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return
     config = accelerator.state.deepspeed_plugin.deepspeed_config
     config["train_micro_batch_size_per_gpu"] = micro_batch_size
     config["gradient_clipping"] = grad_clip
+    if deepspeed_on_cpu() and zero_stage(accelerator) == 3:
+        config["zero_optimization"].setdefault("stage3_param_persistence_threshold", 0)
 
 
 @contextlib.contextmanager
