@@ -121,6 +121,16 @@ def zero_stage(accelerator: Accelerator) -> int:
     return int(accelerator.state.deepspeed_plugin.zero_stage)
 
 
+def zero_offload(accelerator: Accelerator) -> tuple[bool, bool]:
+    """Whether DeepSpeed ZeRO keeps (the optimizer state, the parameter partitions) off the device, in CPU memory or on
+    NVMe; ``(False, False)`` without DeepSpeed."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return False, False
+    zero = accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"]
+    return (zero.get("offload_optimizer", {}).get("device", "none") != "none",
+            zero.get("offload_param", {}).get("device", "none") != "none")
+
+
 def configure_deepspeed(accelerator: Accelerator, micro_batch_size: int, grad_clip: float) -> None:
     """Fills the DeepSpeed settings ``accelerator.prepare`` cannot infer from our loops; a no-op without DeepSpeed.
 
