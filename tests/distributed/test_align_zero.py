@@ -1,5 +1,6 @@
-"""Align (CLIP-style, with its learnable logit scale) under DeepSpeed ZeRO-2 and ZeRO-3 on 2 CPU processes: the same
-losses, logit scales, retrieval scores and exports (both towers and the heads) as DDP(2) at the same global batch.
+"""Align (CLIP-style, with its learnable logit scale) under DeepSpeed ZeRO-2, ZeRO-3 and ZeRO-3 with optimizer state
+and parameters offloaded, on 2 CPU processes: the same losses, logit scales, retrieval scores and exports (both towers
+and the heads) as DDP(2) at the same global batch.
 
 The logit scale starts at its upper clamp, where the first step pushes it past: ZeRO's optimizer steps an fp32 master
 copy, which the clamp must reach too, or from the next step on the runs part. It is a shape-(1,) parameter, which
@@ -14,7 +15,7 @@ from safetensors.torch import load_file
 from rlhf_rrg.data.synthetic import SyntheticConfig, write_synthetic_dataset
 from rlhf_rrg.logging import read_jsonl
 
-from .conftest import accelerate_launch, data_args, logged, world_size, zero_stage
+from .conftest import accelerate_launch, data_args, logged, offload, world_size, zero_stage
 
 pytestmark = pytest.mark.distributed
 
@@ -49,11 +50,14 @@ def align_ddp(tmp_path_factory) -> tuple[Path, Path]:
     return data, root / "ddp"
 
 
-@pytest.mark.parametrize(("config", "stage"), [("zero2_cpu.yaml", 2), ("zero3_cpu.yaml", 3)], ids=["zero2", "zero3"])
-def test_align_under_zero_matches_ddp(align_ddp, tmp_path, config, stage):
+@pytest.mark.parametrize(("config", "stage", "offloaded"),
+                         [("zero2_cpu.yaml", 2, 0), ("zero3_cpu.yaml", 3, 0), ("zero3_offload_cpu.yaml", 3, 1)],
+                         ids=["zero2", "zero3", "zero3_offload"])
+def test_align_under_zero_matches_ddp(align_ddp, tmp_path, config, stage, offloaded):
     data, ddp = align_ddp
     accelerate_launch(config, "align", align_args(data, tmp_path))
     assert (world_size(tmp_path, "align"), zero_stage(tmp_path, "align")) == (2, stage)
+    assert offload(tmp_path, "align") == (offloaded, offloaded)
     for key in ("train/loss", "train/logit_scale"):
         assert len(logged(tmp_path, "align", key)) == STEPS
         torch.testing.assert_close(torch.tensor(logged(tmp_path, "align", key)),
