@@ -63,6 +63,34 @@ def gather_params(model: torch.nn.Module, modifier_rank: int | None = None) -> I
         yield
 
 
+@torch.no_grad()
+def clamp_parameter_(param: torch.nn.Parameter, low: float, high: float) -> None:
+    """Clamps ``param`` in place together with the copies DeepSpeed ZeRO trains in its stead.
+
+    ZeRO's optimizer steps an fp32 master copy of the parameters (each process the part it owns) and writes it over
+    the parameters after every step, so clamping the parameter alone is undone by the next step. Clamping is
+    elementwise: each process clamps the parts it holds, with no communication. Under ZeRO-3 ``param`` itself is
+    empty outside a forward unless small enough to stay whole (``stage3_param_persistence_threshold``); its part lies
+    in ``ds_tensor``.
+
+    Args:
+        param: Any parameter (of a model prepared for DeepSpeed or not).
+        low: Lower bound.
+        high: Upper bound.
+    """
+    param.data.clamp_(low, high)
+    if hasattr(param, "ds_tensor"):
+        param.ds_tensor.data.clamp_(low, high)
+    if not param.requires_grad:  # no master copy
+        return
+    if getattr(param, "_z3_optimizer", None) is not None:
+        from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+        safe_set_local_fp32_param(param, safe_get_local_fp32_param(param).clamp(low, high))
+    elif getattr(param, "_hp_mapping", None) is not None:  # ZeRO-1/2: the fragment of the master this process owns
+        param._hp_mapping.get_hp_fragment().clamp_(low, high)
+
+
 def deepspeed_on_cpu() -> bool:
     """Whether ``accelerate launch`` started this process for DeepSpeed on a machine without an accelerator."""
     launched = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
@@ -93,6 +121,16 @@ def zero_stage(accelerator: Accelerator) -> int:
     return int(accelerator.state.deepspeed_plugin.zero_stage)
 
 
+def zero_offload(accelerator: Accelerator) -> tuple[bool, bool]:
+    """Whether DeepSpeed ZeRO keeps (the optimizer state, the parameter partitions) off the device, in CPU memory or on
+    NVMe; ``(False, False)`` without DeepSpeed."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return False, False
+    zero = accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"]
+    return (zero.get("offload_optimizer", {}).get("device", "none") != "none",
+            zero.get("offload_param", {}).get("device", "none") != "none")
+
+
 def configure_deepspeed(accelerator: Accelerator, micro_batch_size: int, grad_clip: float) -> None:
     """Fills the DeepSpeed settings ``accelerator.prepare`` cannot infer from our loops; a no-op without DeepSpeed.
 
@@ -100,12 +138,19 @@ def configure_deepspeed(accelerator: Accelerator, micro_batch_size: int, grad_cl
     the loader's batch size, which accelerate would read); ``grad_clip``: the max grad norm the DDP path clips to
     (DeepSpeed clips inside its step and ignores ``accelerator.clip_grad_norm_``; accelerate's "auto" is 1.0
     whatever the stage config says; 0 disables clipping in both).
+
+    On CPU processes ZeRO-3 partitions every parameter: DeepSpeed keeps those of at most
+    ``stage3_param_persistence_threshold`` elements (default 1e5) whole on every process, and every weight of the tiny
+    models CPU runs train is that small, so ZeRO-3 would partition none of them and no CPU run would meet the
+    partitioned weights GPU runs of real models hold.
     """
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return
     config = accelerator.state.deepspeed_plugin.deepspeed_config
     config["train_micro_batch_size_per_gpu"] = micro_batch_size
     config["gradient_clipping"] = grad_clip
+    if deepspeed_on_cpu() and zero_stage(accelerator) == 3:
+        config["zero_optimization"].setdefault("stage3_param_persistence_threshold", 0)
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ from rlhf_rrg.checkpoint import CheckpointConfig
 from rlhf_rrg.data.collate import ReportTextCollator
 from rlhf_rrg.data.dataset import DataConfig, build_dataset, labels_tensor
 from rlhf_rrg.data.sampling import study_weights
-from rlhf_rrg.distributed import configure_deepspeed
+from rlhf_rrg.distributed import built_whole, configure_deepspeed, gather_params, gathered_weights
 from rlhf_rrg.export.aligner import save_aligner
 from rlhf_rrg.losses.contrastive import ClipLoss, ContrastiveConfig
 from rlhf_rrg.models.rrg import build_vision_model
@@ -73,26 +73,28 @@ def main(cfg: AlignStageConfig) -> None:
     val_set = build_dataset(cfg.data, "val", train=False)
     if max(cfg.eval.ks) > len(val_set):
         raise ValueError(f"eval.ks={cfg.eval.ks} exceeds the {len(val_set)} validation studies")
-
-    # 2. towers: the report encoder (a local checkpoint, or a tiny one written once by the main process)
-    text_path = Path(cfg.text.path) if cfg.text.path else dirs.root / "text_init"
-    if not cfg.text.path and accelerator.is_main_process:
-        with torch.random.fork_rng():  # its weight init must not shift the run's RNG streams
-            tiny_text_encoder([train_set.report(i) for i in range(len(train_set))], text_path, seed=cfg.run.seed)
-    accelerator.wait_for_everyone()
-    text_encoder, tokenizer = build_text_encoder(text_path)
-    vision_encoder = build_vision_model(str(init_dir) if init_dir is not None else cfg.vision)
-    if vision_encoder.config.image_size != cfg.data.image_size:
-        raise ValueError(f"data.image_size={cfg.data.image_size} but the vision encoder expects "
-                         f"{vision_encoder.config.image_size}")
-    loss = ClipLoss(cfg.contrastive.init_temperature, cfg.contrastive.learnable_temperature,
-                    cfg.contrastive.max_logit_scale, cfg.contrastive.gather_across_processes,
-                    cfg.contrastive.label_targets)
     if cfg.contrastive.label_targets > 0 and any(s.labels is None for s in train_set.studies):
         raise ValueError(f"contrastive.label_targets needs CheXpert labels for every study: "
                          f"{cfg.data.annotation_path} has training studies without 'labels'")
-    model = build_study_aligner(vision_encoder, text_encoder, cfg.text.pooling, loss, cfg.model.embed_dim,
-                                cfg.model.view_pooling, cfg.model.freeze_vision, cfg.model.freeze_text)
+
+    # 2. towers: the report encoder (a local checkpoint, or a tiny one written once by the main process); built whole
+    # on every process (under ZeRO-3, prepare partitions them)
+    text_path = Path(cfg.text.path) if cfg.text.path else dirs.root / "text_init"
+    if not cfg.text.path and accelerator.is_main_process:
+        with torch.random.fork_rng(), built_whole(accelerator):  # its weight init must not shift the run's RNG streams
+            tiny_text_encoder([train_set.report(i) for i in range(len(train_set))], text_path, seed=cfg.run.seed)
+    accelerator.wait_for_everyone()
+    with built_whole(accelerator):
+        text_encoder, tokenizer = build_text_encoder(text_path)
+        vision_encoder = build_vision_model(str(init_dir) if init_dir is not None else cfg.vision)
+        if vision_encoder.config.image_size != cfg.data.image_size:
+            raise ValueError(f"data.image_size={cfg.data.image_size} but the vision encoder expects "
+                             f"{vision_encoder.config.image_size}")
+        loss = ClipLoss(cfg.contrastive.init_temperature, cfg.contrastive.learnable_temperature,
+                        cfg.contrastive.max_logit_scale, cfg.contrastive.gather_across_processes,
+                        cfg.contrastive.label_targets)
+        model = build_study_aligner(vision_encoder, text_encoder, cfg.text.pooling, loss, cfg.model.embed_dim,
+                                    cfg.model.view_pooling, cfg.model.freeze_vision, cfg.model.freeze_text)
 
     # 3. loaders: the train sampler drops ragged batches, so every process contrasts equal local batches
     collate = ReportTextCollator(tokenizer, cfg.text.max_length)
@@ -114,23 +116,29 @@ def main(cfg: AlignStageConfig) -> None:
                                f"{cfg.train.batch_size}: gathered InfoNCE needs equal batches on every process")
         # fit() has no post-step hook; clamping before each forward is the same as after each step (open_clip).
         core.aligner.loss.clamp_()
+        with gather_params(core.aligner.loss):  # ZeRO-3 may hold only a part of it outside a forward
+            logit_scale = core.aligner.loss.scale().item()
         findings = positive_findings(batch["labels"]).float() if cfg.contrastive.label_targets > 0 else None
         out = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], findings)
-        return out.loss, {"logit_scale": core.aligner.loss.scale().item()}
+        return out.loss, {"logit_scale": logit_scale}
 
     # 5. evaluate: Recall@K on the whole val split (duplicate reports counted as hits) and label-aware retrieval
+    # (ZeRO-3: each process embeds its share of the split with the whole model, gathered once)
     def eval_fn(model) -> dict[str, float]:
-        return evaluate_retrieval(core, val_loader, val_set.report, cfg.eval.ks, accelerator.gather_for_metrics,
-                                  lambda i: labels_tensor(val_set.studies[i].labels), cfg.eval.label_k)
+        with gathered_weights(accelerator, model):
+            return evaluate_retrieval(core, val_loader, val_set.report, cfg.eval.ks, accelerator.gather_for_metrics,
+                                      lambda i: labels_tensor(val_set.studies[i].labels), cfg.eval.label_k)
 
-    # 6. export: vision tower for sft, text tower and heads for retrieval; the marker goes last
+    # 6. export: vision tower for sft, text tower and heads for retrieval; the marker goes last. Under ZeRO-3 every
+    # process gathers the weights and the main process writes them.
     def export_fn(unwrapped: StudyAligner) -> None:
         unwrapped.aligner.loss.clamp_()
-        if accelerator.is_main_process:
-            info = {"stage": "align", "init_from": cfg.run.init_from, "text": str(text_path),
-                    "view_pooling": cfg.model.view_pooling}
-            with writing_export(dirs.export, info) as out:
-                save_aligner(unwrapped, tokenizer, out)
+        with gathered_weights(accelerator, model):
+            if accelerator.is_main_process:
+                info = {"stage": "align", "init_from": cfg.run.init_from, "text": str(text_path),
+                        "view_pooling": cfg.model.view_pooling}
+                with writing_export(dirs.export, info) as out:
+                    save_aligner(unwrapped, tokenizer, out)
         accelerator.wait_for_everyone()
 
     fit(accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader,

@@ -22,6 +22,7 @@ EXPECTED: dict[str, tuple[DistributedType, int, bool, str, int | None, str | Non
     # DeepSpeed on 2 CPU processes (gloo); rlhf_rrg.distributed.build_accelerator joins them (see the files).
     "zero2_cpu.yaml": (DistributedType.DEEPSPEED, 2, True, "no", 2, "none"),
     "zero3_cpu.yaml": (DistributedType.DEEPSPEED, 2, True, "no", 3, "none"),
+    "zero3_offload_cpu.yaml": (DistributedType.DEEPSPEED, 2, True, "no", 3, "cpu"),
     "zero3.yaml": (DistributedType.DEEPSPEED, 8, False, "bf16", 3, "none"),
     "zero3_offload.yaml": (DistributedType.DEEPSPEED, 8, False, "bf16", 3, "cpu"),
     "multi_node.yaml": (DistributedType.DEEPSPEED, 16, False, "bf16", 2, "none"),

@@ -19,6 +19,8 @@ import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import nn
 
+from rlhf_rrg.distributed import clamp_parameter_
+
 
 @dataclass
 class ContrastiveConfig:
@@ -118,13 +120,13 @@ class ClipLoss(nn.Module):
             state_dict[key] = state_dict[key].reshape(1)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    @torch.no_grad()
     def clamp_(self) -> None:
         """Clamps the stored parameter into range; call after each optimizer step, as open_clip does.
 
-        Without it a parameter pushed past the clamp would sit where the clamp zeroes its gradient.
+        Without it a parameter pushed past the clamp would sit where the clamp zeroes its gradient. Under DeepSpeed
+        ZeRO the optimizer's master copy is clamped too (:func:`rlhf_rrg.distributed.clamp_parameter_`).
         """
-        self.logit_scale.clamp_(0.0, self.max_log_scale)
+        clamp_parameter_(self.logit_scale, 0.0, self.max_log_scale)
 
     def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor, labels: torch.Tensor | None = None,
                 ) -> torch.Tensor:

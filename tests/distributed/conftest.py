@@ -68,6 +68,13 @@ def zero_stage(run_root: Path, stage: str) -> int:
     return value
 
 
+def offload(run_root: Path, stage: str) -> tuple[int, int]:
+    """Whether the stage ran with ZeRO's optimizer state and parameters offloaded, as it reported them
+    (``run/offload_optimizer``, ``run/offload_param``: 0 or 1)."""
+    (optimizer,), (param,) = (logged(run_root, stage, f"run/offload_{part}") for part in ("optimizer", "param"))
+    return optimizer, param
+
+
 def export_weights(run_root: Path, stage: str) -> dict:
     """Every tensor of the stage's exported model (``<stage>/export/*.safetensors``)."""
     weights: dict = {}

@@ -1,7 +1,8 @@
 """DeepSpeed ZeRO-2 and ZeRO-3 on 2 CPU processes, launched as a user would (``accelerate launch --config_file
-accelerate_configs/zero{2,3}_cpu.yaml``), for pretraining, SFT and RL (PPO with its value head, SCST): each run
-reports the world size and ZeRO stage it ran with, and trains the same function as DDP on the same global batch
-(fp32: losses, rewards, evaluations and exported weights agree to rounding)."""
+accelerate_configs/zero{2,3}_cpu.yaml``), for pretraining, SFT and RL (PPO with its value head, SCST), and ZeRO-3 with
+optimizer state and parameters offloaded (``zero3_offload_cpu.yaml``: DeepSpeedCPUAdam) for SFT and PPO: each run
+reports the world size, ZeRO stage and offload it ran with, and trains the same function as DDP on the same global
+batch (fp32: losses, rewards, evaluations and exported weights agree to rounding)."""
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from .conftest import (
     data_args,
     export_weights,
     logged,
+    offload,
     plain_sft_args,
     rl_args,
     world_size,
@@ -22,11 +24,22 @@ from .conftest import (
 
 pytestmark = pytest.mark.distributed
 
-@pytest.mark.parametrize(("config", "stage"), [("zero2_cpu.yaml", 2), ("zero3_cpu.yaml", 3)], ids=["zero2", "zero3"])
-def test_sft_under_zero_matches_ddp(sft_ddp, tmp_path, config, stage):
+# (accelerate config, ZeRO stage, offloaded); the first run of the offloaded one JIT-builds DeepSpeed's cpu_adam op
+# (about a minute), later runs load it.
+ZERO2, ZERO3, ZERO3_OFFLOAD = ("zero2_cpu.yaml", 2, 0), ("zero3_cpu.yaml", 3, 0), ("zero3_offload_cpu.yaml", 3, 1)
+ZERO_IDS = {ZERO2: "zero2", ZERO3: "zero3", ZERO3_OFFLOAD: "zero3_offload"}
+
+
+def zero_runs(*runs: tuple) -> pytest.MarkDecorator:
+    return pytest.mark.parametrize(("config", "stage", "offloaded"), runs, ids=[ZERO_IDS[run] for run in runs])
+
+
+@zero_runs(ZERO2, ZERO3, ZERO3_OFFLOAD)
+def test_sft_under_zero_matches_ddp(sft_ddp, tmp_path, config, stage, offloaded):
     data, ddp = sft_ddp
     accelerate_launch(config, "sft", plain_sft_args(data, tmp_path, SFT_STEPS))
     assert (world_size(tmp_path, "sft"), zero_stage(tmp_path, "sft")) == (2, stage)
+    assert offload(tmp_path, "sft") == (offloaded, offloaded)
     assert logged(tmp_path, "sft", "train/lr") == pytest.approx(logged(ddp, "sft", "train/lr"), rel=1e-12)
     losses = logged(tmp_path, "sft", "train/loss")
     assert len(losses) == SFT_STEPS
@@ -65,8 +78,8 @@ def test_sft_with_context_clues_and_refining_under_zero3_matches_ddp(sft_ddp, tm
             torch.testing.assert_close(ours[name], tensor, rtol=1e-5, atol=2e-5, msg=f"{part}: {name}")
 
 
-@pytest.mark.parametrize(("config", "stage"), [("zero2_cpu.yaml", 2), ("zero3_cpu.yaml", 3)], ids=["zero2", "zero3"])
-def test_pretrain_under_zero_matches_ddp(sft_ddp, tmp_path, config, stage):
+@zero_runs(ZERO2, ZERO3)
+def test_pretrain_under_zero_matches_ddp(sft_ddp, tmp_path, config, stage, offloaded):
     data, _ = sft_ddp
     args = ["--config", "stages/configs/pretrain/debug.yaml", *data_args(data), "--train.max_steps", str(SFT_STEPS),
             "--train.batch_size", "4", "--train.log_every", "1", "--checkpoint.save_every", "0"]
@@ -75,6 +88,7 @@ def test_pretrain_under_zero_matches_ddp(sft_ddp, tmp_path, config, stage):
     accelerate_launch(config, "pretrain", [*args, "--run.run_root", str(zero)])
     assert (world_size(ddp, "pretrain"), zero_stage(ddp, "pretrain")) == (2, 0)
     assert (world_size(zero, "pretrain"), zero_stage(zero, "pretrain")) == (2, stage)
+    assert offload(zero, "pretrain") == (offloaded, offloaded)
     close(logged(zero, "pretrain", "train/loss"), logged(ddp, "pretrain", "train/loss"))
     ours, reference = export_weights(zero, "pretrain"), export_weights(ddp, "pretrain")
     assert ours.keys() == reference.keys() and reference
@@ -103,14 +117,18 @@ def rl_runs_args(algo, data, export, run_root) -> list[str]:
     return [*rl_args(algo, data, export, run_root), "--select.mode", "last"]
 
 
-@pytest.mark.parametrize("algo", ["ppo", "scst"])
-@pytest.mark.parametrize(("config", "stage"), [("zero2_cpu.yaml", 2), ("zero3_cpu.yaml", 3)], ids=["zero2", "zero3"])
-def test_rl_under_zero_matches_ddp(plain_sft_export, rl_ddp, tmp_path, algo, config, stage):
+RL_RUNS = [(algo, run) for algo in ("ppo", "scst") for run in (ZERO2, ZERO3)] + [("ppo", ZERO3_OFFLOAD)]
+
+
+@pytest.mark.parametrize(("algo", "run"), RL_RUNS, ids=[f"{ZERO_IDS[run]}-{algo}" for algo, run in RL_RUNS])
+def test_rl_under_zero_matches_ddp(plain_sft_export, rl_ddp, tmp_path, algo, run):
     # ZeRO-3: rollouts and the main process's evaluations run on the gathered weights, updates on the partitions.
+    config, stage, offloaded = run
     data, export = plain_sft_export
     ddp = rl_ddp(algo)
     accelerate_launch(config, "ppo", rl_runs_args(algo, data, export, tmp_path))
     assert (world_size(tmp_path, "ppo"), zero_stage(tmp_path, "ppo")) == (2, stage)
+    assert offload(tmp_path, "ppo") == (offloaded, offloaded)
     for key in ("reward/mean", "train/policy_loss"):
         assert len(logged(tmp_path, "ppo", key)) == 2
         close(logged(tmp_path, "ppo", key), logged(ddp, "ppo", key))

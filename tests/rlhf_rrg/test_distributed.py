@@ -23,6 +23,7 @@ from rlhf_rrg.distributed import (
     rng_state,
     seed_everything,
     set_rng_state,
+    zero_offload,
     zero_stage,
 )
 
@@ -122,7 +123,7 @@ def test_a_deepspeed_launch_on_cpu_is_recognised(monkeypatch):
 
 def test_deepspeed_helpers_do_nothing_without_deepspeed():
     accelerator = Accelerator(cpu=True)
-    assert zero_stage(accelerator) == 0
+    assert zero_stage(accelerator) == 0 and zero_offload(accelerator) == (False, False)
     configure_deepspeed(accelerator, micro_batch_size=4, grad_clip=0.5)
     with built_whole(accelerator):
         assert torch.nn.Linear(2, 2).weight.shape == (2, 2)
