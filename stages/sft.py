@@ -29,9 +29,8 @@ from rlhf_rrg.distributed import built_whole, configure_deepspeed, gathered_weig
 from rlhf_rrg.evaluation import EvalConfig, eval_subset, generate_and_score, majority_report_scores
 from rlhf_rrg.export.save import save_generator
 from rlhf_rrg.logging import read_jsonl
-from rlhf_rrg.losses.finding_weighted import FindingWeightConfig
 from rlhf_rrg.losses.self_refine import SelfRefineConfig
-from rlhf_rrg.losses.sft import sft_loss
+from rlhf_rrg.losses.sft import LMLossConfig, sft_loss
 from rlhf_rrg.models.disease_clues import DiseaseClueHead
 from rlhf_rrg.models.llm_configs import TINY_LLMS
 from rlhf_rrg.models.rrg import RRGModelConfig, apply_lora, build_processor, build_rrg_model, build_vision_model
@@ -56,7 +55,7 @@ class SFTStageConfig:
     model: RRGModelConfig = field(default_factory=RRGModelConfig)
     prompting: PromptingConfig = field(default_factory=PromptingConfig)
     self_refine: SelfRefineConfig = field(default_factory=SelfRefineConfig)
-    lm: FindingWeightConfig = field(default_factory=FindingWeightConfig)
+    lm: LMLossConfig = field(default_factory=LMLossConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999)))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(select_metric="ce/micro_f1_14"))
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -189,7 +188,7 @@ def main(cfg: SFTStageConfig) -> None:
 
     def step_fn(model, batch):
         # The pass goes through the wrapped model (DDP syncs its gradients); the loss reads the generator's settings.
-        return sft_loss(accelerator.unwrap_model(model), batch, cfg.self_refine, cfg.lm.finding_weight, forward=model)
+        return sft_loss(accelerator.unwrap_model(model), batch, cfg.self_refine, cfg.lm, forward=model)
 
     def eval_fn(model) -> dict[str, float]:
         unwrapped = accelerator.unwrap_model(model)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -23,19 +22,6 @@ from rewards.observations import CHEXPERT_14, POSITIVE, UNCERTAIN
 IGNORE_INDEX = -100
 _SENTENCE_RE = re.compile(r"[^.!?\n]+[.!?]?")
 _FINDING_COLUMNS = [i for i, obs in enumerate(CHEXPERT_14) if obs != "No Finding"]
-
-
-@dataclass
-class FindingWeightConfig:
-    """Weight of the report tokens that state a finding in the SFT language-model loss."""
-
-    finding_weight: float = field(default=1.0, metadata={
-        "help": "weight of the tokens of sentences stating a finding (CheXpert rule labeler) in the LM loss; "
-                "1 is the plain token mean"})
-
-    def __post_init__(self) -> None:
-        if self.finding_weight < 1.0:
-            raise ValueError(f"finding_weight must be >= 1, got {self.finding_weight}")
 
 
 def finding_spans(report: str) -> list[tuple[int, int]]:

@@ -1,5 +1,6 @@
 """The SFT loss of the report generator (stage 3): LM cross-entropy, its finding sentences weighted
-(:mod:`rlhf_rrg.losses.finding_weighted`), + TRRG clue BCE + SERPENT-VLM self-refining term
+(:mod:`rlhf_rrg.losses.finding_weighted`), + token-level unlikelihood of restating
+(:mod:`rlhf_rrg.losses.unlikelihood`) + TRRG clue BCE + SERPENT-VLM self-refining term
 (:mod:`rlhf_rrg.losses.self_refine`), each when enabled.
 
 The teacher-forced pass is the generator's (:meth:`ReportGenerator.forward`, so DDP sees it); this module only asks
@@ -9,42 +10,68 @@ it for what the enabled terms need and combines its outputs.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from rlhf_rrg.losses.finding_weighted import finding_spans, token_weights, weighted_lm_loss
 from rlhf_rrg.losses.self_refine import SelfRefineConfig, self_refining_loss, serpent_refining_loss
+from rlhf_rrg.losses.unlikelihood import unlikelihood_loss
 from rlhf_rrg.models.disease_clues import clue_bce_loss
 from rlhf_rrg.models.text_encoder import pool_hidden_states
 from rlhf_rrg.prompting.generator import ReportGenerator, TeacherForced
 
 
+@dataclass
+class LMLossConfig:
+    """The report language-model part of the SFT loss."""
+
+    finding_weight: float = field(default=1.0, metadata={
+        "help": "weight of the tokens of sentences stating a finding (CheXpert rule labeler) in the LM loss; "
+                "1 is the plain token mean"})
+    unlikelihood_weight: float = field(default=0.0, metadata={
+        "help": "weight of token-level unlikelihood (Welleck et al. 2020) against restating the report's earlier "
+                "tokens; 0 = off"})
+
+    def __post_init__(self) -> None:
+        if self.finding_weight < 1.0:
+            raise ValueError(f"lm.finding_weight must be >= 1, got {self.finding_weight}")
+        if self.unlikelihood_weight < 0.0:
+            raise ValueError(f"lm.unlikelihood_weight must be >= 0, got {self.unlikelihood_weight}")
+
+
 def sft_loss(generator: ReportGenerator, batch: dict[str, Any], self_refine: SelfRefineConfig | None = None,
-             finding_weight: float = 1.0, forward: Callable[..., TeacherForced] | None = None
+             lm: LMLossConfig | None = None, forward: Callable[..., TeacherForced] | None = None
              ) -> tuple[torch.Tensor, dict[str, float]]:
-    """SFT loss of one ``collate_context`` batch and its parts (``lm_loss``, ``clue_bce``, ``self_refine``).
+    """SFT loss of one ``collate_context`` batch and its parts (``lm_loss``, ``unlikelihood``, ``clue_bce``,
+    ``self_refine``).
 
     Args:
         generator: the report generator (unwrapped: its processor and settings are read).
         batch: studies with their context, reports and (for the clue head) CheXpert labels.
         self_refine: SERPENT-VLM's term; None or weight 0: off.
-        finding_weight: LM-loss weight of report tokens inside sentences stating a finding (1: plain LM loss).
+        lm: finding weight and unlikelihood of the LM part; None: the plain LM loss.
         forward: the generator as the trainer wraps it (e.g. DDP); default: ``generator``.
     """
     forward = forward if forward is not None else generator
-    weighted = finding_weight != 1.0
+    lm = lm if lm is not None else LMLossConfig()
+    weighted = lm.finding_weight != 1.0
     refine = self_refine is not None and self_refine.weight > 0
     serpent = refine and self_refine.formulation == "serpent"
     tf = forward(batch, output_hidden_states=refine, output_attentions=serpent, report_offsets=weighted,
                  model_loss=not weighted)
     out, labels = tf.output, tf.labels
     if weighted:
-        weights = _finding_weights(tf.report_offsets, batch["reports"], labels, finding_weight)
+        weights = _finding_weights(tf.report_offsets, batch["reports"], labels, lm.finding_weight)
         lm_loss = weighted_lm_loss(out.logits, labels, weights.to(labels.device))
     else:
         lm_loss = out.loss
     loss, metrics = lm_loss * (self_refine.report_weight if refine else 1.0), {"lm_loss": lm_loss.item()}
+    if lm.unlikelihood_weight > 0:
+        ul = unlikelihood_loss(out.logits, labels)
+        loss = loss + lm.unlikelihood_weight * ul
+        metrics["unlikelihood"] = ul.item()
     if tf.clue_logits is not None:
         if batch["labels"] is None:
             raise ValueError("clues.enabled needs CheXpert labels for every study (the dataset has none)")

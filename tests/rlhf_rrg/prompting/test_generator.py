@@ -18,7 +18,8 @@ from rlhf_rrg.data.synthetic import SyntheticConfig, write_synthetic_dataset
 from rlhf_rrg.export.save import save_generator
 from rlhf_rrg.losses.finding_weighted import finding_spans, weighted_lm_loss
 from rlhf_rrg.losses.self_refine import SelfRefineConfig, self_refining_loss
-from rlhf_rrg.losses.sft import query_image_mask, sft_loss
+from rlhf_rrg.losses.sft import LMLossConfig, query_image_mask, sft_loss
+from rlhf_rrg.losses.unlikelihood import unlikelihood_loss
 from rlhf_rrg.models.disease_clues import DiseaseClueConfig, DiseaseClueHead, best_thresholds
 from rlhf_rrg.models.rrg import (
     LoraSettings,
@@ -428,8 +429,8 @@ def test_finding_weight_reaches_the_lm_loss(data_root, tmp_path):
     assert any(finding_spans(r) for r in batch["reports"])  # the batch has finding sentences to weight
     with torch.no_grad():
         plain, _ = sft_loss(gen, batch)
-        same, _ = sft_loss(gen, batch, finding_weight=1.0)
-        weighted, metrics = sft_loss(gen, batch, finding_weight=4.0)
+        same, _ = sft_loss(gen, batch, lm=LMLossConfig(finding_weight=1.0))
+        weighted, metrics = sft_loss(gen, batch, lm=LMLossConfig(finding_weight=4.0))
         inputs = gen.processor.build_sft_batch(gen.prompts(batch, None), batch["reports"], gen.images(batch),
                                                gen.prompting.max_report_tokens, return_offsets=True)
         offsets = inputs.pop("report_offsets")
@@ -445,6 +446,25 @@ def test_finding_weight_reaches_the_lm_loss(data_root, tmp_path):
     torch.testing.assert_close(weighted, weighted_lm_loss(logits, inputs["labels"], weights))
     assert not torch.isclose(weighted, plain) and metrics["lm_loss"] == pytest.approx(weighted.item())
 
+
+
+def test_unlikelihood_reaches_the_sft_loss(data_root, tmp_path):
+    built = build(data_root, tmp_path, clues=False)
+    gen, batch = built.generator, first_batch(built)
+    gen.eval()
+    with torch.no_grad():
+        plain, _ = sft_loss(gen, batch)
+        with_ul, metrics = sft_loss(gen, batch, lm=LMLossConfig(unlikelihood_weight=0.5))
+        inputs = gen.processor.build_sft_batch(gen.prompts(batch, None), batch["reports"], gen.images(batch),
+                                               gen.prompting.max_report_tokens)
+        logits = gen.model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+    expected = unlikelihood_loss(logits, inputs["labels"])
+    assert expected > 0 and metrics["unlikelihood"] == pytest.approx(expected.item(), rel=1e-5)
+    torch.testing.assert_close(with_ul, plain + 0.5 * expected)
+    with pytest.raises(ValueError, match="lm.unlikelihood_weight must be >= 0"):
+        LMLossConfig(unlikelihood_weight=-1.0)
+    with pytest.raises(ValueError, match="lm.finding_weight must be >= 1"):
+        LMLossConfig(finding_weight=0.5)
 
 # An instruct LLM's kind of chat template, in the tiny vocabulary: BOS, the user turn closed by eos, then the
 # generation prompt (the assistant turn's start) after which SFT targets and generated reports come.
