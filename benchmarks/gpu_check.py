@@ -409,11 +409,9 @@ def launch_env(device: str) -> dict[str, str]:
     env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
                TOKENIZERS_PARALLELISM="false")
     if device == "cpu":
-        import hashlib
+        from rlhf_rrg.distributed import torch_extensions_dir
 
-        prefix = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
-        env["ACCELERATE_USE_CPU"] = "true"
-        env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions" / f"env-{prefix}"))
+        env.update(ACCELERATE_USE_CPU="true", TORCH_EXTENSIONS_DIR=torch_extensions_dir())
     return env
 
 

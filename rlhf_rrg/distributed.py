@@ -1,4 +1,5 @@
-"""The few process-level helpers stages need: rank-0 printing, ZeRO-3 parameter gathering, seeding and RNG state.
+"""The few process-level helpers stages need: rank-0 printing, ZeRO-3 parameter gathering, seeding and RNG state,
+and where launched processes keep DeepSpeed's JIT-built ops.
 
 Process topology comes from ``accelerate.PartialState`` (so it agrees with the ``Accelerator`` of the stage);
 nothing here calls ``torch.distributed`` directly. Anchors: nanochat ``common.py: print0``, TRL
@@ -8,10 +9,13 @@ nothing here calls ``torch.distributed`` directly. Anchors: nanochat ``common.py
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import random
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +27,14 @@ logger = logging.getLogger(__name__)
 
 # numpy's legacy global RNG only accepts 32-bit seeds.
 _MAX_SEED = 2**32 - 1
+
+
+def torch_extensions_dir() -> str:
+    """``$TORCH_EXTENSIONS_DIR``, else one folder per Python environment under ``~/.cache/torch_extensions``: two
+    venvs sharing one folder rebuild DeepSpeed's JIT ops (e.g. its CPU comm op) in turn, since their include paths
+    differ, and a process loading an op while another rebuilds it can abort."""
+    prefix = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
+    return os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions" / f"env-{prefix}"))
 
 
 def is_main_process() -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 import subprocess
@@ -15,6 +14,7 @@ from safetensors.torch import load_file
 
 from rlhf_rrg.config import load_config
 from rlhf_rrg.data.synthetic import SyntheticConfig, write_synthetic_dataset
+from rlhf_rrg.distributed import torch_extensions_dir
 from rlhf_rrg.logging import read_jsonl
 from rlhf_rrg.testing.stage_scripts import load_stage
 
@@ -31,14 +31,11 @@ def launch_env() -> dict[str, str]:
     """The environment of launched stages.
 
     ACCELERATE_USE_CPU: without it CPU processes do not join one gloo group (see cpu_ddp.yaml). The repo root on
-    PYTHONPATH: the launched script sees this checkout whatever install the venv holds. TORCH_EXTENSIONS_DIR: one per
-    Python environment, for DeepSpeed's JIT-built CPU comm op; two venvs sharing ``~/.cache/torch_extensions`` rebuild
-    it in turn (their include paths differ), and a process loading it while another rebuilds it can abort."""
-    prefix = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
+    PYTHONPATH: the launched script sees this checkout whatever install the venv holds. TORCH_EXTENSIONS_DIR: see
+    :func:`rlhf_rrg.distributed.torch_extensions_dir`."""
     return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "ACCELERATE_USE_CPU": "true",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-            "TORCH_EXTENSIONS_DIR": os.environ.get(
-                "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions" / f"env-{prefix}"))}
+            "TORCH_EXTENSIONS_DIR": torch_extensions_dir()}
 
 
 def accelerate_launch(config: str, stage: str, args: list[str]) -> subprocess.CompletedProcess:

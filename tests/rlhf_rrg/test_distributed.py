@@ -23,6 +23,7 @@ from rlhf_rrg.distributed import (
     rng_state,
     seed_everything,
     set_rng_state,
+    torch_extensions_dir,
     zero_offload,
     zero_stage,
 )
@@ -95,6 +96,15 @@ def test_cuda_rng_state_round_trip():
     torch.rand(10, device="cuda")
     set_rng_state(state)
     assert torch.rand(4, device="cuda").tolist() == expected
+
+
+def test_torch_extensions_dir_is_per_python_environment_unless_set(monkeypatch):
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    here = torch_extensions_dir()
+    monkeypatch.setattr(sys, "prefix", sys.prefix + "-other-venv")
+    assert torch_extensions_dir() != here and os.path.dirname(torch_extensions_dir()) == os.path.dirname(here)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/chosen")
+    assert torch_extensions_dir() == "/chosen"
 
 
 def test_single_process_is_main_and_prints(capsys):
