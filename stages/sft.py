@@ -43,6 +43,7 @@ from rlhf_rrg.retrieval.context import check_report_sharing
 from rlhf_rrg.retrieval.context_dataset import ContextDataset, collate_context
 from rlhf_rrg.retrieval.metrics import LABEL_K, leave_one_out_label_match
 from rlhf_rrg.retrieval.retriever import ContextRetriever, dataset_neighbours
+from rlhf_rrg.rl.monitors import text_statistics
 from rlhf_rrg.runroot import StageDirs, resolve_init, writing_export
 from rlhf_rrg.stage_setup import RunConfig, run_stage, setup_stage
 from rlhf_rrg.training import TrainConfig, fit, make_train_loader
@@ -197,8 +198,9 @@ def main(cfg: SFTStageConfig) -> None:
             if cfg.prompting.clues.tune_thresholds:
                 # Chosen on the evaluation split and then kept by the export; the test split is never seen.
                 tune_clue_thresholds(unwrapped, val_set)
-            scores, _ = generate_and_score(unwrapped, eval_data, cfg.eval)
-        return scores
+            scores, rows = generate_and_score(unwrapped, eval_data, cfg.eval)
+        # Repetition and length next to the scores: what the selected checkpoint writes, not only what it states.
+        return {**scores, **text_statistics([r["prediction"] for r in rows], [r["reference"] for r in rows])}
 
     def export_fn(unwrapped: ReportGenerator) -> None:
         # Under ZeRO-3 every process holds a shard of each weight: all of them gather, the main process writes.

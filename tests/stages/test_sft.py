@@ -15,6 +15,7 @@ from rlhf_rrg.logging import read_jsonl
 from rlhf_rrg.models.rrg import build_vision_model
 from rlhf_rrg.prompting.generator import ReportGenerator
 from rlhf_rrg.retrieval.context_dataset import ContextDataset
+from rlhf_rrg.rl.monitors import text_statistics
 from rlhf_rrg.runroot import MissingStageOutputError, WrongStageOutputError
 
 from .conftest import REPO, load_stage, run_stage, stage_overrides
@@ -132,7 +133,9 @@ def test_export_reproduces_the_logged_evaluation(trained):
     scores = evaluate_reports(predictions, [val.report(i) for i in range(n)], cfg.eval.metrics)["scores"]
     logged = next(r for r in records(run_root) if "eval/bleu_4" in r)
     assert logged["step"] == 30
-    assert {f"eval/{k}": v for k, v in scores.items()} == {k: v for k, v in logged.items() if k.startswith("eval/")}
+    stats = text_statistics(predictions, [val.report(i) for i in range(n)])
+    assert {f"eval/{k}": v for k, v in {**scores, **stats}.items()} == {
+        k: v for k, v in logged.items() if k.startswith("eval/")}
 
 
 def test_with_lora_only_adapters_projector_and_clue_head_train(synthetic_data, tmp_path):
