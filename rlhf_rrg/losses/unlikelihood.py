@@ -1,5 +1,5 @@
 """Token-level unlikelihood training (Welleck et al., ICLR 2020, "Neural Text Generation with Unlikelihood
-Training", eq. 4 with previous-context candidates).
+Training": the token-level objective, previous-context candidates).
 
 Cross-entropy teaches a small generator which sentence usually follows which, not which it has already written:
 the demo's SFT ended 180 of its 200 greedy test reports by restating "no pulmonary edema", because after
