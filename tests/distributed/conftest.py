@@ -85,9 +85,10 @@ def data_args(data: Path) -> list[str]:
 
 
 # SFT on the synthetic set with every optional module off: no retrieved context, no clue head, no self-refining
-# term; the tiny ViT trains (the debug config's freeze_vision: false).
+# term, the plain LM loss (no unlikelihood); the tiny ViT trains (the debug config's freeze_vision: false).
 PLAIN_SFT = ["--config", "stages/configs/sft/debug.yaml", "--run.init_from", "null", "--model.vision", "tiny-vit",
              "--prompting.context.mode", "none", "--prompting.clues.enabled", "false", "--self_refine.weight", "0",
+             "--lm.unlikelihood_weight", "0",
              "--train.log_every", "1", "--train.eval_every", "0", "--checkpoint.save_every", "0",
              "--eval.max_samples", "2", "--eval.max_new_tokens", "4"]
 

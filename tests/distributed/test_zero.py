@@ -53,7 +53,7 @@ def test_sft_under_zero_matches_ddp(sft_ddp, tmp_path, config, stage, offloaded)
 
 def test_sft_with_context_clues_and_refining_under_zero3_matches_ddp(sft_ddp, tmp_path):
     # The debug config whole: retrieved context (memory bank of the trainable Vim, rebuilt for the export from the
-    # gathered encoder), the clue head and SERPENT-VLM's term.
+    # gathered encoder), the clue head, SERPENT-VLM's term and unlikelihood.
     data, _ = sft_ddp
     args = ["--config", "stages/configs/sft/debug.yaml", "--run.init_from", "null", *data_args(data),
             "--train.max_steps", str(SFT_STEPS), "--train.batch_size", "4", "--train.log_every", "1",
@@ -63,7 +63,7 @@ def test_sft_with_context_clues_and_refining_under_zero3_matches_ddp(sft_ddp, tm
     accelerate_launch("cpu_ddp.yaml", "sft", [*args, "--run.run_root", str(ddp)])
     accelerate_launch("zero3_cpu.yaml", "sft", [*args, "--run.run_root", str(zero)])
     assert (world_size(zero, "sft"), zero_stage(zero, "sft")) == (2, 3)
-    for key in ("train/loss", "train/clue_bce", "train/self_refine"):
+    for key in ("train/loss", "train/unlikelihood", "train/clue_bce", "train/self_refine"):
         assert len(logged(zero, "sft", key)) == SFT_STEPS
         close(logged(zero, "sft", key), logged(ddp, "sft", key))
     close(logged(zero, "sft", "eval/ce/micro_f1_14"), logged(ddp, "sft", "eval/ce/micro_f1_14"))
