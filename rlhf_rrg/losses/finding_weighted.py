@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from rewards.labeler import label_report
 from rewards.observations import CHEXPERT_14, POSITIVE, UNCERTAIN
+from rlhf_rrg.models.processor import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 _SENTENCE_RE = re.compile(r"[^.!?\n]+[.!?]?")
 _FINDING_COLUMNS = [i for i, obs in enumerate(CHEXPERT_14) if obs != "No Finding"]
 

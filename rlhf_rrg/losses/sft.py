@@ -19,6 +19,7 @@ from rlhf_rrg.losses.finding_weighted import finding_spans, token_weights, weigh
 from rlhf_rrg.losses.self_refine import SelfRefineConfig, self_refining_loss, serpent_refining_loss
 from rlhf_rrg.losses.unlikelihood import unlikelihood_loss
 from rlhf_rrg.models.disease_clues import clue_bce_loss
+from rlhf_rrg.models.processor import IGNORE_INDEX
 from rlhf_rrg.models.text_encoder import pool_hidden_states
 from rlhf_rrg.prompting.generator import ReportGenerator, TeacherForced
 
@@ -90,7 +91,7 @@ def _finding_weights(offsets: list[list[tuple[int, int]]], reports: list[str], l
                      weight: float) -> torch.Tensor:
     """``(b, L)`` LM-loss weights: ``weight`` on report tokens inside sentences stating a finding, else 1."""
     weights = torch.ones(labels.shape, dtype=torch.float32)
-    first = (labels != -100).int().argmax(dim=1).tolist()  # each row's first report token
+    first = (labels != IGNORE_INDEX).int().argmax(dim=1).tolist()  # each row's first report token
     for i, (row, report) in enumerate(zip(offsets, reports, strict=True)):
         weights[i, first[i] : first[i] + len(row)] = torch.tensor(token_weights(row, finding_spans(report), weight))
     return weights
@@ -103,13 +104,13 @@ def _self_refine_term(generator: ReportGenerator, tf: TeacherForced, cfg: SelfRe
     out, labels = tf.output, tf.labels
     image_mask = query_image_mask(generator, tf.input_ids)
     if cfg.formulation == "pooled":
-        return self_refining_loss(out.hidden_states[0], image_mask, out.hidden_states[-1], labels != -100,
+        return self_refining_loss(out.hidden_states[0], image_mask, out.hidden_states[-1], labels != IGNORE_INDEX,
                                   cfg.similarity)
     if not out.attentions:
         raise ValueError("self_refine.formulation serpent needs the LLM's attention probabilities: set its "
                          "attention to eager (model.set_attn_implementation('eager'), as stages/sft.py does)")
     predicts_report = torch.zeros_like(labels, dtype=torch.bool)
-    predicts_report[:, :-1] = labels[:, 1:] != -100  # the logits at t predict the token at t + 1
+    predicts_report[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # the logits at t predict the token at t + 1
     image = pool_hidden_states(out.hidden_states[0], image_mask, "mean")
     return serpent_refining_loss(out.logits, out.attentions[-1], generator.model.get_input_embeddings().weight,
                                  predicts_report, image, cfg.tau)

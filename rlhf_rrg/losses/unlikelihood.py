@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from rlhf_rrg.models.processor import IGNORE_INDEX
+
 _MAX_PROB = 1.0 - 1e-5  # log(1 - p) stays finite (the reference implementation clamps 1 - p at 1e-5)
 
 
