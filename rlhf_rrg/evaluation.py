@@ -38,7 +38,7 @@ def with_context(generator: ReportGenerator, base: Dataset, exclude_self: bool) 
     """Studies with their context from the generator's memory bank (a training study never retrieves itself)."""
     if generator.retriever is None:
         return ContextDataset(base)
-    neighbours = dataset_neighbours(generator.retriever, generator.vision_tower, ContextDataset(base),
+    neighbours = dataset_neighbours(generator.retriever, generator.retrieval_encoder, ContextDataset(base),
                                     collate_context, exclude_self)
     return ContextDataset(base, generator.retriever, neighbours)
 

@@ -148,6 +148,8 @@ def main(cfg: PPOStageConfig) -> None:
     # 1. policy from the SFT export, data with context from its memory bank, reward
     with built_whole(accelerator):
         generator = ReportGenerator.from_export(init)
+        if generator.retriever is not None and not cfg.freeze_vision:
+            generator.retriever.keep_encoder(generator.vision_tower)
     reward = build_stage_reward(cfg.reward.funcs, cfg.reward.weights, require_weights=cfg.reward.require_weights)
     # The CheXpert labeler that scores each sampled clue statement (pg.clue_credit: observation).
     clue_labeler = build_labeler("rule") if cfg.pg.train_clues and cfg.pg.clue_credit == "observation" else None

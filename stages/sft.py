@@ -107,6 +107,8 @@ def build_retriever(cfg: SFTStageConfig, vision, bank_set: ContextDataset, val_s
     if cfg.prompting.context.mode == "none":
         return None, {"train": None, "val": None}
     retriever = build_bank(cfg, vision, bank_set)
+    if not cfg.model.freeze_vision:
+        retriever.keep_encoder(vision)
     # Training studies are the bank's own rows: query with the bank's embeddings instead of encoding them again.
     train = retriever.neighbours(retriever.bank.embeddings, retriever.bank.ids, exclude_self=True)
     val = dataset_neighbours(retriever, vision, val_set, collate_context, exclude_self=False)
@@ -207,10 +209,6 @@ def main(cfg: SFTStageConfig) -> None:
         with gathered_weights(accelerator, generator):
             if not accelerator.is_main_process:
                 return
-            if retriever is not None and not cfg.model.freeze_vision:
-                # Inference embeds queries with the tuned encoder, so the exported bank must come from it too;
-                # bank rows are the same studies in the same order, so training-time neighbours stay valid.
-                unwrapped.retriever = build_bank(cfg, unwrapped.vision_tower, ContextDataset(bank_set))
             with writing_export(dirs.export, {"stage": "sft", "vision": vision_source(cfg)}) as out:
                 save_generator(unwrapped, out)
 

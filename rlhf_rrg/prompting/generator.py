@@ -126,6 +126,13 @@ class ReportGenerator(nn.Module):
         return self._llava.model.vision_tower
 
     @property
+    def retrieval_encoder(self) -> nn.Module:
+        """What embeds a query for the memory bank: the retriever's own frozen encoder where it keeps one (the
+        tower trained after the bank was built), else the vision tower."""
+        encoder = self.retriever.encoder if self.retriever is not None else None
+        return self.vision_tower if encoder is None else encoder.to(self.device)
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
@@ -193,7 +200,7 @@ class ReportGenerator(nn.Module):
         if self.retriever is None:
             return {**batch, "context_pixels": torch.empty(b, 0, 3, h, w), "neg_reports": [[]] * b,
                     "pos_reports": [[]] * b}
-        emb = embed_studies(self.vision_tower, batch["pixel_values"])
+        emb = embed_studies(self.retrieval_encoder, batch["pixel_values"])
         pos, neg = self.retriever.neighbours(emb, batch["ids"], exclude_self)
         loaded = [self.retriever.load(p.tolist(), n.tolist()) for p, n in zip(pos, neg, strict=True)]
         return {**batch, "context_pixels": torch.stack([x["context_pixels"] for x in loaded]),

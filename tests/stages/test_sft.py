@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from rewards.evaluate import evaluate_reports
 from rlhf_rrg.config import ConfigError, load_config
 from rlhf_rrg.data.dataset import build_dataset
+from rlhf_rrg.evaluation import with_context
 from rlhf_rrg.logging import read_jsonl
 from rlhf_rrg.models.rrg import build_vision_model
 from rlhf_rrg.prompting.generator import ReportGenerator
@@ -126,13 +127,31 @@ def test_export_reproduces_the_logged_evaluation(trained):
     # The exported weights are the final (only evaluated) ones.
     final = checkpoint(run_root, 30)
     torch.testing.assert_close(generator.model.lm_head.weight, final["model.lm_head.weight"])
+    assert_reproduces_the_logged_evaluation(generator, cfg, run_root)
+
+
+def test_with_a_trained_encoder_the_export_retrieves_and_scores_as_training_did(synthetic_data, tmp_path):
+    cfg = run_stage("sft", synthetic_data, tmp_path, *FAST, "--model.freeze_vision", "false", "--train.max_steps",
+                    "6", "--optim.lr", "3e-3", "--eval.max_samples", "16")
+    generator = ReportGenerator.from_export(tmp_path / "sft" / "export")
+    val = build_dataset(cfg.data, cfg.eval.split, train=False)
+    kept = with_context(generator, val, exclude_self=False).neighbours
+    generator.retriever.encoder = None  # what the tuned tower would retrieve: the case that matters here
+    tuned = with_context(generator, val, exclude_self=False).neighbours
+    assert not torch.equal(torch.cat(kept, 1), torch.cat(tuned, 1))
+    generator = ReportGenerator.from_export(tmp_path / "sft" / "export")
+    assert_reproduces_the_logged_evaluation(generator, cfg, tmp_path)
+
+
+def assert_reproduces_the_logged_evaluation(generator, cfg, run_root):
+    """The export's greedy reports for the evaluated val studies score exactly what the stage logged last."""
     val = build_dataset(cfg.data, cfg.eval.split, train=False)
     n = cfg.eval.max_samples
     pixels = torch.stack([val[i]["pixel_values"] for i in range(n)])
     predictions = generator.generate(pixels, [s.id for s in val.studies[:n]], max_new_tokens=cfg.eval.max_new_tokens)
     scores = evaluate_reports(predictions, [val.report(i) for i in range(n)], cfg.eval.metrics)["scores"]
-    logged = next(r for r in records(run_root) if "eval/bleu_4" in r)
-    assert logged["step"] == 30
+    logged = [r for r in records(run_root) if "eval/bleu_4" in r][-1]
+    assert logged["step"] == cfg.train.max_steps
     stats = text_statistics(predictions, [val.report(i) for i in range(n)])
     assert {f"eval/{k}": v for k, v in {**scores, **stats}.items()} == {
         k: v for k, v in logged.items() if k.startswith("eval/")}

@@ -120,6 +120,31 @@ def test_save_load_round_trip(train_set, tmp_path, use_reports):
     assert ours["pos_reports"] == (theirs["pos_reports"] if use_reports else [""])
 
 
+def test_a_kept_encoder_is_a_frozen_copy_that_travels_with_the_export(train_set, vision, tmp_path):
+    retriever = separated_retriever(train_set)
+    assert retriever.encoder is None
+    retriever.keep_encoder(vision)
+    kept = retriever.encoder
+    retriever.keep_encoder(build_vision_model("tiny-vit"))  # a later stage keeps the first encoder
+    assert retriever.encoder is kept and kept is not vision
+    assert not any(p.requires_grad for p in kept.parameters())
+    pixels = torch.randn(2, 1, 3, SIZE, SIZE)
+    before = embed_studies(vision, pixels)
+    with torch.no_grad():  # the stage tunes its tower; the copy does not follow
+        next(vision.parameters()).add_(1.0)
+    try:
+        torch.testing.assert_close(embed_studies(kept, pixels), before)
+        assert not torch.allclose(embed_studies(vision, pixels), before)
+    finally:
+        with torch.no_grad():
+            next(vision.parameters()).sub_(1.0)
+    retriever.save(tmp_path)
+    loaded = ContextRetriever.load_dir(tmp_path)
+    torch.testing.assert_close(embed_studies(loaded.encoder, pixels), before)
+    separated_retriever(train_set).save(tmp_path / "plain")
+    assert ContextRetriever.load_dir(tmp_path / "plain").encoder is None
+
+
 def test_saved_retriever_works_after_copy_with_the_data_gone(train_set, tmp_path):
     root = Path(os.path.commonpath([p for paths in image_paths(train_set) for p in paths]))
     data = tmp_path / "data"
