@@ -41,7 +41,9 @@ def unlikelihood_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     # A token counts once however often it occurred: only its first occurrence among the targets is a candidate.
     first = keep & ~(same & before & keep[:, None, :]).any(dim=-1)  # (b, j)
     candidate = before & first[:, None, :] & ~same & keep[:, :, None]  # (b, t, j)
-    log_probs = logits.float().log_softmax(dim=-1)
-    probs = log_probs.gather(-1, tokens[:, None, :].expand(-1, n, -1)).exp()  # (b, t, j): p_t(tokens[j])
+    # p_t(tokens[j]) from the candidates' logits and one logsumexp: no second (b, L, V) tensor on 150k vocabularies.
+    logits = logits.float()
+    picked = logits.gather(-1, tokens[:, None, :].expand(-1, n, -1))  # (b, t, j)
+    probs = (picked - logits.logsumexp(dim=-1, keepdim=True)).exp()
     penalty = -torch.log1p(-probs.clamp(max=_MAX_PROB))
     return (penalty * candidate).sum() / keep.sum().clamp(min=1)
