@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from rewards.clinical import Labeler, build_labeler
 from rewards.observations import CHEXPERT_14
 from rlhf_rrg.config import load_config
 from rlhf_rrg.models.chat_prompt import ChatTemplateSetting, use_chat_template
@@ -33,6 +34,7 @@ from rlhf_rrg.models.residual_context import projector_of, residual_context_hook
 from rlhf_rrg.models.rrg import generate_response_ids, load_rrg, to_model_device
 from rlhf_rrg.models.vision_features import VisionFeatures
 from rlhf_rrg.prompting.prompts import build_context_prompt
+from rlhf_rrg.prompting.rerank import ClueRerankConfig, choose, clue_disagreement
 from rlhf_rrg.retrieval.context import ContextConfig
 from rlhf_rrg.retrieval.retriever import ContextRetriever, embed_studies
 
@@ -48,6 +50,8 @@ class PromptingConfig:
 
     context: ContextConfig = field(default_factory=ContextConfig, metadata={"help": "R2GenCSR context samples"})
     clues: DiseaseClueConfig = field(default_factory=DiseaseClueConfig, metadata={"help": "TRRG disease clues"})
+    rerank: ClueRerankConfig = field(default_factory=ClueRerankConfig, metadata={
+        "help": "clue-consistent decoding: the report that states what the clue head sees, of several"})
     views: int = field(default=1, metadata={"help": "query images per study"})
     max_report_tokens: int = field(default=128, metadata={"help": "report tokens kept for teacher forcing"})
     chat_template: ChatTemplateSetting = field(default="auto", metadata={
@@ -56,6 +60,8 @@ class PromptingConfig:
     def __post_init__(self) -> None:
         if self.views < 1:
             raise ValueError(f"prompting.views must be >= 1, got {self.views}")
+        if self.rerank.candidates and not self.clues.enabled:
+            raise ValueError("prompting.rerank.candidates > 0 chooses by the clue head: set prompting.clues.enabled")
         if not (self.chat_template == "auto" or isinstance(self.chat_template, bool)):
             raise ValueError(f"prompting.chat_template must be auto, true or false, got {self.chat_template!r}")
 
@@ -101,6 +107,7 @@ class ReportGenerator(nn.Module):
             raise ValueError("clues.enabled needs a clue head, and a clue head needs clues.enabled")
         self.model, self.clue_head = model, clue_head
         self.processor, self.prompting, self.retriever = processor, prompting, retriever
+        self._labelers: dict[str, Labeler] = {}
         # An export's processor already has the format its prompting resolves to ("auto" reads the same template).
         processor.set_chat_prompts(use_chat_template(prompting.chat_template, processor.tokenizer))
 
@@ -246,12 +253,36 @@ class ReportGenerator(nn.Module):
     @torch.no_grad()
     def generate_batch(self, batch: dict[str, Any], max_new_tokens: int = 100, num_beams: int = 1,
                        do_sample: bool = False) -> list[str]:
-        """Reports for a batch from ``collate_context`` (or one passed through :meth:`attach_context`)."""
-        inputs = self.generation_inputs(batch)
+        """Reports for a batch from ``collate_context`` (or one passed through :meth:`attach_context`); with
+        ``prompting.rerank.candidates``, greedy/beam reports are chosen by :mod:`rlhf_rrg.prompting.rerank`."""
+        clues = self.clue_presence(self.clue_logits(batch["pixel_values"]))
+        inputs = self.generation_inputs(batch, clues)
+        decode = self.processor.tokenizer.batch_decode
         with self.prompt_hooks():
             ids = generate_response_ids(self.model, self.processor, inputs, max_new_tokens=max_new_tokens,
                                         num_beams=num_beams, do_sample=do_sample)
-        return self.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
+            reports = decode(ids, skip_special_tokens=True)
+            rerank = self.prompting.rerank
+            if do_sample or not rerank.candidates:
+                return reports
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                torch.manual_seed(rerank.seed)
+                sampled = generate_response_ids(self.model, self.processor, inputs, max_new_tokens=max_new_tokens,
+                                                do_sample=True, temperature=rerank.temperature,
+                                                num_return_sequences=rerank.candidates)
+        # (b, 1 + candidates) reports per study: the deterministic one first, so it wins every tie it is in.
+        candidates = [[report, *chunk] for report, chunk in
+                      zip(reports, _chunks(decode(sampled, skip_special_tokens=True), rerank.candidates), strict=True)]
+        codes = self._rerank_labeler().label([c for row in candidates for c in row])
+        picked = choose(clue_disagreement(codes.view(len(candidates), -1, codes.shape[-1]), clues))
+        return [row[i] for row, i in zip(candidates, picked.tolist(), strict=True)]
+
+    def _rerank_labeler(self) -> Labeler:
+        """The labeler of ``prompting.rerank``, built once (CheXbert loads on this generator's device). Kept in a
+        dict: as an attribute, a CheXbert module would join this module's parameters and state dict."""
+        if "rerank" not in self._labelers:
+            self._labelers["rerank"] = build_labeler(self.prompting.rerank.labeler, device=str(self.device))
+        return self._labelers["rerank"]
 
     # ----------------------------------------------------------------------------------------------- export
     @classmethod
@@ -317,3 +348,7 @@ class ReportGenerator(nn.Module):
         ids = ids if ids is not None else [f"study_{i}" for i in range(len(pixel_values))]
         batch = self.attach_context({"ids": ids, "pixel_values": pixel_values})
         return self.generate_batch(batch, max_new_tokens=max_new_tokens, num_beams=num_beams)
+
+
+def _chunks(items: list[str], size: int) -> list[list[str]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]

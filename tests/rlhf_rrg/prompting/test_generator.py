@@ -12,7 +12,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from rewards.clinical import ce_metrics
-from rewards.observations import CHEXPERT_14
+from rewards.labeler import RuleLabeler
+from rewards.observations import CHEXPERT_14, POSITIVE
 from rlhf_rrg.data.dataset import DataConfig, ReportDataset, build_dataset
 from rlhf_rrg.data.synthetic import SyntheticConfig, write_synthetic_dataset
 from rlhf_rrg.export.save import save_generator
@@ -28,10 +29,12 @@ from rlhf_rrg.models.rrg import (
     build_processor,
     build_rrg_model,
     build_vision_model,
+    generate_response_ids,
 )
 from rlhf_rrg.models.tokenizer import build_word_tokenizer
 from rlhf_rrg.probe import clue_predictions, clue_probabilities, study_features, tune_clue_thresholds
 from rlhf_rrg.prompting.generator import PromptingConfig, ReportGenerator
+from rlhf_rrg.prompting.rerank import ClueRerankConfig
 from rlhf_rrg.retrieval.context import ContextConfig, PromptTemplate
 from rlhf_rrg.retrieval.context_dataset import ContextDataset, collate_context
 from rlhf_rrg.retrieval.retriever import ContextRetriever, dataset_neighbours
@@ -496,3 +499,31 @@ def test_chat_template_setting_formats_training_and_generation_and_survives_expo
     assert loaded.generate(pixels, max_new_tokens=6) == expected
     with pytest.raises(ValueError, match="chat_template must be auto, true or false"):
         PromptingConfig(chat_template="yes")
+
+
+def test_clue_consistent_decoding_returns_the_candidate_that_states_the_clues(data_root, tmp_path):
+    built = build(data_root, tmp_path)
+    gen, batch = built.generator, first_batch(built)
+    greedy = gen.generate_batch(batch, max_new_tokens=12)
+    gen.prompting.rerank = ClueRerankConfig(candidates=6, temperature=1.5, seed=5)
+    state = torch.get_rng_state()
+    chosen = gen.generate_batch(batch, max_new_tokens=12)
+    assert torch.equal(torch.get_rng_state(), state)  # training's random stream is untouched
+    assert gen.generate_batch(batch, max_new_tokens=12) == chosen
+    # The same candidates drawn here, and the choice made by a direct count over the 13 observations.
+    clues = gen.clue_presence(gen.clue_logits(batch["pixel_values"]))
+    inputs = gen.generation_inputs(batch, clues)
+    with torch.random.fork_rng(), gen.prompt_hooks():
+        torch.manual_seed(5)
+        ids = generate_response_ids(gen.model, gen.processor, inputs, max_new_tokens=12, do_sample=True,
+                                    temperature=1.5, num_return_sequences=6)
+    sampled = gen.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
+    labeler, picked_other = RuleLabeler(), False
+    for i, report in enumerate(chosen):
+        candidates = [greedy[i], *sampled[6 * i : 6 * i + 6]]
+        stated = labeler.label(candidates) == POSITIVE
+        misses = [sum(bool(stated[c, o]) != bool(clues[i, o]) for o in range(len(CHEXPERT_14))
+                      if CHEXPERT_14[o] != "No Finding") for c in range(len(candidates))]
+        assert report == candidates[misses.index(min(misses))]
+        picked_other |= misses.index(min(misses)) > 0
+    assert picked_other  # some study's greedy report was not the most consistent: the test saw a choice made
