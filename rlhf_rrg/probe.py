@@ -8,9 +8,10 @@ the training split (labels: the dataset's gold labels where every study has them
 of the references), its thresholds are chosen on the validation split, and it is scored on ``--split``. Scoring
 ``--split val`` itself, the probe is fit on four fifths of train and its thresholds are chosen on the other fifth,
 so val stays out of sample (the clue head's thresholds may have been tuned on val by SFT: the output says so). Next to
-it: the export's TRRG clue head (at its own prompt threshold) and the export's greedy reports, labelled by the rule
-labeler. All three are scored as CE is (positive = code 1) against the same targets, so the table reads as "the
-features carry X, the prompt states Y, the report writes Z". The probe is the ceiling RL is measured against.
+it: the export's TRRG clue head (at its own prompt threshold) and the export's greedy reports (or those its
+``prompting.rerank`` chooses), labelled by the rule labeler. All three are scored as CE is (positive = code 1)
+against the same targets, so the table reads as "the features carry X, the prompt states Y, the report writes Z".
+The probe is the ceiling RL is measured against.
 """
 
 from __future__ import annotations
