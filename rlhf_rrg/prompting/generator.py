@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from rewards.clinical import Labeler, build_labeler
+from rewards.labeler import RuleLabeler
 from rewards.observations import CHEXPERT_14
 from rlhf_rrg.config import load_config
 from rlhf_rrg.models.chat_prompt import ChatTemplateSetting, use_chat_template
@@ -107,7 +107,7 @@ class ReportGenerator(nn.Module):
             raise ValueError("clues.enabled needs a clue head, and a clue head needs clues.enabled")
         self.model, self.clue_head = model, clue_head
         self.processor, self.prompting, self.retriever = processor, prompting, retriever
-        self._labelers: dict[str, Labeler] = {}
+        self._rerank_labeler = RuleLabeler()
         # An export's processor already has the format its prompting resolves to ("auto" reads the same template).
         processor.set_chat_prompts(use_chat_template(prompting.chat_template, processor.tokenizer))
 
@@ -273,16 +273,9 @@ class ReportGenerator(nn.Module):
         # (b, 1 + candidates) reports per study: the deterministic one first, so it wins every tie it is in.
         candidates = [[report, *chunk] for report, chunk in
                       zip(reports, _chunks(decode(sampled, skip_special_tokens=True), rerank.candidates), strict=True)]
-        codes = self._rerank_labeler().label([c for row in candidates for c in row])
+        codes = self._rerank_labeler.label([c for row in candidates for c in row])
         picked = choose(clue_disagreement(codes.view(len(candidates), -1, codes.shape[-1]), clues))
         return [row[i] for row, i in zip(candidates, picked.tolist(), strict=True)]
-
-    def _rerank_labeler(self) -> Labeler:
-        """The labeler of ``prompting.rerank``, built once (CheXbert loads on this generator's device). Kept in a
-        dict: as an attribute, a CheXbert module would join this module's parameters and state dict."""
-        if "rerank" not in self._labelers:
-            self._labelers["rerank"] = build_labeler(self.prompting.rerank.labeler, device=str(self.device))
-        return self._labelers["rerank"]
 
     # ----------------------------------------------------------------------------------------------- export
     @classmethod

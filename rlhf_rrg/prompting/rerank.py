@@ -3,7 +3,8 @@ head sees.
 
 A small LLM trained on real prose follows its clue sentence only part of the time: on IU X-ray reports its greedy
 report states about half of the findings its TRRG clue head reads from the image. Here the deterministic report
-(greedy or beam) and ``candidates`` sampled ones are labelled with a CheXpert labeler, and the first report whose
+(greedy or beam) and ``candidates`` sampled ones are labelled with the rule labeler (weight-free, so an export decodes
+the same on any machine and its remote code carries no weights' paths), and the first report whose
 stated findings differ from the head's statements on the fewest observations wins. Every candidate is the LLM's
 own text; the head only chooses among them, as a reranker does in best-of-n decoding. "No Finding" is left out: it
 follows from the others. The choice needs no reference, so it is the same at evaluation and at inference.
@@ -12,7 +13,6 @@ follows from the others. The choice needs no reference, so it is the same at eva
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
@@ -28,8 +28,6 @@ class ClueRerankConfig:
     candidates: int = field(default=0, metadata={
         "help": "Sampled reports per study next to the greedy (or beam) one; 0 turns reranking off."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature of the candidates."})
-    labeler: Literal["rule", "chexbert"] = field(default="rule", metadata={
-        "help": "What reads each candidate's findings (chexbert: weights from the environment, as in rewards)."})
     seed: int = field(default=0, metadata={
         "help": "Seed of the candidates' sampling, in a forked RNG: a batch's reports do not depend on what ran "
                 "before it, and training's random streams are untouched."})
@@ -39,8 +37,6 @@ class ClueRerankConfig:
             raise ValueError(f"rerank.candidates must be >= 0, got {self.candidates}")
         if self.temperature <= 0:
             raise ValueError(f"rerank.temperature must be > 0, got {self.temperature}")
-        if self.labeler not in ("rule", "chexbert"):
-            raise ValueError(f"rerank.labeler must be rule or chexbert, got {self.labeler!r}")
 
 
 def clue_disagreement(codes: torch.Tensor, clues: torch.Tensor) -> torch.Tensor:

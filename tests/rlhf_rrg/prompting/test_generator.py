@@ -527,3 +527,8 @@ def test_clue_consistent_decoding_returns_the_candidate_that_states_the_clues(da
         assert report == candidates[misses.index(min(misses))]
         picked_other |= misses.index(min(misses)) > 0
     assert picked_other  # some study's greedy report was not the most consistent: the test saw a choice made
+    # The setting travels with the export (whose remote code must stay free of machine paths), and decodes alike.
+    save_generator(gen, tmp_path / "export")
+    loaded = ReportGenerator.from_export(tmp_path / "export")
+    assert loaded.prompting.rerank == gen.prompting.rerank
+    assert loaded.generate_batch(batch, max_new_tokens=12) == chosen

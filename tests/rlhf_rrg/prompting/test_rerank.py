@@ -35,8 +35,7 @@ def test_the_first_of_equal_candidates_wins_so_the_deterministic_report_keeps_it
     assert choose(torch.tensor([[1, 1, 0, 0], [2, 2, 3, 2], [0, 1, 0, 0]])).tolist() == [2, 0, 0]
 
 
-@pytest.mark.parametrize("kwargs, match", [({"candidates": -1}, "candidates"), ({"temperature": 0.0}, "temperature"),
-                                           ({"labeler": "radgraph"}, "labeler")])
+@pytest.mark.parametrize("kwargs, match", [({"candidates": -1}, "candidates"), ({"temperature": 0.0}, "temperature")])
 def test_bad_settings_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ClueRerankConfig(**kwargs)
