@@ -3,11 +3,11 @@ head sees.
 
 A small LLM trained on real prose follows its clue sentence only part of the time: on IU X-ray reports its greedy
 report states about half of the findings its TRRG clue head reads from the image. Here the deterministic report
-(greedy or beam) and ``candidates`` sampled ones are labelled with the rule labeler (weight-free, so an export decodes
-the same on any machine and its remote code carries no weights' paths), and the first report whose
-stated findings differ from the head's statements on the fewest observations wins. Every candidate is the LLM's
-own text; the head only chooses among them, as a reranker does in best-of-n decoding. "No Finding" is left out: it
-follows from the others. The choice needs no reference, so it is the same at evaluation and at inference.
+(greedy or beam) and ``candidates`` sampled ones are labelled with the rule labeler (weight-free, so an export
+decodes the same on any machine and its remote code carries no weights' paths), and the first report whose stated
+findings differ from the head's statements on the fewest observations wins. Every candidate is the LLM's own text;
+the head only chooses among them, as a reranker does in best-of-n decoding. "No Finding" is left out: it follows
+from the others. The choice needs no reference, so it is the same at evaluation and at inference.
 """
 
 from __future__ import annotations
