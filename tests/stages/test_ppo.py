@@ -284,3 +284,21 @@ def test_clue_head_rl_trains_only_the_clue_head(synthetic_data, sft_clue_export,
     head_after = load_file(tmp_path / "ppo" / "export" / "prompting" / "clue_head.safetensors")
     assert any(not torch.equal(head_before[n], head_after[n]) for n in head_before)
     assert len(metric(tmp_path, "train/clue_loss")) == 2
+
+
+def test_rl_that_tunes_the_encoder_keeps_retrieving_with_the_encoder_that_built_the_bank(synthetic_data, tmp_path):
+    sft_root = tmp_path / "sft_run"  # retrieved context over a frozen tower: the export keeps no encoder of its own
+    run_stage("sft", synthetic_data, sft_root, "--run.init_from", "null", "--model.vision", "tiny-vit",
+              "--model.freeze_vision", "true", "--self_refine.weight", "0", "--train.max_steps", "2",
+              "--train.eval_every", "0", "--checkpoint.save_every", "0", "--eval.max_samples", "2",
+              "--eval.max_new_tokens", "4")
+    sft_export = sft_root / "sft" / "export"
+    assert not (sft_export / "prompting" / "retrieval_encoder").exists()
+    run_ppo(synthetic_data, tmp_path / "rl", sft_export, "--freeze_vision", "false", "--train.max_steps", "2",
+            "--optim.lr", "1e-2")
+    rl_export = tmp_path / "rl" / "ppo" / "export"
+    kept = load_file(rl_export / "prompting" / "retrieval_encoder" / "model.safetensors")
+    before, after = load_file(sft_export / "model.safetensors"), load_file(rl_export / "model.safetensors")
+    tower = "vision_tower."
+    assert kept and all(torch.equal(kept[n], before[tower + n]) for n in kept)  # the SFT tower, as the bank saw it
+    assert any(not torch.equal(before[tower + n], after[tower + n]) for n in kept)  # while RL tuned its own
