@@ -267,8 +267,9 @@ def rl_step(cfg, accelerator, policy, unwrapped, optimizer, scheduler, reference
         clues = None
         if cfg.pg.train_clues:  # the clue sentence of each sample is part of its action
             with torch.no_grad():
-                logits = unwrapped.generator.clue_logits(batch["pixel_values"], features).float()
-            clues = torch.bernoulli(torch.sigmoid(logits / cfg.pg.clue_temperature).repeat_interleave(k, 0)).bool()
+                logits = unwrapped.generator.clue_action_logits(
+                    unwrapped.generator.clue_logits(batch["pixel_values"], features), cfg.pg.clue_temperature)
+            clues = torch.bernoulli(torch.sigmoid(logits).repeat_interleave(k, 0)).bool()
         rollout = generate_rollout(unwrapped.generator, batch, gen.max_new_tokens, True, gen.temperature,
                                    gen.top_k, repeats=k, features=features, clues=clues)
         greedy = generate_rollout(unwrapped.generator, batch, gen.max_new_tokens, False,

@@ -165,6 +165,17 @@ class ReportGenerator(nn.Module):
             return None
         return torch.sigmoid(clue_logits.detach().float()) >= self.clue_thresholds().to(clue_logits.device)
 
+    def clue_action_logits(self, clue_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """``(b, 14)`` logits of RL's sampled clue statements (``pg.train_clues``): the head's logits less the logit of
+        each observation's threshold, over ``temperature``.
+
+        A statement is then a coin flip exactly where :meth:`clue_presence` flips, so the sampled clues centre on what
+        the head states at evaluation; with tuned thresholds (a rare finding's can be 0.1) sampling ``sigmoid(logit)``
+        would state it far less often than the export does. A threshold above 1 (never stated) is held just below 1.
+        """
+        thresholds = self.clue_thresholds().to(clue_logits.device).clamp(max=1 - 1e-6)
+        return (clue_logits.float() - torch.logit(thresholds)) / temperature
+
     def clue_thresholds(self) -> torch.Tensor:
         """``(14,)`` probabilities at which the head states each observation."""
         clues = self.prompting.clues

@@ -138,7 +138,8 @@ class PolicyWithValue(nn.Module):
         per_prompt = rollout.pixel_values.shape[0] // b
         images = rollout.pixel_values.view(b, per_prompt, *rollout.pixel_values.shape[1:])
         query = images[:, per_prompt - self.generator.views:]
-        logits = self.generator.clue_logits(query, rollout.vision_features).float() / temperature
+        logits = self.generator.clue_action_logits(self.generator.clue_logits(query, rollout.vision_features),
+                                                   temperature)
         return -F.binary_cross_entropy_with_logits(logits, rollout.clues.to(logits), reduction="none")
 
     def _reference_nll(self, batch: dict[str, Any]) -> torch.Tensor:

@@ -409,6 +409,24 @@ def test_per_observation_thresholds_decide_the_clues_and_survive_export(data_roo
         DiseaseClueConfig(thresholds=[0.5] * 13)
 
 
+def test_rl_samples_each_clue_statement_as_a_coin_flip_where_the_heads_decision_flips(data_root, tmp_path):
+    built = build(data_root, tmp_path)
+    gen, batch = built.generator, first_batch(built)
+    gen.eval()
+    with torch.no_grad():
+        logits = gen.clue_logits(batch["pixel_values"])
+    probs = torch.sigmoid(logits)
+    thresholds = probs[0].tolist()  # study 0 sits exactly on every threshold
+    thresholds[3] = 1.01  # never stated: never sampled either, and still finite
+    gen.prompting.clues.thresholds = thresholds
+    action = gen.clue_action_logits(logits, temperature=0.5)
+    assert torch.isfinite(action).all()
+    torch.testing.assert_close(torch.sigmoid(action[0, [0, 1, 2, *range(4, 14)]]), torch.full((13,), 0.5))
+    assert (torch.sigmoid(action[:, 3]) < 1e-4).all()
+    # The mode of the sampled statements is what the head states at evaluation.
+    assert torch.equal(action[1:] > 0, gen.clue_presence(logits)[1:])
+
+
 def test_tuned_clue_thresholds_maximise_the_heads_micro_f1(data_root, tmp_path):
     built = build(data_root, tmp_path)
     gen = built.generator

@@ -71,7 +71,10 @@ def test_reference_stays_at_the_starting_policy(tmp_path, lora):
 def test_sampled_clues_are_prompted_scored_and_trained(tmp_path):
     torch.manual_seed(0)
     tiny = tiny_rrg(tmp_path, encoder_type="vit")
-    prompting = PromptingConfig(context=ContextConfig(mode="none"), clues=DiseaseClueConfig(enabled=True))
+    # Tuned thresholds: the sampled statements are scored around them, not around probability 0.5.
+    thresholds = [0.1, 0.3, 0.5, 0.7, 0.9, 1.01, 0.2] * 2
+    prompting = PromptingConfig(context=ContextConfig(mode="none"),
+                                clues=DiseaseClueConfig(enabled=True, thresholds=thresholds))
     head = DiseaseClueHead(tiny.model.config.vision_config.hidden_size, dropout=0.0)
     generator = make_trainable(ReportGenerator(tiny.model, tiny.processor, prompting, clue_head=head).eval(),
                                LoraSettings(enabled=False), freeze_vision=True, train_clues=True)
@@ -84,7 +87,8 @@ def test_sampled_clues_are_prompted_scored_and_trained(tmp_path):
     assert "cardiomegaly" in prompts[0] and "pleural effusion" in prompts[1] and "cardiomegaly" not in prompts[1]
     assert torch.equal(rollout.select(torch.tensor([1])).clues, clues[1:])
     policy = PolicyWithValue(generator)
-    logits = generator.clue_logits(batch["pixel_values"]) / 2.0
+    centre = torch.logit(torch.tensor(thresholds).clamp(max=1 - 1e-6))
+    logits = (generator.clue_logits(batch["pixel_values"]) - centre) / 2.0
     expected = -torch.nn.functional.binary_cross_entropy_with_logits(logits, clues.float(), reduction="none")
     out = policy(rollout, clue_temperature=2.0)
     torch.testing.assert_close(out["clue_logprobs"], expected)
