@@ -46,7 +46,7 @@ from rlhf_rrg.rl.host_sync import reduce_to_host
 from rlhf_rrg.rl.kl import KLConfig, build_kl_controller
 from rlhf_rrg.rl.masked import masked_mean, masked_sum
 from rlhf_rrg.rl.monitors import HackingMonitor, MonitorConfig, text_statistics
-from rlhf_rrg.rl.pg import PGConfig, observation_agreement, pg_update
+from rlhf_rrg.rl.pg import PGConfig, observation_agreement, observation_f1_credit, pg_update
 from rlhf_rrg.rl.pg import advantages as pg_advantages
 from rlhf_rrg.rl.policy import PolicyWithValue, ReferencePolicy, make_trainable
 from rlhf_rrg.rl.ppo_step import PPOConfig, ppo_targets, ppo_update
@@ -151,8 +151,8 @@ def main(cfg: PPOStageConfig) -> None:
         if generator.retriever is not None and not cfg.freeze_vision:
             generator.retriever.keep_encoder(generator.vision_tower)
     reward = build_stage_reward(cfg.reward.funcs, cfg.reward.weights, require_weights=cfg.reward.require_weights)
-    # The CheXpert labeler that scores each sampled clue statement (pg.clue_credit: observation).
-    clue_labeler = build_labeler("rule") if cfg.pg.train_clues and cfg.pg.clue_credit == "observation" else None
+    # The CheXpert labeler that scores each sampled clue statement (pg.clue_credit: observation or f1).
+    clue_labeler = build_labeler("rule") if cfg.pg.train_clues and cfg.pg.clue_credit != "report" else None
     credit_labeler = build_labeler(cfg.sentence_credit.labeler) if cfg.sentence_credit.weight > 0 else None
     worst = empty_report_reward(reward, cfg.reward.empty_reward)
     train_set = build_dataset(cfg.data, "train", train=False)
@@ -252,6 +252,13 @@ def main(cfg: PPOStageConfig) -> None:
                after)
 
 
+def clue_scores(cfg: PGConfig, labeler, reports: list[str], references: list[str]) -> torch.Tensor:
+    """``(n, 14)`` per-observation scores of the sampled clue statements (``pg.clue_credit`` observation or f1)."""
+    if cfg.clue_credit == "f1":
+        return observation_f1_credit(labeler, reports, references, cfg.clue_false_positive_cost)
+    return observation_agreement(labeler, reports, references)
+
+
 def rl_step(cfg, accelerator, policy, unwrapped, optimizer, scheduler, reference, kl_ctl, score_stats, reward,
             worst, clue_labeler, credit_labeler, batch) -> dict[str, float]:
     """One RL step (rollout -> reward -> advantage -> update); returns the metrics to log."""
@@ -328,9 +335,9 @@ def rl_step(cfg, accelerator, policy, unwrapped, optimizer, scheduler, reference
             greedy_totals = greedy_scores + greedy_credit.sum(1) if greedy_scores is not None else None
         advantage = pg_advantages(cfg.algo, totals, k, greedy_totals)
         clue_advantage = None
-        if clues is not None and cfg.pg.clue_credit == "observation":
-            agree = observation_agreement(clue_labeler, rollout.texts, sampled_batch["reports"]).to(device)
-            greedy_agree = (observation_agreement(clue_labeler, greedy.texts, batch["reports"]).to(device)
+        if clues is not None and cfg.pg.clue_credit != "report":
+            agree = clue_scores(cfg.pg, clue_labeler, rollout.texts, sampled_batch["reports"]).to(device)
+            greedy_agree = (clue_scores(cfg.pg, clue_labeler, greedy.texts, batch["reports"]).to(device)
                             if greedy is not None else None)
             clue_advantage = pg_advantages(cfg.algo, agree, k, greedy_agree)
         ref_logprobs = reference.logprobs(rollout, gen.temperature) if reference is not None else None

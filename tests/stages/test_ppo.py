@@ -269,12 +269,12 @@ def sft_clue_export(synthetic_data, tmp_path_factory):
     return root / "sft" / "export"
 
 
-@pytest.mark.parametrize("algo", ["rloo", "scst"])
-def test_clue_head_rl_trains_only_the_clue_head(synthetic_data, sft_clue_export, tmp_path, algo):
+@pytest.mark.parametrize(("algo", "credit"), [("rloo", "observation"), ("scst", "f1")])
+def test_clue_head_rl_trains_only_the_clue_head(synthetic_data, sft_clue_export, tmp_path, algo, credit):
     # Sampled clue statements with per-observation credit (the benchmark's "+clues" runs) and the LLM fixed; the
     # final policy is exported (what training changed, not what the val selection keeps).
     run_stage("ppo", synthetic_data, tmp_path, "--run.init_from", str(sft_clue_export), "--algo", algo,
-              "--pg.train_clues", "true", "--freeze_llm", "true", "--select.mode", "last",
+              "--pg.train_clues", "true", "--pg.clue_credit", credit, "--freeze_llm", "true", "--select.mode", "last",
               "--train.max_steps", "2", "--train.batch_size", "2", "--generation.num_samples", "2",
               "--generation.max_new_tokens", "12", "--eval.max_samples", "4", "--eval.max_new_tokens", "12")
     before = load_file(sft_clue_export / "model.safetensors")

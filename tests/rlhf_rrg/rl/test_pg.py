@@ -3,7 +3,7 @@ import torch
 from accelerate import Accelerator
 from test_ppo_step import ToyPolicy
 
-from rlhf_rrg.rl.pg import PGConfig, advantages, observation_agreement, pg_update
+from rlhf_rrg.rl.pg import PGConfig, advantages, observation_agreement, observation_f1_credit, pg_update
 from rlhf_rrg.rl.rollout import Rollout
 
 
@@ -94,6 +94,22 @@ def test_observation_agreement_counts_stated_findings_like_ce():
     wrong = {CHEXPERT_14[j] for j in torch.nonzero(agree[1] == 0).flatten().tolist()}
     # The second report misses the effusion and (with nothing positive) states No Finding.
     assert wrong == {"Pleural Effusion", "No Finding"}
+
+
+def test_f1_credit_pays_right_statements_charges_wrong_ones_and_leaves_silence_at_zero():
+    from rewards.labeler import RuleLabeler
+    from rewards.observations import CHEXPERT_14
+
+    reports = ["the heart is enlarged . small left pleural effusion .", "no pneumothorax ."]
+    references = ["the heart is enlarged .", "there is a small left pleural effusion ."]
+    credit = observation_f1_credit(RuleLabeler(), reports, references, false_positive_cost=0.4)
+    cardio, effusion, no_finding = (CHEXPERT_14.index(n) for n in ("Cardiomegaly", "Pleural Effusion", "No Finding"))
+    assert credit[0, cardio] == 1.0 and credit[0, effusion] == -0.4
+    # The second report omits the effusion (0, not a penalty) and states No Finding, which its reference does not.
+    assert credit[1, effusion] == 0.0 and credit[1, no_finding] == -0.4
+    assert int((credit != 0).sum()) == 3
+    with pytest.raises(ValueError, match="clue_false_positive_cost"):
+        PGConfig(clue_false_positive_cost=0.0)
 
 
 def test_fixed_llm_needs_sampled_clues():
