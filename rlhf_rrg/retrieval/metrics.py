@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from rewards.observations import POSITIVE
+from rewards.observations import CHEXPERT_14, POSITIVE
 
 # Retrieved studies per query in the label-aware scores logged by align (validation) and SFT (memory bank).
 LABEL_K = 5
@@ -92,6 +92,41 @@ def label_match_at_k(
     chance = (match & allowed).sum(dim=1).float() / allowed.sum(dim=1).float()
     return {f"label_match@{k}": match.gather(1, top).float().mean().item(),
             f"label_match@{k}_chance": chance.mean().item()}
+
+
+def finding_precision_at_k(
+    sims: torch.Tensor, query_labels: torch.Tensor, candidate_labels: torch.Tensor, k: int,
+) -> dict[str, dict[str, float]]:
+    """Per observation, how often the top-k retrieved candidates state it, for queries with and without it.
+
+    Exact-set :func:`label_match_at_k` counts every retrieval that misses one finding as wrong, so on a set where
+    some findings cannot be seen (a rendered image draws no fracture) it stays near chance even when retrieval reads
+    each visible finding well. This scores each finding on its own.
+
+    Args:
+        sims: ``(q, n)`` similarities, higher is closer.
+        query_labels: ``(q, 14)`` CheXpert label codes of the queries.
+        candidate_labels: ``(n, 14)`` label codes of the candidates.
+        k: Candidates retrieved per query, at most ``n``.
+
+    Returns:
+        For each observation at least one query states (positives only): ``with`` (mean share of a positive query's
+        top k that state it), ``without`` (the same over the other queries), ``base`` (share of all candidates that
+        state it: what random retrieval gives both) and ``queries`` (how many state it).
+    """
+    if not 1 <= k <= sims.shape[1]:
+        raise ValueError(f"k must lie in [1, {sims.shape[1]}], got {k}")
+    query_pos = positive_findings(query_labels.cpu())
+    cand_pos = positive_findings(candidate_labels.cpu()).float()
+    retrieved = cand_pos[sims.float().cpu().topk(k, dim=1).indices].mean(dim=1)  # (q, 14) share of the top k
+    scores = {}
+    for j, name in enumerate(CHEXPERT_14):
+        has = query_pos[:, j]
+        if has.any():
+            scores[name] = {"with": retrieved[has, j].mean().item(),
+                            "without": retrieved[~has, j].mean().item() if (~has).any() else float("nan"),
+                            "base": cand_pos[:, j].mean().item(), "queries": int(has.sum())}
+    return scores
 
 
 def leave_one_out_label_match(emb: torch.Tensor, labels: torch.Tensor, k: int) -> dict[str, float]:

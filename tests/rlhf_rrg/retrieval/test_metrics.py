@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from rewards.observations import BLANK, NEGATIVE, POSITIVE
+from rewards.observations import BLANK, CHEXPERT_14, NEGATIVE, POSITIVE
 from rlhf_rrg.retrieval.metrics import (
+    finding_precision_at_k,
     label_match_at_k,
     leave_one_out_label_match,
     recall_chance,
@@ -106,6 +107,24 @@ def test_label_match_by_hand():
         label_match_at_k(sims, query, cands, k=4, exclude=exclude)
     with pytest.raises(ValueError, match="does not match"):
         label_match_at_k(sims, query[:1], cands, k=1)
+
+
+def test_finding_precision_scores_each_finding_where_exact_sets_miss():
+    # Queries: A = {2, 7} (7 unseeable), B = {2}, C = {}. Candidates: {2}, {2}, {7}, {}.
+    query = labels({2, 7}, {2}, set())
+    cands = labels({2}, {2}, {7}, set())
+    sims = torch.tensor([[0.9, 0.8, 0.0, 0.1],   # top-2: c0, c1 -> finding 2 in 2/2, finding 7 in 0/2
+                         [0.1, 0.9, 0.0, 0.8],   # c1, c3 -> finding 2 in 1/2
+                         [0.0, 0.9, 0.0, 0.8]])  # c1, c3 -> finding 2 in 1/2
+    got = finding_precision_at_k(sims, query, cands, k=2)
+    two, seven = CHEXPERT_14[2], CHEXPERT_14[7]
+    assert got[two] == pytest.approx({"with": (1 + 0.5) / 2, "without": 0.5, "base": 0.5, "queries": 2})
+    assert got[seven] == pytest.approx({"with": 0.0, "without": 0.0, "base": 0.25, "queries": 1})
+    assert set(got) == {two, seven}  # observations no query states are left out
+    # A's exact set {2, 7} is matched by no candidate, although its visible finding is retrieved every time.
+    assert label_match_at_k(sims[:1], query[:1], cands, k=2)["label_match@2"] == 0.0
+    with pytest.raises(ValueError, match="k must lie"):
+        finding_precision_at_k(sims, query, cands, k=5)
 
 
 def test_leave_one_out_never_retrieves_itself():
