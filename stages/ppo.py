@@ -125,6 +125,8 @@ class PPOStageConfig:
         if self.algo in ("grpo", "rloo") and self.group.backend == "trl" and self.sentence_credit.weight > 0:
             raise ValueError("group.backend trl does not apply sentence_credit: set --sentence_credit.weight 0 "
                              "(or use our backend, group.backend ours)")
+        if self.pg.train_clues and self.generation.gold_clue_prob > 0:
+            raise ValueError("pg.train_clues samples each prompt's clue statements: set generation.gold_clue_prob 0")
         if self.algo == "ppo" and self.pg.train_clues:
             raise ValueError("pg.train_clues applies to algo scst, rloo or grpo (PPO keeps the clue head fixed)")
         if self.algo in ("grpo", "rloo") and self.generation.num_samples < 2:
@@ -173,6 +175,8 @@ def main(cfg: PPOStageConfig) -> None:
         select_export(cfg, selector, generator, dirs, metric_logger, cfg.train.max_steps, after)
         return finish(cfg, generator, dirs, metric_logger, accelerator, selector, before, after)
 
+    if cfg.generation.gold_clue_prob > 0 and generator.clue_head is None:
+        raise ValueError("generation.gold_clue_prob needs an SFT export with a clue head (prompting.clues.enabled)")
     generator = make_trainable(generator, cfg.lora, cfg.freeze_vision, cfg.pg.train_clues,
                                cfg.freeze_llm).to(accelerator.device)
     # A trainable encoder's final norm feeds only the clue head, which trains with pg.train_clues alone.
@@ -277,10 +281,17 @@ def rl_step(cfg, accelerator, policy, unwrapped, optimizer, scheduler, reference
                 logits = unwrapped.generator.clue_action_logits(
                     unwrapped.generator.clue_logits(batch["pixel_values"], features), cfg.pg.clue_temperature)
             clues = torch.bernoulli(torch.sigmoid(logits).repeat_interleave(k, 0)).bool()
+        elif gen.gold_clue_prob > 0:  # some prompts state the study's labelled findings: write what the clue says
+            with torch.no_grad():
+                logits = unwrapped.generator.clue_logits(batch["pixel_values"], features)
+            clues = unwrapped.generator.gold_or_head_clues(batch, gen.gold_clue_prob, logits).repeat_interleave(k, 0)
         rollout = generate_rollout(unwrapped.generator, batch, gen.max_new_tokens, True, gen.temperature,
-                                   gen.top_k, repeats=k, features=features, clues=clues)
-        greedy = generate_rollout(unwrapped.generator, batch, gen.max_new_tokens, False,
-                                  features=features) if cfg.algo == "scst" else None
+                                   gen.top_k, repeats=k, features=features, clues=clues,
+                                   clue_actions=cfg.pg.train_clues)
+        # SCST's baseline: the greedy report of the same prompt (gold clues included; sampled clue actions not).
+        prompt_clues = clues[::k] if clues is not None and not cfg.pg.train_clues else None
+        greedy = generate_rollout(unwrapped.generator, batch, gen.max_new_tokens, False, features=features,
+                                  clues=prompt_clues, clue_actions=False) if cfg.algo == "scst" else None
     times["generate"] = time.perf_counter() - start
 
     # 2. reward (NaN/inf on any process stops every process); reports cut off at the budget may be penalised

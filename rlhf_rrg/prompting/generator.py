@@ -250,12 +250,19 @@ class ReportGenerator(nn.Module):
 
     def _training_clues(self, batch: dict[str, Any], clue_logits: torch.Tensor | None) -> torch.Tensor | None:
         """The clue statements of SFT prompts: the head's, or with ``clues.gold_prompt_prob`` the study's labels."""
+        return self.gold_or_head_clues(batch, self.prompting.clues.gold_prompt_prob if self.training else 0.0,
+                                       clue_logits)
+
+    def gold_or_head_clues(self, batch: dict[str, Any], share: float,
+                           clue_logits: torch.Tensor | None) -> torch.Tensor | None:
+        """``(b, 14)`` bool clue statements: per study, with probability ``share`` its labelled findings (TRRG's gold
+        clues), else what the head states (None without a head)."""
         clues = self.clue_presence(clue_logits)
-        share = self.prompting.clues.gold_prompt_prob
-        if clues is None or share == 0 or not self.training:
+        if clues is None or share == 0:
             return clues
         if batch["labels"] is None:
-            raise ValueError("clues.gold_prompt_prob > 0 needs CheXpert labels for every study (the dataset has none)")
+            raise ValueError("gold clue prompts (clues.gold_prompt_prob, generation.gold_clue_prob) need CheXpert "
+                             "labels for every study (the dataset has none)")
         gold = clue_targets(batch["labels"], self.prompting.clues.uncertain_policy)[0].bool().to(clues.device)
         use_gold = torch.rand(clues.shape[0], 1, device=clues.device) < share
         return torch.where(use_gold, gold, clues)

@@ -27,6 +27,10 @@ class GenerationConfig:
     top_k: int = field(default=0, metadata={"help": "top-k filtering while sampling; 0 disables it"})
     num_samples: int = field(default=1, metadata={
         "help": "sampled reports per study (k), adjacent in the batch; grpo/rloo need >= 2 (their group)"})
+    gold_clue_prob: float = field(default=0.0, metadata={
+        "help": "share of studies whose rollouts are prompted with a clue sentence stating the study's labelled "
+                "findings instead of the clue head's (SFT's clues.gold_prompt_prob): the reward then teaches the LLM "
+                "to write what its clue sentence states"})
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
@@ -37,6 +41,8 @@ class GenerationConfig:
             raise ValueError(f"generation.temperature must be > 0, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"generation.top_k must be >= 0, got {self.top_k}")
+        if not 0.0 <= self.gold_clue_prob <= 1.0:
+            raise ValueError(f"generation.gold_clue_prob must be in [0, 1], got {self.gold_clue_prob}")
 
 
 @dataclass
@@ -134,6 +140,7 @@ def generate_rollout(
     repeats: int = 1,
     features: VisionFeatures | None = None,
     clues: torch.Tensor | None = None,
+    clue_actions: bool = True,
 ) -> Rollout:
     """Samples (or greedily decodes) ``repeats`` reports per study of a ``collate_context`` batch.
 
@@ -146,8 +153,9 @@ def generate_rollout(
         top_k: Top-k filter while sampling (0: off).
         repeats: Reports per study; the copies of a study are adjacent rows (``repeat_batch``'s layout).
         features: ``encode_batch_images(generator, batch)`` when already computed this step; encoded here otherwise.
-        clues: ``(b * repeats, 14)`` bool clue statements, one set per sampled report, instead of the clue head's
-            (kept on the rollout).
+        clues: ``(b * repeats, 14)`` bool clue statements, one set per sampled report, instead of the clue head's.
+        clue_actions: Keep ``clues`` on the rollout, as actions the policy scores (``pg.train_clues``); False when
+            they only prompt (gold clues).
 
     Returns:
         The :class:`Rollout` (``b * repeats`` rows); responses are at least one token long.
@@ -178,4 +186,4 @@ def generate_rollout(
     response_ids = torch.where(mask.bool(), response_ids, torch.full_like(response_ids, tokenizer.pad_token_id))
     texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
     return Rollout(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], response_ids, mask, texts,
-                   features, clues)
+                   features, clues if clue_actions else None)
