@@ -346,7 +346,7 @@ def rl_step(cfg, accelerator, policy, unwrapped, optimizer, scheduler, reference
             greedy_totals = greedy_scores + greedy_credit.sum(1) if greedy_scores is not None else None
         advantage = pg_advantages(cfg.algo, totals, k, greedy_totals)
         clue_advantage = None
-        if clues is not None and cfg.pg.clue_credit != "report":
+        if rollout.clues is not None and cfg.pg.clue_credit != "report":  # sampled clue actions
             agree = clue_scores(cfg.pg, clue_labeler, rollout.texts, sampled_batch["reports"]).to(device)
             greedy_agree = (clue_scores(cfg.pg, clue_labeler, greedy.texts, batch["reports"]).to(device)
                             if greedy is not None else None)

@@ -286,6 +286,36 @@ def test_clue_head_rl_trains_only_the_clue_head(synthetic_data, sft_clue_export,
     assert len(metric(tmp_path, "train/clue_loss")) == 2
 
 
+@pytest.mark.parametrize("algo", ["ppo", "scst"])
+def test_gold_clue_rollouts_are_prompted_with_the_labelled_findings(synthetic_data, sft_clue_export, tmp_path,
+                                                                    monkeypatch, algo):
+    stage, calls = load_stage("ppo"), []
+    real = stage.generate_rollout
+
+    def recording(generator, batch, *args, **kwargs):
+        rollout = real(generator, batch, *args, **kwargs)
+        calls.append((batch, kwargs, rollout))
+        return rollout
+
+    monkeypatch.setattr(stage, "generate_rollout", recording)
+    run_ppo(synthetic_data, tmp_path, sft_clue_export, "--algo", algo, "--generation.gold_clue_prob", "1.0",
+            "--generation.num_samples", "2", "--train.max_steps", "2", "--train.batch_size", "4")
+    assert len(calls) == (4 if algo == "scst" else 2)  # SCST's greedy baselines are prompted alike
+    for batch, kwargs, rollout in calls:
+        gold = batch["labels"] == 1  # CheXpert positive; the config counts uncertain as absent
+        repeats = kwargs["clues"].shape[0] // gold.shape[0]
+        assert torch.equal(kwargs["clues"].cpu(), gold.repeat_interleave(repeats, 0))
+        assert rollout.clues is None  # the clues only prompt: no clue log-probability is scored or trained
+    with pytest.raises(ValueError, match="pg.train_clues samples"):
+        run_ppo(synthetic_data, tmp_path / "both", sft_clue_export, "--algo", "rloo", "--pg.train_clues", "true",
+                "--generation.gold_clue_prob", "0.5")
+
+
+def test_gold_clue_rollouts_need_a_clue_head(synthetic_data, sft_export, tmp_path):
+    with pytest.raises(ValueError, match="gold_clue_prob needs an SFT export with a clue head"):
+        run_ppo(synthetic_data, tmp_path, sft_export, "--generation.gold_clue_prob", "1.0")
+
+
 def test_rl_that_tunes_the_encoder_keeps_retrieving_with_the_encoder_that_built_the_bank(synthetic_data, tmp_path):
     sft_root = tmp_path / "sft_run"  # retrieved context over a frozen tower: the export keeps no encoder of its own
     run_stage("sft", synthetic_data, sft_root, "--run.init_from", "null", "--model.vision", "tiny-vit",
