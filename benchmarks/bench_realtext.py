@@ -35,9 +35,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from machine import machine_line, pin_threads
-
 import torch
+from machine import machine_line, pin_threads
 from torch.utils.data import DataLoader
 
 from rlhf_rrg.config import load_config
@@ -108,7 +107,7 @@ def align_retrieval(run_root: Path) -> tuple[dict[str, float], str]:
            "align test ratio": exact["label_match@5"] / exact["label_match@5_chance"]}
     for key in ("with", "without", "base"):
         row[f"align test finding P@5 {key}"] = statistics.fmean(found[n][key] for n in scored)
-    table = ["| finding (test) | studies | retrieved reports stating it: image has it | image lacks it | all reports |",
+    table = ["| finding (test) | studies | retrieved stating it: image has it | image lacks it | all reports |",
              "|---|---|---|---|---|"]
     table += [f"| {n} | {v['queries']} | {v['with']:.2f} | {v['without']:.2f} | {v['base']:.2f} |"
               for n, v in found.items()]
