@@ -46,7 +46,7 @@ from rlhf_rrg.rl.host_sync import reduce_to_host
 from rlhf_rrg.rl.kl import KLConfig, build_kl_controller
 from rlhf_rrg.rl.masked import masked_mean, masked_sum
 from rlhf_rrg.rl.monitors import HackingMonitor, MonitorConfig, text_statistics
-from rlhf_rrg.rl.pg import PGConfig, observation_agreement, observation_f1_credit, pg_update
+from rlhf_rrg.rl.pg import PGConfig, clue_scores, pg_update
 from rlhf_rrg.rl.pg import advantages as pg_advantages
 from rlhf_rrg.rl.policy import PolicyWithValue, ReferencePolicy, make_trainable
 from rlhf_rrg.rl.ppo_step import PPOConfig, ppo_targets, ppo_update
@@ -254,13 +254,6 @@ def main(cfg: PPOStageConfig) -> None:
     with gathered_weights(accelerator, policy):
         finish(cfg, unwrapped.generator, dirs, metric_logger, accelerator, selector, state.extra.get("before", {}),
                after)
-
-
-def clue_scores(cfg: PGConfig, labeler, reports: list[str], references: list[str]) -> torch.Tensor:
-    """``(n, 14)`` per-observation scores of the sampled clue statements (``pg.clue_credit`` observation or f1)."""
-    if cfg.clue_credit == "f1":
-        return observation_f1_credit(labeler, reports, references, cfg.clue_false_positive_cost)
-    return observation_agreement(labeler, reports, references)
 
 
 def rl_step(cfg, accelerator, policy, unwrapped, optimizer, scheduler, reference, kl_ctl, score_stats, reward,

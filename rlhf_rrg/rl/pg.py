@@ -128,6 +128,14 @@ def observation_f1_credit(labeler: Labeler, reports: Sequence[str], references: 
     return stated.float() * torch.where(present, 1.0, -false_positive_cost)
 
 
+def clue_scores(cfg: PGConfig, labeler: Labeler, reports: Sequence[str], references: Sequence[str]) -> torch.Tensor:
+    """``(n, 14)`` per-observation scores of sampled clue statements, as ``cfg.clue_credit`` (observation or f1)
+    asks; :func:`advantages` turns them into per-observation advantages."""
+    if cfg.clue_credit == "f1":
+        return observation_f1_credit(labeler, reports, references, cfg.clue_false_positive_cost)
+    return observation_agreement(labeler, reports, references)
+
+
 def pg_update(
     accelerator: Accelerator,
     model: nn.Module,
