@@ -388,12 +388,17 @@ def test_gold_clue_prompts_in_sft_training_only(data_root, tmp_path):
         gen._training_clues({**batch, "labels": None}, gen.clue_logits(batch["pixel_values"]))
 
 
-def test_per_observation_thresholds_decide_the_clues_and_survive_export(data_root, tmp_path):
+def clue_head_in_eval(data_root, tmp_path):
+    """A built generator in eval mode, its first batch and the clue head's logits on it."""
     built = build(data_root, tmp_path)
     gen, batch = built.generator, first_batch(built)
     gen.eval()
     with torch.no_grad():
-        logits = gen.clue_logits(batch["pixel_values"])
+        return gen, batch, gen.clue_logits(batch["pixel_values"])
+
+
+def test_per_observation_thresholds_decide_the_clues_and_survive_export(data_root, tmp_path):
+    gen, batch, logits = clue_head_in_eval(data_root, tmp_path)
     probs = torch.sigmoid(logits)
     # A threshold just below one study's probability states that observation for it and for no study above it.
     thresholds = [1.01] * len(CHEXPERT_14)
@@ -410,11 +415,7 @@ def test_per_observation_thresholds_decide_the_clues_and_survive_export(data_roo
 
 
 def test_rl_samples_each_clue_statement_as_a_coin_flip_where_the_heads_decision_flips(data_root, tmp_path):
-    built = build(data_root, tmp_path)
-    gen, batch = built.generator, first_batch(built)
-    gen.eval()
-    with torch.no_grad():
-        logits = gen.clue_logits(batch["pixel_values"])
+    gen, batch, logits = clue_head_in_eval(data_root, tmp_path)
     probs = torch.sigmoid(logits)
     thresholds = probs[0].tolist()  # study 0 sits exactly on every threshold
     thresholds[3] = 1.01  # never stated: never sampled either, and still finite
