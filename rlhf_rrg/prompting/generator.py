@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from transformers import LogitsProcessorList
 
 from rewards.labeler import RuleLabeler
 from rewards.observations import CHEXPERT_14
@@ -34,7 +35,7 @@ from rlhf_rrg.models.residual_context import projector_of, residual_context_hook
 from rlhf_rrg.models.rrg import generate_response_ids, load_rrg, to_model_device
 from rlhf_rrg.models.vision_features import VisionFeatures
 from rlhf_rrg.prompting.prompts import build_context_prompt
-from rlhf_rrg.prompting.rerank import ClueRerankConfig, choose, clue_disagreement
+from rlhf_rrg.prompting.rerank import ClueRerankConfig, PerStudySampling, choose, clue_disagreement, study_seeds
 from rlhf_rrg.retrieval.context import ContextConfig
 from rlhf_rrg.retrieval.retriever import ContextRetriever, embed_studies
 
@@ -275,25 +276,39 @@ class ReportGenerator(nn.Module):
         ``prompting.rerank.candidates``, greedy/beam reports are chosen by :mod:`rlhf_rrg.prompting.rerank`."""
         clues = self.clue_presence(self.clue_logits(batch["pixel_values"]))
         inputs = self.generation_inputs(batch, clues)
-        decode = self.processor.tokenizer.batch_decode
         with self.prompt_hooks():
             ids = generate_response_ids(self.model, self.processor, inputs, max_new_tokens=max_new_tokens,
                                         num_beams=num_beams, do_sample=do_sample)
-            reports = decode(ids, skip_special_tokens=True)
-            rerank = self.prompting.rerank
-            if do_sample or not rerank.candidates:
+            reports = self.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
+            if do_sample or not self.prompting.rerank.candidates:
                 return reports
-            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                torch.manual_seed(rerank.seed)
-                sampled = generate_response_ids(self.model, self.processor, inputs, max_new_tokens=max_new_tokens,
-                                                do_sample=True, temperature=rerank.temperature,
-                                                num_return_sequences=rerank.candidates)
-        # (b, 1 + candidates) reports per study: the deterministic one first, so it wins every tie it is in.
-        candidates = [[report, *chunk] for report, chunk in
-                      zip(reports, _chunks(decode(sampled, skip_special_tokens=True), rerank.candidates), strict=True)]
+            candidates = [[report, *sampled] for report, sampled in
+                          zip(reports, self._sampled_candidates(batch, inputs, max_new_tokens), strict=True)]
         codes = self._rerank_labeler.label([c for row in candidates for c in row])
         picked = choose(clue_disagreement(codes.view(len(candidates), -1, codes.shape[-1]), clues))
         return [row[i] for row, i in zip(candidates, picked.tolist(), strict=True)]
+
+    @torch.no_grad()
+    def rerank_candidates(self, batch: dict[str, Any], max_new_tokens: int = 100) -> list[list[str]]:
+        """The ``prompting.rerank.candidates`` reports sampled per study for clue-consistent decoding (its greedy or
+        beam report, candidate 0, is :meth:`generate_batch`'s without reranking). A study's samples are the same in
+        any batch."""
+        inputs = self.generation_inputs(batch, self.clue_presence(self.clue_logits(batch["pixel_values"])))
+        with self.prompt_hooks():
+            return self._sampled_candidates(batch, inputs, max_new_tokens)
+
+    def _sampled_candidates(self, batch: dict[str, Any], inputs: dict[str, torch.Tensor],
+                            max_new_tokens: int) -> list[list[str]]:
+        rerank = self.prompting.rerank
+        sampler = PerStudySampling(study_seeds(batch["pixel_values"], rerank.seed, rerank.candidates),
+                                   rerank.temperature, rerank.top_k)
+        # generate's own sampling step still draws (a sure pick) from the global stream: fork it, so training's
+        # random streams are untouched.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            ids = generate_response_ids(self.model, self.processor, inputs, max_new_tokens=max_new_tokens,
+                                        do_sample=True, num_return_sequences=rerank.candidates,
+                                        logits_processor=LogitsProcessorList([sampler]))
+        return _chunks(self.processor.tokenizer.batch_decode(ids, skip_special_tokens=True), rerank.candidates)
 
     # ----------------------------------------------------------------------------------------------- export
     @classmethod

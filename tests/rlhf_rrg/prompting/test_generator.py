@@ -29,7 +29,6 @@ from rlhf_rrg.models.rrg import (
     build_processor,
     build_rrg_model,
     build_vision_model,
-    generate_response_ids,
 )
 from rlhf_rrg.models.tokenizer import build_word_tokenizer
 from rlhf_rrg.probe import clue_predictions, clue_probabilities, study_features, tune_clue_thresholds
@@ -529,17 +528,13 @@ def test_clue_consistent_decoding_returns_the_candidate_that_states_the_clues(da
     chosen = gen.generate_batch(batch, max_new_tokens=12)
     assert torch.equal(torch.get_rng_state(), state)  # training's random stream is untouched
     assert gen.generate_batch(batch, max_new_tokens=12) == chosen
-    # The same candidates drawn here, and the choice made by a direct count over the 13 observations.
+    # The choice, made by a direct count over the 13 observations of the candidates.
     clues = gen.clue_presence(gen.clue_logits(batch["pixel_values"]))
-    inputs = gen.generation_inputs(batch, clues)
-    with torch.random.fork_rng(), gen.prompt_hooks():
-        torch.manual_seed(5)
-        ids = generate_response_ids(gen.model, gen.processor, inputs, max_new_tokens=12, do_sample=True,
-                                    temperature=1.5, num_return_sequences=6)
-    sampled = gen.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
+    sampled = gen.rerank_candidates(batch, max_new_tokens=12)
+    assert [len(row) for row in sampled] == [6] * len(chosen)
     labeler, picked_other = RuleLabeler(), False
     for i, report in enumerate(chosen):
-        candidates = [greedy[i], *sampled[6 * i : 6 * i + 6]]
+        candidates = [greedy[i], *sampled[i]]
         stated = labeler.label(candidates) == POSITIVE
         misses = [sum(bool(stated[c, o]) != bool(clues[i, o]) for o in range(len(CHEXPERT_14))
                       if CHEXPERT_14[o] != "No Finding") for c in range(len(candidates))]
@@ -551,3 +546,19 @@ def test_clue_consistent_decoding_returns_the_candidate_that_states_the_clues(da
     loaded = ReportGenerator.from_export(tmp_path / "export")
     assert loaded.prompting.rerank == gen.prompting.rerank
     assert loaded.generate_batch(batch, max_new_tokens=12) == chosen
+
+
+def test_a_study_draws_the_same_rerank_candidates_alone_and_in_any_batch(data_root, tmp_path):
+    built = build(data_root, tmp_path)
+    gen = built.generator
+    gen.prompting.rerank = ClueRerankConfig(candidates=4, temperature=1.5)
+    studies = [built.train[i] for i in range(4)]
+    together = gen.rerank_candidates(collate_context(studies), max_new_tokens=12)
+    assert len({tuple(row) for row in together}) == 4 and all(len(set(row)) > 1 for row in together)  # they vary
+    reordered = gen.rerank_candidates(collate_context(studies[::-1][:3]), max_new_tokens=12)
+    alone = [gen.rerank_candidates(collate_context([study]), max_new_tokens=12)[0] for study in studies]
+    assert reordered == together[1:][::-1] and alone == together
+    chosen = gen.generate_batch(collate_context(studies), max_new_tokens=12)
+    assert [gen.generate_batch(collate_context([study]), max_new_tokens=12)[0] for study in studies] == chosen
+    gen.prompting.rerank = ClueRerankConfig(candidates=4, temperature=1.5, seed=1)
+    assert gen.rerank_candidates(collate_context(studies), max_new_tokens=12) != together
