@@ -35,7 +35,14 @@ from rlhf_rrg.models.residual_context import projector_of, residual_context_hook
 from rlhf_rrg.models.rrg import generate_response_ids, load_rrg, to_model_device
 from rlhf_rrg.models.vision_features import VisionFeatures
 from rlhf_rrg.prompting.prompts import build_context_prompt
-from rlhf_rrg.prompting.rerank import ClueRerankConfig, PerStudySampling, choose, clue_disagreement, study_seeds
+from rlhf_rrg.prompting.rerank import (
+    ClueRerankConfig,
+    PerStudySampling,
+    choose,
+    clue_disagreement,
+    consensus,
+    study_seeds,
+)
 from rlhf_rrg.retrieval.context import ContextConfig
 from rlhf_rrg.retrieval.retriever import ContextRetriever, embed_studies
 
@@ -285,7 +292,8 @@ class ReportGenerator(nn.Module):
             candidates = [[report, *sampled] for report, sampled in
                           zip(reports, self._sampled_candidates(batch, inputs, max_new_tokens), strict=True)]
         codes = self._rerank_labeler.label([c for row in candidates for c in row])
-        picked = choose(clue_disagreement(codes.view(len(candidates), -1, codes.shape[-1]), clues))
+        agreement = consensus(candidates) if self.prompting.rerank.tie_break == "consensus" else None
+        picked = choose(clue_disagreement(codes.view(len(candidates), -1, codes.shape[-1]), clues), agreement)
         return [row[i] for row, i in zip(candidates, picked.tolist(), strict=True)]
 
     @torch.no_grad()

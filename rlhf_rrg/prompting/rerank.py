@@ -16,7 +16,9 @@ alone or in any batch (:class:`PerStudySampling`).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from transformers import LogitsProcessor
@@ -32,6 +34,10 @@ class ClueRerankConfig:
 
     candidates: int = field(default=0, metadata={
         "help": "Sampled reports per study next to the greedy (or beam) one; 0 turns reranking off."})
+    tie_break: Literal["first", "consensus"] = field(default="first", metadata={
+        "help": "Of the candidates that agree best with the clue head: 'first' (the deterministic report wins every "
+                "tie it is in) or 'consensus' (the one most like the study's other candidates by mean ROUGE-L, as "
+                "minimum-Bayes-risk decoding chooses)."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature of the candidates."})
     top_k: int = field(default=50, metadata={
         "help": "Most likely tokens the candidates are sampled from (transformers' default); 0 keeps all."})
@@ -47,6 +53,8 @@ class ClueRerankConfig:
             raise ValueError(f"rerank.temperature must be > 0, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"rerank.top_k must be >= 0, got {self.top_k}")
+        if self.tie_break not in ("first", "consensus"):
+            raise ValueError(f"rerank.tie_break must be 'first' or 'consensus', got {self.tie_break!r}")
 
 
 def clue_disagreement(codes: torch.Tensor, clues: torch.Tensor) -> torch.Tensor:
@@ -65,10 +73,51 @@ def clue_disagreement(codes: torch.Tensor, clues: torch.Tensor) -> torch.Tensor:
     return differ.sum(-1)
 
 
-def choose(disagreement: torch.Tensor) -> torch.Tensor:
-    """``(b,)`` index of each study's first candidate with the fewest disagreements (candidate 0, the deterministic
-    report, wins every tie it is in). ``disagreement``: ``(b, n)`` from :func:`clue_disagreement`."""
-    return disagreement.argmin(dim=-1)  # documented: the first of equal minima
+def choose(disagreement: torch.Tensor, consensus: torch.Tensor | None = None) -> torch.Tensor:
+    """``(b,)`` index of each study's candidate with the fewest disagreements.
+
+    Args:
+        disagreement: ``(b, n)`` from :func:`clue_disagreement`.
+        consensus: ``(b, n)`` from :func:`consensus`, or ``None``. Among equally few disagreements, the most
+            consensual candidate wins; without it (or among equals) the first does, so candidate 0, the
+            deterministic report, keeps every tie it is in.
+    """
+    if consensus is None:
+        return disagreement.argmin(dim=-1)  # documented: the first of equal minima
+    fewest = disagreement == disagreement.min(dim=-1, keepdim=True).values
+    return consensus.masked_fill(~fewest, float("-inf")).argmax(dim=-1)  # documented: the first of equal maxima
+
+
+def rouge_l(hypothesis: Sequence[str], reference: Sequence[str]) -> float:
+    """ROUGE-L F1 of two token sequences (longest common subsequence; 0 when either is empty)."""
+    if not hypothesis or not reference:
+        return 0.0
+    row = [0] * (len(reference) + 1)
+    for token in hypothesis:
+        diagonal = 0
+        for j, other in enumerate(reference):
+            diagonal, row[j + 1] = row[j + 1], diagonal + 1 if token == other else max(row[j + 1], row[j])
+    common = row[-1]
+    return 2 * common / (len(hypothesis) + len(reference))
+
+
+def consensus(candidates: Sequence[Sequence[str]]) -> torch.Tensor:
+    """Each candidate's mean ROUGE-L F1 (lowercased words) to the other candidates of its study: the expected
+    utility that minimum-Bayes-risk decoding maximises, with the samples standing in for the model's distribution.
+
+    Args:
+        candidates: ``b`` lists of ``n >= 2`` reports.
+
+    Returns:
+        ``(b, n)`` float.
+    """
+    out = []
+    for row in candidates:
+        words = [text.lower().split() for text in row]
+        n = len(words)
+        pair = [[rouge_l(words[a], words[b]) if a < b else 0.0 for b in range(n)] for a in range(n)]
+        out.append([sum(pair[min(a, b)][max(a, b)] for b in range(n) if b != a) / (n - 1) for a in range(n)])
+    return torch.tensor(out)
 
 
 def study_seeds(pixel_values: torch.Tensor, seed: int, candidates: int) -> list[int]:

@@ -33,7 +33,7 @@ from rlhf_rrg.models.rrg import (
 from rlhf_rrg.models.tokenizer import build_word_tokenizer
 from rlhf_rrg.probe import clue_predictions, clue_probabilities, study_features, tune_clue_thresholds
 from rlhf_rrg.prompting.generator import PromptingConfig, ReportGenerator
-from rlhf_rrg.prompting.rerank import ClueRerankConfig
+from rlhf_rrg.prompting.rerank import ClueRerankConfig, rouge_l
 from rlhf_rrg.retrieval.context import ContextConfig, PromptTemplate
 from rlhf_rrg.retrieval.context_dataset import ContextDataset, collate_context
 from rlhf_rrg.retrieval.retriever import ContextRetriever, dataset_neighbours
@@ -519,6 +519,13 @@ def test_chat_template_setting_formats_training_and_generation_and_survives_expo
         PromptingConfig(chat_template="yes")
 
 
+def clue_misses(labeler: RuleLabeler, candidates: list[str], clues: torch.Tensor) -> list[int]:
+    """Per candidate, the observations (not No Finding) where its positive mentions differ from the clues."""
+    stated = labeler.label(candidates) == POSITIVE
+    observations = [o for o, name in enumerate(CHEXPERT_14) if name != "No Finding"]
+    return [sum(bool(stated[c, o]) != bool(clues[o]) for o in observations) for c in range(len(candidates))]
+
+
 def test_clue_consistent_decoding_returns_the_candidate_that_states_the_clues(data_root, tmp_path):
     built = build(data_root, tmp_path)
     gen, batch = built.generator, first_batch(built)
@@ -535,12 +542,20 @@ def test_clue_consistent_decoding_returns_the_candidate_that_states_the_clues(da
     labeler, picked_other = RuleLabeler(), False
     for i, report in enumerate(chosen):
         candidates = [greedy[i], *sampled[i]]
-        stated = labeler.label(candidates) == POSITIVE
-        misses = [sum(bool(stated[c, o]) != bool(clues[i, o]) for o in range(len(CHEXPERT_14))
-                      if CHEXPERT_14[o] != "No Finding") for c in range(len(candidates))]
+        misses = clue_misses(labeler, candidates, clues[i])
         assert report == candidates[misses.index(min(misses))]
         picked_other |= misses.index(min(misses)) > 0
     assert picked_other  # some study's greedy report was not the most consistent: the test saw a choice made
+    # Consensus tie-breaking: of the fewest misses, the candidate with the highest mean ROUGE-L to the others.
+    gen.prompting.rerank = ClueRerankConfig(candidates=6, temperature=1.5, seed=5, tie_break="consensus")
+    for i, report in enumerate(gen.generate_batch(batch, max_new_tokens=12)):
+        candidates = [greedy[i], *sampled[i]]
+        misses = clue_misses(labeler, candidates, clues[i])
+        words = [c.lower().split() for c in candidates]
+        mean_rouge = [sum(rouge_l(words[a], words[b]) for b in range(7) if b != a) / 6 for a in range(7)]
+        fewest = [c for c in range(7) if misses[c] == min(misses)]
+        assert report == candidates[max(fewest, key=lambda c: (mean_rouge[c], -c))]
+    gen.prompting.rerank = ClueRerankConfig(candidates=6, temperature=1.5, seed=5)
     # The setting travels with the export (whose remote code must stay free of machine paths), and decodes alike.
     save_generator(gen, tmp_path / "export")
     loaded = ReportGenerator.from_export(tmp_path / "export")

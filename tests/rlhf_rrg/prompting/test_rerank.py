@@ -6,7 +6,15 @@ import torch
 from rewards.observations import BLANK, CHEXPERT_14, NEGATIVE, POSITIVE, UNCERTAIN
 from rlhf_rrg.models.disease_clues import DiseaseClueConfig
 from rlhf_rrg.prompting.generator import PromptingConfig
-from rlhf_rrg.prompting.rerank import ClueRerankConfig, PerStudySampling, choose, clue_disagreement, study_seeds
+from rlhf_rrg.prompting.rerank import (
+    ClueRerankConfig,
+    PerStudySampling,
+    choose,
+    clue_disagreement,
+    consensus,
+    rouge_l,
+    study_seeds,
+)
 
 CARDIO, EDEMA, NO_FINDING = (CHEXPERT_14.index(o) for o in ("Cardiomegaly", "Edema", "No Finding"))
 
@@ -35,8 +43,27 @@ def test_the_first_of_equal_candidates_wins_so_the_deterministic_report_keeps_it
     assert choose(torch.tensor([[1, 1, 0, 0], [2, 2, 3, 2], [0, 1, 0, 0]])).tolist() == [2, 0, 0]
 
 
+def test_rouge_l_is_the_f1_of_the_longest_common_subsequence():
+    assert rouge_l("the heart is normal".split(), "the heart size is normal".split()) == pytest.approx(2 * 4 / 9)
+    assert rouge_l("a b".split(), "b a".split()) == 0.5
+    assert rouge_l([], ["a"]) == rouge_l(["a"], []) == 0.0
+    assert rouge_l("x y".split(), "x y".split()) == 1.0
+
+
+def test_consensus_breaks_only_the_ties_among_the_fewest_disagreements():
+    reports = [["heart normal", "lungs clear", "heart normal lungs clear", "effusion"]]
+    agreement = consensus(reports)
+    # The third report shares most with the others; the fourth shares nothing.
+    assert agreement.argmax().item() == 2 and agreement[0, 3] == 0
+    assert agreement[0, 0] == pytest.approx((0 + 2 * 2 / 6 + 0) / 3)
+    assert choose(torch.tensor([[1, 0, 1, 0]]), agreement).tolist() == [1]  # 2 agrees less with the clue head
+    assert choose(torch.tensor([[0, 0, 0, 0]]), agreement).tolist() == [2]
+    first_of_equals = choose(torch.tensor([[0, 0, 1, 0]]), torch.tensor([[0.5, 0.5, 0.9, 0.1]]))
+    assert first_of_equals.tolist() == [0]
+
+
 @pytest.mark.parametrize("kwargs, match", [({"candidates": -1}, "candidates"), ({"temperature": 0.0}, "temperature"),
-                                           ({"top_k": -1}, "top_k")])
+                                           ({"top_k": -1}, "top_k"), ({"tie_break": "longest"}, "tie_break")])
 def test_bad_settings_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ClueRerankConfig(**kwargs)
