@@ -73,19 +73,19 @@ def clue_disagreement(codes: torch.Tensor, clues: torch.Tensor) -> torch.Tensor:
     return differ.sum(-1)
 
 
-def choose(disagreement: torch.Tensor, consensus: torch.Tensor | None = None) -> torch.Tensor:
+def choose(disagreement: torch.Tensor, agreement: torch.Tensor | None = None) -> torch.Tensor:
     """``(b,)`` index of each study's candidate with the fewest disagreements.
 
     Args:
         disagreement: ``(b, n)`` from :func:`clue_disagreement`.
-        consensus: ``(b, n)`` from :func:`consensus`, or ``None``. Among equally few disagreements, the most
+        agreement: ``(b, n)`` from :func:`consensus`, or ``None``. Among equally few disagreements, the most
             consensual candidate wins; without it (or among equals) the first does, so candidate 0, the
             deterministic report, keeps every tie it is in.
     """
-    if consensus is None:
+    if agreement is None:
         return disagreement.argmin(dim=-1)  # documented: the first of equal minima
     fewest = disagreement == disagreement.min(dim=-1, keepdim=True).values
-    return consensus.masked_fill(~fewest, float("-inf")).argmax(dim=-1)  # documented: the first of equal maxima
+    return agreement.masked_fill(~fewest, float("-inf")).argmax(dim=-1)  # documented: the first of equal maxima
 
 
 def rouge_l(hypothesis: Sequence[str], reference: Sequence[str]) -> float:
