@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch.distributed as dist
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
@@ -56,7 +57,10 @@ def run_stage(main: Callable[[T], None], cls: type[T], description: str | None) 
     """A stage script's entry point: ``main`` on the command line parsed as ``cls`` (:func:`parse_stage_args`).
 
     A user error (:data:`USER_ERRORS`), at parse time or once the stage runs, prints ``<script>: error: <message>``
-    on stderr and exits with status 2, argparse's usage status; anything else keeps its traceback (a bug).
+    on stderr and exits with status 2, argparse's usage status; anything else keeps its traceback (a bug). A stage
+    that ends normally destroys its process group: gloo's worker threads left alive at interpreter shutdown can
+    abort a finished rank ("terminate called without an active exception", pytorch/pytorch#190489), which failed a
+    resumed ZeRO-3 run on CPU once.
     """
     cfg = parse_stage_args(cls, description)
     try:
@@ -64,6 +68,8 @@ def run_stage(main: Callable[[T], None], cls: type[T], description: str | None) 
     except USER_ERRORS as err:
         sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {err}\n")
         raise SystemExit(2) from None
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def installed(package: str) -> bool:

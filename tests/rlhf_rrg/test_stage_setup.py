@@ -1,5 +1,6 @@
 """Stage setup: tracker settings reach the backends; a tracker that is not installed fails at parse time; a user
-error ends a stage script with one line on stderr, under ``accelerate launch --quiet`` too."""
+error ends a stage script with one line on stderr, under ``accelerate launch --quiet`` too; a finished stage
+destroys its process group."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 
 from rlhf_rrg import stage_setup
 from rlhf_rrg.config import ConfigError, load_config
@@ -87,3 +89,15 @@ def test_an_unknown_key_is_one_line_on_stderr(used_run):
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert len(done.stderr.splitlines()) == 1 and "unknown config key 'bogus'" in done.stderr
+
+
+def test_a_finished_stage_destroys_its_process_group(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["stage.py"])
+    seen = []
+
+    def main(cfg: RunConfig) -> None:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        seen.append(dist.get_world_size())
+
+    stage_setup.run_stage(main, RunConfig, None)
+    assert seen == [1] and not dist.is_initialized()
