@@ -89,7 +89,8 @@ def choose(disagreement: torch.Tensor, agreement: torch.Tensor | None = None) ->
 
 
 def rouge_l(hypothesis: Sequence[str], reference: Sequence[str]) -> float:
-    """ROUGE-L F1 of two token sequences (longest common subsequence; 0 when either is empty)."""
+    """ROUGE-L F1 of two token sequences (longest common subsequence; 0 when either is empty). Written here, not
+    taken from ``rewards.nlg`` (pycocoevalcap), because this module travels in every export's remote code."""
     if not hypothesis or not reference:
         return 0.0
     row = [0] * (len(reference) + 1)
@@ -115,8 +116,11 @@ def consensus(candidates: Sequence[Sequence[str]]) -> torch.Tensor:
     for row in candidates:
         words = [text.lower().split() for text in row]
         n = len(words)
-        pair = [[rouge_l(words[a], words[b]) if a < b else 0.0 for b in range(n)] for a in range(n)]
-        out.append([sum(pair[min(a, b)][max(a, b)] for b in range(n) if b != a) / (n - 1) for a in range(n)])
+        pair = [[0.0] * n for _ in range(n)]
+        for a in range(n):
+            for b in range(a + 1, n):
+                pair[a][b] = pair[b][a] = rouge_l(words[a], words[b])
+        out.append([sum(scores) / (n - 1) for scores in pair])
     return torch.tensor(out)
 
 
