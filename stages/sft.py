@@ -197,8 +197,9 @@ def main(cfg: SFTStageConfig) -> None:
         unwrapped = accelerator.unwrap_model(model)
         # Every process evaluates the same studies (ZeRO-3: with the whole model, gathered once).
         with gathered_weights(accelerator, model):
-            if cfg.prompting.clues.tune_thresholds:
-                # Chosen on the evaluation split and then kept by the export; the test split is never seen.
+            if cfg.prompting.clues.enabled and cfg.prompting.clues.tune_thresholds:
+                # Chosen on the evaluation split and then kept by the export; the test split is never seen. Without
+                # a clue head there is nothing to tune (a config that turns clues off keeps this setting inert).
                 tune_clue_thresholds(unwrapped, val_set)
             scores, rows = generate_and_score(unwrapped, eval_data, cfg.eval)
         # Repetition and length next to the scores: what the selected checkpoint writes, not only what it states.

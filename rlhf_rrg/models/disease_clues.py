@@ -37,10 +37,10 @@ class DiseaseClueConfig:
         "help": "Per-observation thresholds in CheXpert-14 order, replacing threshold (above 1: never stated); "
                 "written by tune_thresholds."})
     tune_thresholds: bool = field(default=False, metadata={
-        "help": "SFT: before each evaluation, set thresholds to those maximising the micro F1 of the head's "
-                "statements on the evaluation split (CheXpert positives; the probe's rule); the export keeps them. "
-                "A rare finding's probability seldom reaches 0.5, so the reports, which follow the clues, never "
-                "state it."})
+        "help": "SFT with clues enabled: before each evaluation, set thresholds to those maximising the micro F1 of "
+                "the head's statements on the evaluation split (CheXpert positives; the probe's rule); the export "
+                "keeps them. A rare finding's probability seldom reaches 0.5, so the reports, which follow the clues, "
+                "never state it."})
     uncertain_policy: UncertainPolicy = field(
         default="positive", metadata={"help": "Uncertain labels count as 'positive', 'negative', or are 'ignore'd."}
     )

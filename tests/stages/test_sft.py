@@ -14,6 +14,7 @@ from rlhf_rrg.data.dataset import build_dataset
 from rlhf_rrg.evaluation import with_context
 from rlhf_rrg.logging import read_jsonl
 from rlhf_rrg.models.rrg import build_vision_model
+from rlhf_rrg.probe import tune_clue_thresholds
 from rlhf_rrg.prompting.generator import ReportGenerator
 from rlhf_rrg.retrieval.context_dataset import ContextDataset
 from rlhf_rrg.rl.monitors import text_statistics
@@ -127,7 +128,17 @@ def test_export_reproduces_the_logged_evaluation(trained):
     # The exported weights are the final (only evaluated) ones.
     final = checkpoint(run_root, 30)
     torch.testing.assert_close(generator.model.lm_head.weight, final["model.lm_head.weight"])
+    # debug.yaml tunes the clue thresholds on the whole val split before evaluating; the export keeps them.
+    kept = generator.prompting.clues.thresholds
+    assert kept is not None and kept == tune_clue_thresholds(generator, build_dataset(cfg.data, "val", train=False))
     assert_reproduces_the_logged_evaluation(generator, cfg, run_root)
+
+
+def test_tuned_thresholds_are_inert_without_clues(synthetic_data, tmp_path):
+    cfg = run_stage("sft", synthetic_data, tmp_path, *FAST, "--prompting.clues.enabled", "false",
+                    "--prompting.clues.tune_thresholds", "true", "--train.max_steps", "1")
+    assert cfg.prompting.clues.tune_thresholds and not cfg.prompting.clues.enabled
+    assert ReportGenerator.from_export(tmp_path / "sft" / "export").clue_head is None
 
 
 def test_with_a_trained_encoder_the_export_retrieves_and_scores_as_training_did(synthetic_data, tmp_path):
