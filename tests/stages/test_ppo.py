@@ -56,7 +56,9 @@ def user_reward(name: str) -> list[str]:
 @pytest.fixture(scope="module")
 def sft_export(synthetic_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("sft_run")
+    # The 64 x 2 LLM these RL runs' steps and lr were set on (the demo's SFT is 128 x 3 with finding weight 3).
     run_stage("sft", synthetic_data, root, "--run.init_from", "null", "--model.vision", "tiny-vit",
+              "--model.tiny_hidden_size", "64", "--model.tiny_layers", "2", "--lm.finding_weight", "1",
               "--prompting.context.mode", "none", "--prompting.clues.enabled", "false", "--self_refine.weight", "0",
               "--train.max_steps", "40", "--train.eval_every", "0", "--checkpoint.save_every", "0",
               "--eval.max_samples", "4", "--eval.max_new_tokens", "8")
