@@ -303,10 +303,12 @@ def rl_step(cfg, accelerator, policy, unwrapped, optimizer, scheduler, reference
     credit = greedy_credit = None
     if credit_labeler is not None:  # (b*k, R): PPO takes it per token, the others as a report total
         credit = cfg.sentence_credit.weight * sentence_credit_rewards(
-            rollout.response_ids, rollout.response_mask, tokenizer, credit_labeler, sampled_batch["reports"])
+            rollout.response_ids, rollout.response_mask, tokenizer, credit_labeler, sampled_batch["reports"],
+            cfg.sentence_credit.negative)
         if greedy is not None:
             greedy_credit = cfg.sentence_credit.weight * sentence_credit_rewards(
-                greedy.response_ids, greedy.response_mask, tokenizer, credit_labeler, batch["reports"])
+                greedy.response_ids, greedy.response_mask, tokenizer, credit_labeler, batch["reports"],
+                cfg.sentence_credit.negative)
     times["reward"] = time.perf_counter() - start
 
     # 3. advantage  4. update

@@ -9,12 +9,18 @@ and credited, at its last token, per observation against the reference's labels:
 - present in the reference and stated present by no sentence: ``-1`` at the report's last token (an omission);
 - stated present, absent there: ``-2`` (a hallucination);
 - stated absent (negated) while the reference has it: ``-2`` (a contradiction, e.g. "no pulmonary edema");
-- a sentence that repeats an earlier one word for word: ``-1`` (the dense form of ``distinct_sentences``).
+- a sentence that repeats an earlier one word for word: ``-1`` (the dense form of ``distinct_sentences``);
+- optionally (``negative``), a pertinent negative: stated absent where the reference also states it absent
+  (``+negative`` the first time). RadCliQ's RadGraph and BERTScore terms reward matching negatives on real reports
+  ("no pneumothorax"), where a positive-only credit lets RL drop them for free and shorten the report.
 
 The wrong statements cost the sum of the other two, so the credit is calibrated: for a finding present with
 probability p, stating it earns ``p - 2(1 - p)`` and silence ``-p``; stating pays exactly when p > 1/2, the decision
 micro-F1 rewards (with -1 for a hallucination it paid from p > 1/3, a push toward false positives). Stating a
-present finding and then denying it (``+1 - 2``) never beats omitting it (``-1``).
+present finding and then denying it (``+1 - 2``) never beats omitting it (``-1``). A denial earns
+``negative * (1 - p) * q - 2p`` against silence (``q``: how often the reference denies the finding when it is
+absent), so with ``negative = 1`` and a reference that always denies it, denying pays when p < 1/3; with
+``negative <= 1`` stating and then denying still never beats silence.
 
 "No Finding" is left to the report-level reward (it is a statement about the whole report), and uncertain
 statements earn nothing, as CE counts uncertain as absent. PPO adds the credit to its per-token rewards, next to the
@@ -50,10 +56,15 @@ class SentenceCreditConfig:
         "help": "scale of the per-sentence clinical credit: PPO adds it on each sentence's tokens, scst/rloo/grpo "
                 "add each report's total to its reward (0: off)"})
     labeler: str = field(default="rule", metadata={"help": "labeler of the sentences: rule or chexbert"})
+    negative: float = field(default=0.0, metadata={
+        "help": "credit of a pertinent negative (a finding stated absent that the reference states absent), the "
+                "first time per finding, relative to a correct positive's 1; at most 1 (module docstring)"})
 
     def __post_init__(self) -> None:
         if self.weight < 0:
             raise ValueError(f"sentence_credit.weight must be >= 0, got {self.weight}")
+        if not 0 <= self.negative <= CORRECT:
+            raise ValueError(f"sentence_credit.negative must be in [0, {CORRECT}], got {self.negative}")
         if self.labeler not in LABELERS:
             raise ValueError(f"sentence_credit.labeler must be one of {LABELERS}, got {self.labeler!r}")
 
@@ -69,7 +80,8 @@ def sentence_ends(token_texts: Sequence[str]) -> list[int]:
 
 
 def credit_matrix(
-    sentence_labels: torch.Tensor, reference: torch.Tensor, repeats: torch.Tensor | None = None
+    sentence_labels: torch.Tensor, reference: torch.Tensor, repeats: torch.Tensor | None = None,
+    negative: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Credits of one report's sentences and of its omissions.
 
@@ -77,6 +89,7 @@ def credit_matrix(
         sentence_labels: ``(s, 14)`` CheXpert codes of the report's sentences, each labelled alone.
         reference: ``(14,)`` codes of the reference report.
         repeats: ``(s,)`` bool, True for a sentence that repeats an earlier one (None: no repeats).
+        negative: Credit of a pertinent negative, the first denial of a finding the reference denies.
 
     Returns:
         ``(per_sentence, omission)``: ``(s,)`` credits and the scalar (0-dim) penalty of findings present in the
@@ -94,6 +107,9 @@ def credit_matrix(
     first = stated & (stated.long().cumsum(0) == 1)
     wrong = (stated & ~present).sum(1) + (denied & present).sum(1)
     per_sentence = CORRECT * (first & present).sum(1).float() - WRONG * wrong.float()
+    if negative:
+        first_denied = denied & (denied.long().cumsum(0) == 1)
+        per_sentence = per_sentence + negative * (first_denied & (reference == NEGATIVE)).sum(1).float()
     if repeats is not None:
         per_sentence = per_sentence - repeats.float()
     omission = -OMISSION * (present & ~stated.any(0)).sum().float()
@@ -107,6 +123,7 @@ def sentence_credit_rewards(
     tokenizer: PreTrainedTokenizerBase,
     labeler: Labeler,
     references: Sequence[str],
+    negative: float = 0.0,
 ) -> torch.Tensor:
     """Per-token clinical credit of sampled reports: each sentence's credit on its last token, omissions on the
     report's last real token.
@@ -117,6 +134,7 @@ def sentence_credit_rewards(
         tokenizer: The policy's tokenizer (decodes tokens and sentences, special tokens skipped).
         labeler: CheXpert labeler of sentences and references.
         references: ``b`` reference reports.
+        negative: Credit of a pertinent negative (:func:`credit_matrix`).
 
     Returns:
         ``(b, R)`` float rewards, zero off the sentence ends and on padding.
@@ -141,7 +159,8 @@ def sentence_credit_rewards(
     for i, row_spans in enumerate(spans):
         keys = [" ".join(sentences(t)) for t in texts[first:first + len(row_spans)]]
         repeats = torch.tensor([bool(key) and key in keys[:n] for n, key in enumerate(keys)])
-        per_sentence, omission = credit_matrix(labels[first:first + len(row_spans)], ref_labels[i], repeats)
+        per_sentence, omission = credit_matrix(labels[first:first + len(row_spans)], ref_labels[i], repeats,
+                                               negative)
         for (_, end), credit in zip(row_spans, per_sentence.tolist(), strict=True):
             rewards[i, end] += credit
         rewards[i, lengths[i] - 1] += float(omission)

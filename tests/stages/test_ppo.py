@@ -128,10 +128,13 @@ NO_SIGNAL = [*user_reward("zero_reward"), "--kl.controller", "fixed", "--kl.init
 
 @pytest.mark.parametrize("weight", ["0", "0.5"])
 def test_sentence_credit_reaches_the_ppo_returns(synthetic_data, sft_export, tmp_path, monkeypatch, weight):
-    calls = spy(monkeypatch, "ppo_update")
-    run_ppo(synthetic_data, tmp_path, sft_export, *NO_SIGNAL, "--sentence_credit.weight", weight)
+    calls, credits = spy(monkeypatch, "ppo_update"), spy(monkeypatch, "sentence_credit_rewards")
+    run_ppo(synthetic_data, tmp_path, sft_export, *NO_SIGNAL, "--sentence_credit.weight", weight,
+            "--sentence_credit.negative", "0.5")
     returns = torch.cat([args[5].returns for args, _ in calls])  # ppo_update's sixth argument: the targets
     assert len(calls) == 2
+    # the pertinent-negative credit is configured on every credited batch
+    assert [args[-1] for args, _ in credits] == ([0.5, 0.5] if weight != "0" else [])
     # Untrained tiny reports state findings rightly and wrongly: the credit is not all zero.
     assert (returns.abs().sum() > 0) == (weight != "0"), returns
 

@@ -40,11 +40,28 @@ def test_credit_matrix_rewards_true_statements_and_penalises_the_rest():
     assert omission.item() == -1.0  # cardiomegaly is never stated
 
 
-def _expected_credit(p: float, sentences: list[torch.Tensor]) -> float:
-    """Expected total credit of a report over a finding present with probability ``p`` (edema)."""
+def test_pertinent_negatives_earn_credit_once_and_only_where_the_reference_denies_them():
+    reference = _codes(Edema=POSITIVE, Pneumothorax=NEGATIVE, Pleural_Effusion=NEGATIVE)
+    sentences = torch.stack([
+        _codes(Pneumothorax=NEGATIVE),                          # pertinent negative: +0.5
+        _codes(Pneumothorax=NEGATIVE, Pleural_Effusion=NEGATIVE),  # restated (0) and a second one (+0.5)
+        _codes(Cardiomegaly=NEGATIVE),                          # the reference is silent on it: 0
+        _codes(Edema=NEGATIVE),                                 # contradicts the reference: -2 as before
+    ])
+    per_sentence, omission = credit_matrix(sentences, reference, negative=0.5)
+    torch.testing.assert_close(per_sentence, torch.tensor([0.5, 0.5, 0.0, -2.0]))
+    assert omission.item() == -1.0
+    off, _ = credit_matrix(sentences, reference)
+    torch.testing.assert_close(off, torch.tensor([0.0, 0.0, 0.0, -2.0]))
+
+
+def _expected_credit(p: float, sentences: list[torch.Tensor], negative: float = 0.0,
+                     absent: torch.Tensor | None = None) -> float:
+    """Expected total credit of a report over a finding present with probability ``p`` (edema); ``absent`` is the
+    reference when it is not (default: silent on edema)."""
     totals = []
-    for reference in (_codes(Edema=POSITIVE), _codes()):
-        per_sentence, omission = credit_matrix(torch.stack(sentences), reference)
+    for reference in (_codes(Edema=POSITIVE), _codes() if absent is None else absent):
+        per_sentence, omission = credit_matrix(torch.stack(sentences), reference, negative=negative)
         totals.append((per_sentence.sum() + omission).item())
     return p * totals[0] + (1 - p) * totals[1]
 
@@ -61,6 +78,22 @@ def test_stating_then_denying_never_beats_omission(p):
     for hedge in ([_codes(Edema=POSITIVE), _codes(Edema=NEGATIVE)], [_codes(Edema=NEGATIVE), _codes(Edema=POSITIVE)],
                   [_codes(Edema=NEGATIVE)]):
         assert _expected_credit(p, hedge) <= _expected_credit(p, silent)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.2, 0.3, 0.32, 0.35, 0.4, 0.6])
+def test_with_a_denying_reference_a_pertinent_negative_pays_exactly_below_a_third(p):
+    silent, deny = [_codes(Pneumothorax=NEGATIVE)], [_codes(Edema=NEGATIVE)]
+    denies = _codes(Edema=NEGATIVE)
+    gain = _expected_credit(p, deny, 1.0, denies) - _expected_credit(p, silent, 1.0, denies)
+    assert (gain > 0) == (p < 1 / 3)  # (1 - p) earned against 2p: a contradiction costs 2 more than the omission
+
+
+@pytest.mark.parametrize("negative", [0.5, 1.0])
+@pytest.mark.parametrize("p", [0.0, 0.3, 0.5, 0.8, 1.0])
+def test_stating_then_denying_never_beats_omission_with_pertinent_negatives(p, negative):
+    silent, denies = [_codes(Pneumothorax=NEGATIVE)], _codes(Edema=NEGATIVE)
+    for hedge in ([_codes(Edema=POSITIVE), _codes(Edema=NEGATIVE)], [_codes(Edema=NEGATIVE), _codes(Edema=POSITIVE)]):
+        assert _expected_credit(p, hedge, negative, denies) <= _expected_credit(p, silent, negative, denies)
 
 
 def test_restating_a_finding_earns_nothing_and_repeating_a_sentence_costs():
@@ -101,6 +134,13 @@ def test_rewards_land_on_each_sentences_last_token(tmp_path):
     last = mask[1].sum() - 1
     assert credited[1][:2] == [(".", -2.0), (";", -2.0)]
     assert rewards[1, last].item() == -2.0
+    # With pertinent negatives report 1's first "no pleural effusion" (its third sentence) matches its reference's
+    # denial; the repeat earns nothing more, and report 2's reference denies nothing.
+    with_negatives = sentence_credit_rewards(ids, mask, tokenizer, RuleLabeler(), references, negative=0.5)
+    third_end = sentence_ends([tokenizer.decode([t]) for t in encoded[0]])[2]
+    expected = rewards.clone()
+    expected[0, third_end] += 0.5
+    torch.testing.assert_close(with_negatives, expected)
 
 
 def test_ppo_targets_add_dense_rewards_before_gae():
@@ -119,3 +159,6 @@ def test_config_validates():
         SentenceCreditConfig(weight=-1.0)
     with pytest.raises(ValueError, match="labeler"):
         SentenceCreditConfig(labeler="gpt")
+    for negative in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="negative"):
+            SentenceCreditConfig(negative=negative)
