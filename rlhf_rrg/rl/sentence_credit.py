@@ -104,16 +104,18 @@ def credit_matrix(
     present = (reference == POSITIVE) & scored
     stated = (sentence_labels == POSITIVE) & scored
     denied = (sentence_labels == NEGATIVE) & scored
-    first = stated & (stated.long().cumsum(0) == 1)
     wrong = (stated & ~present).sum(1) + (denied & present).sum(1)
-    per_sentence = CORRECT * (first & present).sum(1).float() - WRONG * wrong.float()
-    if negative:
-        first_denied = denied & (denied.long().cumsum(0) == 1)
-        per_sentence = per_sentence + negative * (first_denied & (reference == NEGATIVE)).sum(1).float()
+    per_sentence = (CORRECT * (_first_time(stated) & present).sum(1).float() - WRONG * wrong.float()
+                    + negative * (_first_time(denied) & (reference == NEGATIVE)).sum(1).float())
     if repeats is not None:
         per_sentence = per_sentence - repeats.float()
     omission = -OMISSION * (present & ~stated.any(0)).sum().float()
     return per_sentence, omission
+
+
+def _first_time(flags: torch.Tensor) -> torch.Tensor:
+    """``(s, 14)`` bool: True only at the first sentence that raises each column's flag."""
+    return flags & (flags.long().cumsum(0) == 1)
 
 
 @torch.no_grad()
