@@ -50,7 +50,7 @@ from rlhf_rrg.rl.pg import PGConfig, clue_scores, pg_update
 from rlhf_rrg.rl.pg import advantages as pg_advantages
 from rlhf_rrg.rl.policy import PolicyWithValue, ReferencePolicy, make_trainable
 from rlhf_rrg.rl.ppo_step import PPOConfig, ppo_targets, ppo_update
-from rlhf_rrg.rl.rollout import GenerationConfig, encode_batch_images, generate_rollout, repeat_batch
+from rlhf_rrg.rl.rollout import GenerationConfig, Rollout, encode_batch_images, generate_rollout, repeat_batch
 from rlhf_rrg.rl.scoring import (
     NonFiniteRewardError,
     RewardConfig,
@@ -302,13 +302,14 @@ def rl_step(cfg, accelerator, policy, unwrapped, optimizer, scheduler, reference
     tokenizer = unwrapped.generator.processor.tokenizer
     credit = greedy_credit = None
     if credit_labeler is not None:  # (b*k, R): PPO takes it per token, the others as a report total
-        credit = cfg.sentence_credit.weight * sentence_credit_rewards(
-            rollout.response_ids, rollout.response_mask, tokenizer, credit_labeler, sampled_batch["reports"],
-            cfg.sentence_credit.negative)
-        if greedy is not None:
-            greedy_credit = cfg.sentence_credit.weight * sentence_credit_rewards(
-                greedy.response_ids, greedy.response_mask, tokenizer, credit_labeler, batch["reports"],
+        def weighted_credit(reports: Rollout, references: list[str]) -> torch.Tensor:
+            return cfg.sentence_credit.weight * sentence_credit_rewards(
+                reports.response_ids, reports.response_mask, tokenizer, credit_labeler, references,
                 cfg.sentence_credit.negative)
+
+        credit = weighted_credit(rollout, sampled_batch["reports"])
+        if greedy is not None:
+            greedy_credit = weighted_credit(greedy, batch["reports"])
     times["reward"] = time.perf_counter() - start
 
     # 3. advantage  4. update
