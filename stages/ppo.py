@@ -9,7 +9,8 @@ normalised group mean (Shao et al. 2024), prompted with context exactly as in SF
 GRPO/RLOO through TRL's trainers instead (exports without retrieved context). The reward is config only
 (``reward.funcs``/``reward.weights``: registry names, dotted paths to user functions, or weighted composites);
 ``sentence_credit.weight`` adds the per-sentence clinical credit (on each sentence's tokens for PPO, as a report total
-for the others).
+for the others), scored against the reference's findings and, with ``sentence_credit.clue_share``, partly against those
+the prompt's clue sentence states.
 Held-out evaluations log degeneration statistics and warn when the reward rises while CE-F1 falls.
 
     accelerate launch --quiet --config_file accelerate_configs/cpu_debug.yaml stages/ppo.py \
@@ -61,7 +62,7 @@ from rlhf_rrg.rl.scoring import (
     scores_tensor,
 )
 from rlhf_rrg.rl.selection import ExportSelector, SelectConfig
-from rlhf_rrg.rl.sentence_credit import SentenceCreditConfig, sentence_credit_rewards
+from rlhf_rrg.rl.sentence_credit import SentenceCreditConfig, clue_codes, sentence_credit_rewards
 from rlhf_rrg.rl.trl_adapter import GroupConfig, run_trl
 from rlhf_rrg.rl.value_head import ValueHead
 from rlhf_rrg.runroot import resolve_init, writing_export
@@ -127,6 +128,9 @@ class PPOStageConfig:
                              "(or use our backend, group.backend ours)")
         if self.pg.train_clues and self.generation.gold_clue_prob > 0:
             raise ValueError("pg.train_clues samples each prompt's clue statements: set generation.gold_clue_prob 0")
+        if self.pg.train_clues and self.sentence_credit.clue_share > 0:
+            raise ValueError("sentence_credit.clue_share scores reports against the prompt's clue statements, which "
+                             "pg.train_clues samples as actions: set one of them to 0/false")
         if self.algo == "ppo" and self.pg.train_clues:
             raise ValueError("pg.train_clues applies to algo scst, rloo or grpo (PPO keeps the clue head fixed)")
         if self.algo in ("grpo", "rloo") and self.generation.num_samples < 2:
@@ -175,8 +179,10 @@ def main(cfg: PPOStageConfig) -> None:
         select_export(cfg, selector, generator, dirs, metric_logger, cfg.train.max_steps, after)
         return finish(cfg, generator, dirs, metric_logger, accelerator, selector, before, after)
 
-    if cfg.generation.gold_clue_prob > 0 and generator.clue_head is None:
-        raise ValueError("generation.gold_clue_prob needs an SFT export with a clue head (prompting.clues.enabled)")
+    for name, value in (("generation.gold_clue_prob", cfg.generation.gold_clue_prob),
+                        ("sentence_credit.clue_share", cfg.sentence_credit.clue_share)):
+        if value > 0 and generator.clue_head is None:
+            raise ValueError(f"{name} needs an SFT export with a clue head (prompting.clues.enabled)")
     generator = make_trainable(generator, cfg.lora, cfg.freeze_vision, cfg.pg.train_clues,
                                cfg.freeze_llm).to(accelerator.device)
     # A trainable encoder's final norm feeds only the clue head, which trains with pg.train_clues alone.
@@ -278,6 +284,10 @@ def rl_step(cfg, accelerator, policy, unwrapped, optimizer, scheduler, reference
             with torch.no_grad():
                 logits = unwrapped.generator.clue_logits(batch["pixel_values"], features)
             clues = unwrapped.generator.gold_or_head_clues(batch, gen.gold_clue_prob, logits).repeat_interleave(k, 0)
+        elif cfg.sentence_credit.clue_share > 0:  # the head's statements, which the credit is partly scored against
+            with torch.no_grad():
+                logits = unwrapped.generator.clue_logits(batch["pixel_values"], features)
+            clues = unwrapped.generator.clue_presence(logits).repeat_interleave(k, 0)
         rollout = generate_rollout(unwrapped.generator, batch, gen.max_new_tokens, True, gen.temperature,
                                    gen.top_k, repeats=k, features=features, clues=clues,
                                    clue_actions=cfg.pg.train_clues)
@@ -302,14 +312,20 @@ def rl_step(cfg, accelerator, policy, unwrapped, optimizer, scheduler, reference
     tokenizer = unwrapped.generator.processor.tokenizer
     credit = greedy_credit = None
     if credit_labeler is not None:  # (b*k, R): PPO takes it per token, the others as a report total
-        def weighted_credit(reports: Rollout, references: list[str]) -> torch.Tensor:
-            return cfg.sentence_credit.weight * sentence_credit_rewards(
-                reports.response_ids, reports.response_mask, tokenizer, credit_labeler, references,
-                cfg.sentence_credit.negative)
+        def weighted_credit(reports: Rollout, references: list[str], stated: torch.Tensor | None) -> torch.Tensor:
+            def against(codes: torch.Tensor) -> torch.Tensor:
+                return sentence_credit_rewards(reports.response_ids, reports.response_mask, tokenizer,
+                                               credit_labeler, codes, cfg.sentence_credit.negative)
 
-        credit = weighted_credit(rollout, sampled_batch["reports"])
+            credit = against(credit_labeler.label(references))
+            if cfg.sentence_credit.clue_share > 0:  # stated: (n, 14) what each prompt's clue sentence says
+                share = cfg.sentence_credit.clue_share
+                credit = (1 - share) * credit + share * against(clue_codes(stated))
+            return cfg.sentence_credit.weight * credit
+
+        credit = weighted_credit(rollout, sampled_batch["reports"], clues)
         if greedy is not None:
-            greedy_credit = weighted_credit(greedy, batch["reports"])
+            greedy_credit = weighted_credit(greedy, batch["reports"], prompt_clues)
     times["reward"] = time.perf_counter() - start
 
     # 3. advantage  4. update

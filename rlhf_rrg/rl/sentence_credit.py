@@ -22,6 +22,13 @@ present finding and then denying it (``+1 - 2``) never beats omitting it (``-1``
 absent), so with ``negative = 1`` and a reference that always denies it, denying pays when p < 1/3; with
 ``negative <= 1`` stating and then denying still never beats silence.
 
+The findings a report is credited against are the reference's or, with ``clue_share``, partly those its prompt's
+clue sentence states (TRRG's disease clues, the clue head's reading of the image). On real reports most of the
+reference-based credit is noise the image cannot explain (findings a 64 px rendering does not show, phrasing the
+labeler reads one way or the other), so a few hundred rollouts learn nothing from it; credit against the clue
+sentence rewards writing what the model sees, a signal every rollout can learn, and it is what the export's
+clue-consistent decoding selects for.
+
 "No Finding" is left to the report-level reward (it is a statement about the whole report), and uncertain
 statements earn nothing, as CE counts uncertain as absent. PPO adds the credit to its per-token rewards, next to the
 KL penalty and the sequence score on the last token (Ziegler et al. 2019's token-level reward form); SCST, RLOO and
@@ -39,7 +46,7 @@ from transformers import PreTrainedTokenizerBase
 
 from rewards.clinical import LABELERS, Labeler
 from rewards.form import sentences
-from rewards.observations import CHEXPERT_14, NEGATIVE, POSITIVE
+from rewards.observations import BLANK, CHEXPERT_14, NEGATIVE, POSITIVE
 
 _SENTENCE_END = re.compile(r"[.!?;]")
 _NO_FINDING = CHEXPERT_14.index("No Finding")
@@ -60,9 +67,17 @@ class SentenceCreditConfig:
         "help": "credit of a pertinent negative (a finding stated absent that the reference states absent), the "
                 "first time per finding, relative to a correct positive's 1; at most 1 (module docstring)"})
 
+    clue_share: float = field(default=0.0, metadata={
+        "help": "share of the credit scored against the findings the prompt's clue sentence states instead of the "
+                "reference's (needs an SFT export with a clue head); 0: the reference only"})
+
     def __post_init__(self) -> None:
         if self.weight < 0:
             raise ValueError(f"sentence_credit.weight must be >= 0, got {self.weight}")
+        if not 0 <= self.clue_share <= 1:
+            raise ValueError(f"sentence_credit.clue_share must be in [0, 1], got {self.clue_share}")
+        if self.clue_share > 0 and self.weight == 0:
+            raise ValueError("sentence_credit.clue_share needs the credit on: set sentence_credit.weight > 0")
         if not 0 <= self.negative <= CORRECT:
             raise ValueError(f"sentence_credit.negative must be in [0, {CORRECT}], got {self.negative}")
         if self.labeler not in LABELERS:
@@ -113,6 +128,12 @@ def credit_matrix(
     return per_sentence, omission
 
 
+def clue_codes(clues: torch.Tensor) -> torch.Tensor:
+    """``(b, 14)`` CheXpert codes of clue statements: positive where ``clues`` ``(b, 14)`` bool states a finding,
+    blank elsewhere (a clue sentence names what it sees and denies nothing)."""
+    return torch.where(clues.bool().cpu(), POSITIVE, BLANK)
+
+
 def _first_time(flags: torch.Tensor) -> torch.Tensor:
     """``(s, 14)`` bool: True only at the first sentence that raises each column's flag."""
     return flags & (flags.long().cumsum(0) == 1)
@@ -124,7 +145,7 @@ def sentence_credit_rewards(
     mask: torch.Tensor,
     tokenizer: PreTrainedTokenizerBase,
     labeler: Labeler,
-    references: Sequence[str],
+    reference_labels: torch.Tensor,
     negative: float = 0.0,
 ) -> torch.Tensor:
     """Per-token clinical credit of sampled reports: each sentence's credit on its last token, omissions on the
@@ -134,16 +155,18 @@ def sentence_credit_rewards(
         response_ids: ``(b, R)`` right-padded response tokens.
         mask: ``(b, R)`` 1 on real response tokens (the EOS included).
         tokenizer: The policy's tokenizer (decodes tokens and sentences, special tokens skipped).
-        labeler: CheXpert labeler of sentences and references.
-        references: ``b`` reference reports.
+        labeler: CheXpert labeler of the sentences.
+        reference_labels: ``(b, 14)`` CheXpert codes the reports are credited against (the references' labels, or
+            :func:`clue_codes` of the prompts' clue statements).
         negative: Credit of a pertinent negative (:func:`credit_matrix`).
 
     Returns:
         ``(b, R)`` float rewards, zero off the sentence ends and on padding.
     """
     b = response_ids.shape[0]
-    if len(references) != b:
-        raise ValueError(f"{len(references)} references for {b} responses")
+    if reference_labels.shape != (b, len(CHEXPERT_14)):
+        raise ValueError(f"reference_labels must be ({b}, {len(CHEXPERT_14)}), got {tuple(reference_labels.shape)}")
+    reference_labels = reference_labels.cpu()
     rows = response_ids.tolist()
     lengths = mask.sum(1).tolist()
     token_texts = {t: tokenizer.decode([t], skip_special_tokens=True) for t in set(response_ids.flatten().tolist())}
@@ -155,13 +178,12 @@ def sentence_credit_rewards(
     texts = tokenizer.batch_decode([row[s:e + 1] for row, row_spans in zip(rows, spans, strict=True)
                                     for s, e in row_spans], skip_special_tokens=True)
     labels = labeler.label(texts)
-    ref_labels = labeler.label(list(references))
     rewards = torch.zeros(response_ids.shape, dtype=torch.float32)
     first = 0
     for i, row_spans in enumerate(spans):
         keys = [" ".join(sentences(t)) for t in texts[first:first + len(row_spans)]]
         repeats = torch.tensor([bool(key) and key in keys[:n] for n, key in enumerate(keys)])
-        per_sentence, omission = credit_matrix(labels[first:first + len(row_spans)], ref_labels[i], repeats,
+        per_sentence, omission = credit_matrix(labels[first:first + len(row_spans)], reference_labels[i], repeats,
                                                negative)
         for (_, end), credit in zip(row_spans, per_sentence.tolist(), strict=True):
             rewards[i, end] += credit

@@ -10,8 +10,10 @@ from safetensors.torch import load_file
 from rlhf_rrg.checkpoint import checkpoint_problem
 from rlhf_rrg.config import load_config
 from rlhf_rrg.logging import read_jsonl
+from rlhf_rrg.prompting.generator import ReportGenerator
 from rlhf_rrg.rl.pg import advantages
 from rlhf_rrg.rl.scoring import NonFiniteRewardError
+from rlhf_rrg.rl.sentence_credit import clue_codes
 
 from .conftest import REPO, load_stage, run_stage
 
@@ -319,6 +321,36 @@ def test_gold_clue_rollouts_are_prompted_with_the_labelled_findings(synthetic_da
 def test_gold_clue_rollouts_need_a_clue_head(synthetic_data, sft_export, tmp_path):
     with pytest.raises(ValueError, match="gold_clue_prob needs an SFT export with a clue head"):
         run_ppo(synthetic_data, tmp_path, sft_export, "--generation.gold_clue_prob", "1.0")
+
+
+def test_clue_credit_scores_reports_against_the_clue_sentence_they_were_prompted_with(
+        synthetic_data, sft_clue_export, sft_export, tmp_path, monkeypatch):
+    stage, rollouts = load_stage("ppo"), []
+    real = stage.generate_rollout
+    monkeypatch.setattr(stage, "generate_rollout",
+                        lambda generator, batch, *a, **kw: rollouts.append((batch, kw)) or real(generator, batch, *a,
+                                                                                                 **kw))
+    credits, targets = spy(monkeypatch, "sentence_credit_rewards"), spy(monkeypatch, "ppo_targets")
+    run_ppo(synthetic_data, tmp_path, sft_clue_export, *NO_SIGNAL, "--generation.num_samples", "2",
+            "--train.batch_size", "4", "--sentence_credit.weight", "0.5", "--sentence_credit.clue_share", "0.5")
+    head = ReportGenerator.from_export(sft_clue_export)
+    assert len(rollouts) == len(targets) == 2 and len(credits) == 4  # per step: against the reference, the clues
+    for step, (batch, kwargs) in enumerate(rollouts):
+        # the prompts state what the clue head reads from each image (as without the clue credit)
+        with torch.no_grad():
+            stated = head.clue_presence(head.clue_logits(batch["pixel_values"])).repeat_interleave(2, 0)
+        assert torch.equal(kwargs["clues"].cpu(), stated)
+        (_, by_reference), (clue_args, by_clues) = credits[2 * step], credits[2 * step + 1]
+        assert torch.equal(clue_args[4], clue_codes(stated))
+        # half of the credit each, scaled by the weight, is the dense reward PPO's returns are built from
+        torch.testing.assert_close(targets[step][0][-1], 0.5 * (0.5 * by_reference + 0.5 * by_clues))
+    assert any(not torch.equal(a, b) for (_, a), (_, b) in zip(credits[::2], credits[1::2], strict=True))
+    with pytest.raises(ValueError, match="clue_share needs an SFT export with a clue head"):
+        run_ppo(synthetic_data, tmp_path / "no_head", sft_export, "--sentence_credit.weight", "0.5",
+                "--sentence_credit.clue_share", "1")
+    with pytest.raises(ValueError, match="which pg.train_clues samples as actions"):
+        run_ppo(synthetic_data, tmp_path / "sampled", sft_clue_export, "--algo", "rloo", "--pg.train_clues", "true",
+                "--sentence_credit.weight", "0.5", "--sentence_credit.clue_share", "1")
 
 
 def test_rl_that_tunes_the_encoder_keeps_retrieving_with_the_encoder_that_built_the_bank(synthetic_data, tmp_path):

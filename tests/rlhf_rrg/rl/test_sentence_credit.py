@@ -2,10 +2,16 @@ import pytest
 import torch
 
 from rewards.labeler import RuleLabeler
-from rewards.observations import CHEXPERT_14, NEGATIVE, POSITIVE
+from rewards.observations import BLANK, CHEXPERT_14, NEGATIVE, POSITIVE
 from rlhf_rrg.models.tokenizer import build_word_tokenizer
 from rlhf_rrg.rl.ppo_step import ppo_targets
-from rlhf_rrg.rl.sentence_credit import SentenceCreditConfig, credit_matrix, sentence_credit_rewards, sentence_ends
+from rlhf_rrg.rl.sentence_credit import (
+    SentenceCreditConfig,
+    clue_codes,
+    credit_matrix,
+    sentence_credit_rewards,
+    sentence_ends,
+)
 
 EDEMA, EFFUSION, NO_FINDING = (CHEXPERT_14.index(n) for n in ("Edema", "Pleural Effusion", "No Finding"))
 
@@ -123,7 +129,7 @@ def test_rewards_land_on_each_sentences_last_token(tmp_path):
         mask[i, :len(row)] = 1
     references = ["there is mild pulmonary edema . no pleural effusion .",
                   "there is mild pulmonary edema . the heart is enlarged ."]
-    rewards = sentence_credit_rewards(ids, mask, tokenizer, RuleLabeler(), references)
+    rewards = sentence_credit_rewards(ids, mask, tokenizer, RuleLabeler(), RuleLabeler().label(references))
     assert rewards.shape == ids.shape and (rewards[~mask.bool()] == 0).all()
     credited = [[(tokenizer.decode([ids[i, t]]), rewards[i, t].item()) for t in rewards[i].nonzero().flatten()]
                 for i in range(2)]
@@ -136,11 +142,32 @@ def test_rewards_land_on_each_sentences_last_token(tmp_path):
     assert rewards[1, last].item() == -2.0
     # With pertinent negatives report 1's first "no pleural effusion" (its third sentence) matches its reference's
     # denial; the repeat earns nothing more, and report 2's reference denies nothing.
-    with_negatives = sentence_credit_rewards(ids, mask, tokenizer, RuleLabeler(), references, negative=0.5)
+    with_negatives = sentence_credit_rewards(ids, mask, tokenizer, RuleLabeler(), RuleLabeler().label(references),
+                                             negative=0.5)
     third_end = sentence_ends([tokenizer.decode([t]) for t in encoded[0]])[2]
     expected = rewards.clone()
     expected[0, third_end] += 0.5
     torch.testing.assert_close(with_negatives, expected)
+
+
+def test_credit_against_clue_statements_rewards_writing_what_the_clue_sentence_states(tmp_path):
+    tokenizer = build_word_tokenizer(CORPUS, tmp_path)
+    row = tokenizer(CORPUS[0], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids, mask = torch.tensor([row, row]), torch.ones(2, len(row), dtype=torch.long)
+    # the first prompt's clue sentence states edema and effusion, the second's nothing
+    clues = torch.zeros(2, len(CHEXPERT_14), dtype=torch.bool)
+    clues[0, [EDEMA, EFFUSION]] = True
+    codes = clue_codes(clues)
+    assert codes[0, EDEMA] == codes[0, EFFUSION] == POSITIVE and (codes[1] == BLANK).all()
+    assert (codes[0].ne(BLANK).sum()) == 2  # a clue sentence denies nothing
+    rewards = sentence_credit_rewards(ids, mask, tokenizer, RuleLabeler(), codes, negative=1.0)
+    ends = sentence_ends([tokenizer.decode([t]) for t in row])
+    # 1: edema as stated (+1), an enlarged heart the clue does not state (-2), effusion denied against the clue
+    # (-2), then denied again (-2, and -1 for the repeat); effusion never stated: -1 on the EOS; no pertinent
+    # negative, since the clue denies nothing
+    assert [rewards[0, e].item() for e in ends] == [1.0, -2.0, -2.0, -3.0, -1.0]
+    # 2: edema and the heart stated where the clue states nothing (-2 each), the repeat (-1), no omission
+    assert [rewards[1, e].item() for e in ends] == [-2.0, -2.0, 0.0, -1.0, 0.0]
 
 
 def test_ppo_targets_add_dense_rewards_before_gae():
@@ -162,3 +189,8 @@ def test_config_validates():
     for negative in (-0.1, 1.5):
         with pytest.raises(ValueError, match="negative"):
             SentenceCreditConfig(negative=negative)
+    for share in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="clue_share must be in"):
+            SentenceCreditConfig(weight=1.0, clue_share=share)
+    with pytest.raises(ValueError, match="clue_share needs the credit on"):
+        SentenceCreditConfig(clue_share=0.5)
