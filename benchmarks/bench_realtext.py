@@ -190,6 +190,10 @@ def main() -> None:
     for seed in args.seeds:
         run_root = args.out / f"seed_{seed}"
         walls = run_stages(run_root, args.data, seed, stages, args.redo, args.threads)
+        missing = [s for s in STAGES if not (StageDirs(run_root, s).export / EXPORT_MARKER).is_file()]
+        if missing:  # e.g. seeds whose stages run as separate invocations (--stages pretrain,align first)
+            print(f"seed {seed}: no {', '.join(missing)} export in {run_root} yet: not scored", flush=True)
+            continue
         saved = run_root / "eval" / "realtext.json"
         if saved.is_file() and not any(walls.values()):
             # Scored before on these very exports (e.g. seeds run as parallel invocations): reuse, do not regenerate.
@@ -201,6 +205,8 @@ def main() -> None:
         rows[seed] = aligned | rows[seed] | aligned  # align keys first in the summary, values recomputed (seconds)
         print(f"\nseed {seed}: what the SFT export sees vs what SFT and RL write (test)\n{seen}\n", flush=True)
         print(f"seed {seed}: what the align export retrieves for each test image\n{per_finding}\n", flush=True)
+    if not rows:
+        return
     text = summary(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.md").write_text(text, encoding="utf-8")
