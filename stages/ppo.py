@@ -280,14 +280,12 @@ def rl_step(cfg, accelerator, policy, unwrapped, optimizer, scheduler, reference
                 logits = unwrapped.generator.clue_action_logits(
                     unwrapped.generator.clue_logits(batch["pixel_values"], features), cfg.pg.clue_temperature)
             clues = torch.bernoulli(torch.sigmoid(logits).repeat_interleave(k, 0)).bool()
-        elif gen.gold_clue_prob > 0:  # some prompts state the study's labelled findings: write what the clue says
+        elif gen.gold_clue_prob > 0 or cfg.sentence_credit.clue_share > 0:
+            # Some prompts may state the study's labelled findings (write what the clue says), the rest the head's;
+            # the clue credit scores each report against the statements its prompt made.
             with torch.no_grad():
                 logits = unwrapped.generator.clue_logits(batch["pixel_values"], features)
             clues = unwrapped.generator.gold_or_head_clues(batch, gen.gold_clue_prob, logits).repeat_interleave(k, 0)
-        elif cfg.sentence_credit.clue_share > 0:  # the head's statements, which the credit is partly scored against
-            with torch.no_grad():
-                logits = unwrapped.generator.clue_logits(batch["pixel_values"], features)
-            clues = unwrapped.generator.clue_presence(logits).repeat_interleave(k, 0)
         rollout = generate_rollout(unwrapped.generator, batch, gen.max_new_tokens, True, gen.temperature,
                                    gen.top_k, repeats=k, features=features, clues=clues,
                                    clue_actions=cfg.pg.train_clues)
