@@ -12,4 +12,6 @@ fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # The layering of pyproject.toml's import-linter contracts: a part importing a part above it fails the build.
 lint-imports --no-cache
-python -m pytest -q "$@"
+# Two workers (CI has 2 cores; most tests use one thread); loadscope keeps a module's tests, and so its module-scoped
+# reference runs, on one worker. Arguments after ours win: `bash scripts/test.sh -n 0` runs serially.
+python -m pytest -q -n "${RRG_TEST_WORKERS:-2}" --dist loadscope "$@"
