@@ -62,7 +62,7 @@ from rlhf_rrg.rl.scoring import (
     scores_tensor,
 )
 from rlhf_rrg.rl.selection import ExportSelector, SelectConfig
-from rlhf_rrg.rl.sentence_credit import SentenceCreditConfig, clue_codes, sentence_credit_rewards
+from rlhf_rrg.rl.sentence_credit import SentenceCreditConfig, clue_codes, label_sentences, sentence_credit_rewards
 from rlhf_rrg.rl.trl_adapter import GroupConfig, run_trl
 from rlhf_rrg.rl.value_head import ValueHead
 from rlhf_rrg.runroot import resolve_init, writing_export
@@ -311,15 +311,15 @@ def rl_step(cfg, accelerator, policy, unwrapped, optimizer, scheduler, reference
     credit = greedy_credit = None
     if credit_labeler is not None:  # (b*k, R): PPO takes it per token, the others as a report total
         def weighted_credit(reports: Rollout, references: list[str], stated: torch.Tensor | None) -> torch.Tensor:
-            def against(codes: torch.Tensor) -> torch.Tensor:
-                return sentence_credit_rewards(reports.response_ids, reports.response_mask, tokenizer,
-                                               credit_labeler, codes, cfg.sentence_credit.negative)
-
-            credit = against(credit_labeler.label(references))
-            if cfg.sentence_credit.clue_share > 0:  # stated: (n, 14) what each prompt's clue sentence says
-                share = cfg.sentence_credit.clue_share
-                credit = (1 - share) * credit + share * against(clue_codes(stated))
-            return cfg.sentence_credit.weight * credit
+            # The sentences are labelled once, then credited against each code set that has a share.
+            labelled = label_sentences(reports.response_ids, reports.response_mask, tokenizer, credit_labeler)
+            share, negative = cfg.sentence_credit.clue_share, cfg.sentence_credit.negative
+            credit = torch.zeros(labelled.shape)
+            if share < 1:
+                credit += (1 - share) * sentence_credit_rewards(labelled, credit_labeler.label(references), negative)
+            if share > 0:  # stated: (n, 14) what each prompt's clue sentence says
+                credit += share * sentence_credit_rewards(labelled, clue_codes(stated), negative)
+            return (cfg.sentence_credit.weight * credit).to(device)
 
         credit = weighted_credit(rollout, sampled_batch["reports"], clues)
         if greedy is not None:

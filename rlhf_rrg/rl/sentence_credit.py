@@ -139,54 +139,73 @@ def _first_time(flags: torch.Tensor) -> torch.Tensor:
     return flags & (flags.long().cumsum(0) == 1)
 
 
+@dataclass(frozen=True)
+class LabelledSentences:
+    """The sentences of a batch of sampled reports, each labelled alone: labelled once, credited against any number
+    of code sets (the reference's, the clue sentence's)."""
+
+    shape: tuple[int, int]  # (b, R) of the responses
+    lengths: list[int]  # real tokens per report (the EOS included)
+    spans: list[list[tuple[int, int]]]  # per report: (first token, last token) of each sentence
+    labels: torch.Tensor  # (total sentences, 14) CheXpert codes, reports in order
+    repeats: list[torch.Tensor]  # per report: (s,) bool, a sentence repeating an earlier one word for word
+
+
 @torch.no_grad()
-def sentence_credit_rewards(
-    response_ids: torch.Tensor,
-    mask: torch.Tensor,
-    tokenizer: PreTrainedTokenizerBase,
-    labeler: Labeler,
-    reference_labels: torch.Tensor,
-    negative: float = 0.0,
-) -> torch.Tensor:
-    """Per-token clinical credit of sampled reports: each sentence's credit on its last token, omissions on the
-    report's last real token.
+def label_sentences(
+    response_ids: torch.Tensor, mask: torch.Tensor, tokenizer: PreTrainedTokenizerBase, labeler: Labeler,
+) -> LabelledSentences:
+    """Splits sampled reports into sentences and labels them, all in one labeler batch.
 
     Args:
         response_ids: ``(b, R)`` right-padded response tokens.
         mask: ``(b, R)`` 1 on real response tokens (the EOS included).
         tokenizer: The policy's tokenizer (decodes tokens and sentences, special tokens skipped).
         labeler: CheXpert labeler of the sentences.
-        reference_labels: ``(b, 14)`` CheXpert codes the reports are credited against (the references' labels, or
-            :func:`clue_codes` of the prompts' clue statements).
-        negative: Credit of a pertinent negative (:func:`credit_matrix`).
-
-    Returns:
-        ``(b, R)`` float rewards, zero off the sentence ends and on padding.
     """
-    b = response_ids.shape[0]
-    if reference_labels.shape != (b, len(CHEXPERT_14)):
-        raise ValueError(f"reference_labels must be ({b}, {len(CHEXPERT_14)}), got {tuple(reference_labels.shape)}")
-    reference_labels = reference_labels.cpu()
     rows = response_ids.tolist()
     lengths = mask.sum(1).tolist()
     token_texts = {t: tokenizer.decode([t], skip_special_tokens=True) for t in set(response_ids.flatten().tolist())}
-    # (first token, last token) of each sentence, per report; decoded and labelled in one batch
     spans = []
     for row, length in zip(rows, lengths, strict=True):
         ends = sentence_ends([token_texts[t] for t in row[:length]])
         spans.append(list(zip([0] + [e + 1 for e in ends[:-1]], ends, strict=True)))
     texts = tokenizer.batch_decode([row[s:e + 1] for row, row_spans in zip(rows, spans, strict=True)
                                     for s, e in row_spans], skip_special_tokens=True)
-    labels = labeler.label(texts)
-    rewards = torch.zeros(response_ids.shape, dtype=torch.float32)
-    first = 0
-    for i, row_spans in enumerate(spans):
+    repeats, first = [], 0
+    for row_spans in spans:
         keys = [" ".join(sentences(t)) for t in texts[first:first + len(row_spans)]]
-        repeats = torch.tensor([bool(key) and key in keys[:n] for n, key in enumerate(keys)])
-        per_sentence, omission = credit_matrix(labels[first:first + len(row_spans)], reference_labels[i], repeats,
-                                               negative)
+        repeats.append(torch.tensor([bool(key) and key in keys[:n] for n, key in enumerate(keys)]))
+        first += len(row_spans)
+    return LabelledSentences(tuple(response_ids.shape), lengths, spans, labeler.label(texts), repeats)
+
+
+def sentence_credit_rewards(
+    labelled: LabelledSentences, reference_labels: torch.Tensor, negative: float = 0.0,
+) -> torch.Tensor:
+    """Per-token clinical credit of sampled reports: each sentence's credit on its last token, omissions on the
+    report's last real token.
+
+    Args:
+        labelled: The reports' sentences and their labels (:func:`label_sentences`).
+        reference_labels: ``(b, 14)`` CheXpert codes the reports are credited against (the references' labels, or
+            :func:`clue_codes` of the prompts' clue statements).
+        negative: Credit of a pertinent negative (:func:`credit_matrix`).
+
+    Returns:
+        ``(b, R)`` float rewards on the CPU, zero off the sentence ends and on padding.
+    """
+    b = labelled.shape[0]
+    if reference_labels.shape != (b, len(CHEXPERT_14)):
+        raise ValueError(f"reference_labels must be ({b}, {len(CHEXPERT_14)}), got {tuple(reference_labels.shape)}")
+    reference_labels = reference_labels.cpu()
+    rewards = torch.zeros(labelled.shape, dtype=torch.float32)
+    first = 0
+    for i, (row_spans, repeats) in enumerate(zip(labelled.spans, labelled.repeats, strict=True)):
+        per_sentence, omission = credit_matrix(labelled.labels[first:first + len(row_spans)], reference_labels[i],
+                                               repeats, negative)
         for (_, end), credit in zip(row_spans, per_sentence.tolist(), strict=True):
             rewards[i, end] += credit
-        rewards[i, lengths[i] - 1] += float(omission)
+        rewards[i, labelled.lengths[i] - 1] += float(omission)
         first += len(row_spans)
-    return rewards.to(response_ids.device)
+    return rewards

@@ -331,17 +331,20 @@ def test_clue_credit_scores_reports_against_the_clue_sentence_they_were_prompted
                         lambda generator, batch, *a, **kw: rollouts.append((batch, kw)) or real(generator, batch, *a,
                                                                                                  **kw))
     credits, targets = spy(monkeypatch, "sentence_credit_rewards"), spy(monkeypatch, "ppo_targets")
+    labelled = spy(monkeypatch, "label_sentences")
     run_ppo(synthetic_data, tmp_path, sft_clue_export, *NO_SIGNAL, "--generation.num_samples", "2",
             "--train.batch_size", "4", "--sentence_credit.weight", "0.5", "--sentence_credit.clue_share", "0.5")
     head = ReportGenerator.from_export(sft_clue_export)
-    assert len(rollouts) == len(targets) == 2 and len(credits) == 4  # per step: against the reference, the clues
+    # per step the sentences are labelled once and credited twice: against the reference, against the clues
+    assert len(rollouts) == len(targets) == len(labelled) == 2 and len(credits) == 4
     for step, (batch, kwargs) in enumerate(rollouts):
         # the prompts state what the clue head reads from each image (as without the clue credit)
         with torch.no_grad():
             stated = head.clue_presence(head.clue_logits(batch["pixel_values"])).repeat_interleave(2, 0)
         assert torch.equal(kwargs["clues"].cpu(), stated)
-        (_, by_reference), (clue_args, by_clues) = credits[2 * step], credits[2 * step + 1]
-        assert torch.equal(clue_args[4], clue_codes(stated))
+        (reference_args, by_reference), (clue_args, by_clues) = credits[2 * step], credits[2 * step + 1]
+        assert reference_args[0] is clue_args[0] is labelled[step][1]
+        assert torch.equal(clue_args[1], clue_codes(stated))
         # half of the credit each, scaled by the weight, is the dense reward PPO's returns are built from
         torch.testing.assert_close(targets[step][0][-1], 0.5 * (0.5 * by_reference + 0.5 * by_clues))
     assert any(not torch.equal(a, b) for (_, a), (_, b) in zip(credits[::2], credits[1::2], strict=True))

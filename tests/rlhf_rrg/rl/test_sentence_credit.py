@@ -6,9 +6,11 @@ from rewards.observations import BLANK, CHEXPERT_14, NEGATIVE, POSITIVE
 from rlhf_rrg.models.tokenizer import build_word_tokenizer
 from rlhf_rrg.rl.ppo_step import ppo_targets
 from rlhf_rrg.rl.sentence_credit import (
+    LabelledSentences,
     SentenceCreditConfig,
     clue_codes,
     credit_matrix,
+    label_sentences,
     sentence_credit_rewards,
     sentence_ends,
 )
@@ -116,6 +118,10 @@ def test_credit_matrix_shape_errors():
         credit_matrix(torch.zeros(2, 5, dtype=torch.long), _codes())
     with pytest.raises(ValueError, match="reference"):
         credit_matrix(torch.zeros(1, 14, dtype=torch.long), torch.zeros(3, dtype=torch.long))
+    one_sentence_each = LabelledSentences((2, 3), [3, 3], [[(0, 2)], [(0, 2)]], torch.zeros(2, 14, dtype=torch.long),
+                                          [torch.tensor([False])] * 2)
+    with pytest.raises(ValueError, match=r"reference_labels must be \(2, 14\)"):
+        sentence_credit_rewards(one_sentence_each, torch.zeros(3, 14, dtype=torch.long))
 
 
 def test_rewards_land_on_each_sentences_last_token(tmp_path):
@@ -129,7 +135,8 @@ def test_rewards_land_on_each_sentences_last_token(tmp_path):
         mask[i, :len(row)] = 1
     references = ["there is mild pulmonary edema . no pleural effusion .",
                   "there is mild pulmonary edema . the heart is enlarged ."]
-    rewards = sentence_credit_rewards(ids, mask, tokenizer, RuleLabeler(), RuleLabeler().label(references))
+    labelled, codes = label_sentences(ids, mask, tokenizer, RuleLabeler()), RuleLabeler().label(references)
+    rewards = sentence_credit_rewards(labelled, codes)
     assert rewards.shape == ids.shape and (rewards[~mask.bool()] == 0).all()
     credited = [[(tokenizer.decode([ids[i, t]]), rewards[i, t].item()) for t in rewards[i].nonzero().flatten()]
                 for i in range(2)]
@@ -142,8 +149,7 @@ def test_rewards_land_on_each_sentences_last_token(tmp_path):
     assert rewards[1, last].item() == -2.0
     # With pertinent negatives report 1's first "no pleural effusion" (its third sentence) matches its reference's
     # denial; the repeat earns nothing more, and report 2's reference denies nothing.
-    with_negatives = sentence_credit_rewards(ids, mask, tokenizer, RuleLabeler(), RuleLabeler().label(references),
-                                             negative=0.5)
+    with_negatives = sentence_credit_rewards(labelled, codes, negative=0.5)
     third_end = sentence_ends([tokenizer.decode([t]) for t in encoded[0]])[2]
     expected = rewards.clone()
     expected[0, third_end] += 0.5
@@ -160,7 +166,7 @@ def test_credit_against_clue_statements_rewards_writing_what_the_clue_sentence_s
     codes = clue_codes(clues)
     assert codes[0, EDEMA] == codes[0, EFFUSION] == POSITIVE and (codes[1] == BLANK).all()
     assert (codes[0].ne(BLANK).sum()) == 2  # a clue sentence denies nothing
-    rewards = sentence_credit_rewards(ids, mask, tokenizer, RuleLabeler(), codes, negative=1.0)
+    rewards = sentence_credit_rewards(label_sentences(ids, mask, tokenizer, RuleLabeler()), codes, negative=1.0)
     ends = sentence_ends([tokenizer.decode([t]) for t in row])
     # 1: edema as stated (+1), an enlarged heart the clue does not state (-2), effusion denied against the clue
     # (-2), then denied again (-2, and -1 for the repeat); effusion never stated: -1 on the EOS; no pertinent
