@@ -50,7 +50,7 @@ from rlhf_rrg.logging import read_jsonl
 from rlhf_rrg.probe import probe_export
 from rlhf_rrg.prompting.generator import ReportGenerator
 from rlhf_rrg.retrieval.alignment_eval import embed_pairs
-from rlhf_rrg.retrieval.metrics import finding_precision_at_k, label_match_at_k
+from rlhf_rrg.retrieval.metrics import finding_precision_at_k, label_match_at_k, label_match_hits, ratio_interval
 from rlhf_rrg.rl.monitors import text_statistics
 from rlhf_rrg.runroot import EXPORT_MARKER, StageDirs
 from rlhf_rrg.testing.stage_scripts import stage_config_class
@@ -83,28 +83,40 @@ def run_stages(run_root: Path, data: Path, seed: int, stages: list[str], redo: b
 def align_retrieval(run_root: Path) -> tuple[dict[str, float], str]:
     """Val retrieval of the evaluation the align export was chosen at (first best of its select metric, so
     optimistic), and the export's retrieval on the test split, which nothing was chosen on: exact-set label match
-    and, per finding, how often the reports retrieved for an image state it (:func:`finding_precision_at_k`).
-    Returns the scores and the per-finding table."""
+    and, per finding, how often the reports retrieved for an image state it (:func:`finding_precision_at_k`). Each
+    ratio to chance comes with its 95% bootstrap interval over the split's images (:func:`ratio_interval`), from
+    the export's retrieval on the split. Returns the scores and the per-finding table."""
     dirs = StageDirs(run_root, "align")
     cfg = load_config(stage_config_class("align"), dirs.config, [])
     rows = [r for r in read_jsonl(dirs.metrics) if f"eval/{cfg.train.select_metric}" in r]
     best = max(rows, key=lambda r: r[f"eval/{cfg.train.select_metric}"])  # max keeps the first of equal values
     match, chance = best["eval/i2t_label_match@5"], best["eval/i2t_label_match@5_chance"]
     model, tokenizer = load_aligner(dirs.export)
-    test = build_dataset(cfg.data, "test", train=False)
-    loader = DataLoader(test, batch_size=cfg.eval.batch_size,
-                        collate_fn=ReportTextCollator(tokenizer, cfg.text.max_length))
-    with torch.no_grad():
-        image_emb, text_emb, order = embed_pairs(model.eval(), loader)
-    labels = torch.stack([labels_tensor(test.studies[int(i)].labels) for i in order])
-    sims = image_emb @ text_emb.T
+
+    def retrieve(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image -> report similarities, label codes) over the split, in one order."""
+        studies = build_dataset(cfg.data, split, train=False)
+        loader = DataLoader(studies, batch_size=cfg.eval.batch_size,
+                            collate_fn=ReportTextCollator(tokenizer, cfg.text.max_length))
+        with torch.no_grad():
+            image_emb, text_emb, order = embed_pairs(model.eval(), loader)
+        return image_emb @ text_emb.T, torch.stack([labels_tensor(studies.studies[int(i)].labels) for i in order])
+
+    def interval(sims: torch.Tensor, labels: torch.Tensor, name: str) -> dict[str, float]:
+        hits, per_query_chance = label_match_hits(sims, labels, labels, 5)
+        low, high = ratio_interval(hits.float().mean(1), per_query_chance)
+        return {f"{name} ratio 95% low": low, f"{name} ratio 95% high": high}
+
+    sims, labels = retrieve("test")
     exact = label_match_at_k(sims, labels, labels, 5)
+    row = {"align label-match@5": match, "align chance": chance, "align ratio": match / chance,
+           **interval(*retrieve("val"), "align"),
+           "align test label-match@5": exact["label_match@5"], "align test chance": exact["label_match@5_chance"],
+           "align test ratio": exact["label_match@5"] / exact["label_match@5_chance"],
+           **interval(sims, labels, "align test")}
     found = finding_precision_at_k(sims, labels, labels, 5)
     # Pathologies with at least 3 positive test studies: fewer make a share of 0, 1/5 or 2/5 by luck.
     scored = [n for n, v in found.items() if n != "No Finding" and v["queries"] >= 3]
-    row = {"align label-match@5": match, "align chance": chance, "align ratio": match / chance,
-           "align test label-match@5": exact["label_match@5"], "align test chance": exact["label_match@5_chance"],
-           "align test ratio": exact["label_match@5"] / exact["label_match@5_chance"]}
     for key in ("with", "without", "base"):
         row[f"align test finding P@5 {key}"] = statistics.fmean(found[n][key] for n in scored)
     table = ["| finding (test) | studies | retrieved stating it: image has it | image lacks it | all reports |",

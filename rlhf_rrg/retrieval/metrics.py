@@ -57,14 +57,15 @@ def positive_findings(labels: torch.Tensor) -> torch.Tensor:
     return labels == POSITIVE
 
 
-def label_match_at_k(
+def label_match_hits(
     sims: torch.Tensor,
     query_labels: torch.Tensor,
     candidate_labels: torch.Tensor,
     k: int,
     exclude: torch.Tensor | None = None,
-) -> dict[str, float]:
-    """Fraction of the top-k retrieved candidates whose positive findings equal the query's, and its chance level.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query, which of its top-k retrieved candidates have exactly its positive findings, and the fraction of
+    all its allowed candidates that do (what a uniformly random retrieval of k scores in expectation).
 
     Args:
         sims: ``(q, n)`` similarities, higher is closer.
@@ -74,8 +75,7 @@ def label_match_at_k(
         exclude: ``(q, n)`` bool, candidates a query must not retrieve (e.g. itself in leave-one-out retrieval).
 
     Returns:
-        ``{"label_match@k": ..., "label_match@k_chance": ...}``; the chance level is the mean over queries of the
-        fraction of allowed candidates that match, what a uniformly random retrieval of k scores in expectation.
+        ``(hits, chance)``: ``(q, k)`` bool, in rank order, and ``(q,)`` float.
     """
     q, n = sims.shape
     if query_labels.shape[0] != q or candidate_labels.shape[0] != n:
@@ -90,8 +90,52 @@ def label_match_at_k(
     match = (query_pos[:, None, :] == cand_pos[None, :, :]).all(dim=-1)
     top = sims.float().cpu().masked_fill(~allowed, float("-inf")).topk(k, dim=1).indices
     chance = (match & allowed).sum(dim=1).float() / allowed.sum(dim=1).float()
-    return {f"label_match@{k}": match.gather(1, top).float().mean().item(),
-            f"label_match@{k}_chance": chance.mean().item()}
+    return match.gather(1, top), chance
+
+
+def label_match_at_k(
+    sims: torch.Tensor,
+    query_labels: torch.Tensor,
+    candidate_labels: torch.Tensor,
+    k: int,
+    exclude: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """Fraction of the top-k retrieved candidates whose positive findings equal the query's, and its chance level
+    (the means of :func:`label_match_hits`).
+
+    Returns:
+        ``{"label_match@k": ..., "label_match@k_chance": ...}``.
+    """
+    hits, chance = label_match_hits(sims, query_labels, candidate_labels, k, exclude)
+    return {f"label_match@{k}": hits.float().mean().item(), f"label_match@{k}_chance": chance.mean().item()}
+
+
+def ratio_interval(
+    numerator: torch.Tensor, denominator: torch.Tensor, level: float = 0.95, draws: int = 2000, seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``mean(numerator) / mean(denominator)`` over queries resampled with
+    replacement (e.g. label match over its chance level): how far the ratio could move on another sample of
+    queries of the same kind, with the retrieval model fixed.
+
+    Args:
+        numerator: ``(q,)`` per-query values.
+        denominator: ``(q,)`` per-query values, paired with ``numerator``.
+        level: Central coverage of the interval.
+        draws: Bootstrap resamples.
+        seed: Seed of the resampling (the interval is reproducible).
+
+    Returns:
+        ``(low, high)``.
+    """
+    if numerator.shape != denominator.shape or numerator.dim() != 1 or len(numerator) == 0:
+        raise ValueError(f"numerator and denominator must be equal non-empty (q,) tensors, got "
+                         f"{tuple(numerator.shape)} and {tuple(denominator.shape)}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    picks = torch.randint(0, len(numerator), (draws, len(numerator)), generator=torch.Generator().manual_seed(seed))
+    ratios = numerator.double()[picks].mean(1) / denominator.double()[picks].mean(1)
+    low, high = torch.quantile(ratios, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
+    return low.item(), high.item()
 
 
 def finding_precision_at_k(

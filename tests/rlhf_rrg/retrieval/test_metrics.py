@@ -5,7 +5,9 @@ from rewards.observations import BLANK, CHEXPERT_14, NEGATIVE, POSITIVE
 from rlhf_rrg.retrieval.metrics import (
     finding_precision_at_k,
     label_match_at_k,
+    label_match_hits,
     leave_one_out_label_match,
+    ratio_interval,
     recall_chance,
     retrieval_recall_at_k,
 )
@@ -107,6 +109,10 @@ def test_label_match_by_hand():
         label_match_at_k(sims, query, cands, k=4, exclude=exclude)
     with pytest.raises(ValueError, match="does not match"):
         label_match_at_k(sims, query[:1], cands, k=1)
+    # Per query, in rank order: A's c0 matches and c2 does not, B's c1 does not and c3 does.
+    hits, chance = label_match_hits(sims, query, cands, k=2)
+    assert hits.tolist() == [[True, False], [False, True]]
+    torch.testing.assert_close(chance, torch.tensor([2 / 4, 1 / 4]))
 
 
 def test_finding_precision_scores_each_finding_where_exact_sets_miss():
@@ -143,3 +149,34 @@ def test_bad_inputs_are_named():
         retrieval_recall_at_k(SIMS, TEXTS, ks=(1,), reports=["a"])
     with pytest.raises(ValueError, match=r"\(n, d\)"):
         retrieval_recall_at_k(SIMS, TEXTS[:3])
+
+
+def test_ratio_interval_holds_the_ratio_and_narrows_with_more_queries():
+    generator = torch.Generator().manual_seed(0)
+    match = (torch.rand(60, generator=generator) < 0.4).float()
+    chance = torch.rand(60, generator=generator) * 0.4 + 0.1
+    ratio = match.mean() / chance.mean()
+    low, high = ratio_interval(match, chance)
+    assert low < ratio < high
+    assert ratio_interval(match, chance) == (low, high)  # seeded: reproducible
+    # Eight times as many queries of the same kind: about sqrt(8) = 2.8x narrower.
+    many_low, many_high = ratio_interval(match.repeat(8), chance.repeat(8))
+    assert 2 < (high - low) / (many_high - many_low) < 4
+    # A split whose queries all score alike has nothing to resample.
+    assert ratio_interval(torch.full((5,), 0.4), torch.full((5,), 0.2)) == pytest.approx((2.0, 2.0))
+    with pytest.raises(ValueError, match="equal non-empty"):
+        ratio_interval(match, chance[:-1])
+    with pytest.raises(ValueError, match="level"):
+        ratio_interval(match, chance, level=1.0)
+
+
+def test_ratio_interval_covers_the_population_ratio_about_as_often_as_it_says():
+    # Queries drawn from a population whose ratio is known: 0.3 matching over a chance of 0.2 is 1.5.
+    generator = torch.Generator().manual_seed(1)
+    covered = []
+    for trial in range(100):
+        match = (torch.rand(150, generator=generator) < 0.3).float()
+        chance = 0.1 + 0.2 * torch.rand(150, generator=generator)  # mean 0.2
+        low, high = ratio_interval(match, chance, draws=400, seed=trial)
+        covered.append(low <= 1.5 <= high)
+    assert 0.88 <= sum(covered) / len(covered) <= 1.0
