@@ -41,6 +41,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -147,7 +148,7 @@ class LabelledSentences:
     shape: tuple[int, int]  # (b, R) of the responses
     lengths: list[int]  # real tokens per report (the EOS included)
     spans: list[list[tuple[int, int]]]  # per report: (first token, last token) of each sentence
-    labels: torch.Tensor  # (total sentences, 14) CheXpert codes, reports in order
+    labels: list[torch.Tensor]  # per report: (s, 14) CheXpert codes of its sentences
     repeats: list[torch.Tensor]  # per report: (s,) bool, a sentence repeating an earlier one word for word
 
 
@@ -172,12 +173,13 @@ def label_sentences(
         spans.append(list(zip([0] + [e + 1 for e in ends[:-1]], ends, strict=True)))
     texts = tokenizer.batch_decode([row[s:e + 1] for row, row_spans in zip(rows, spans, strict=True)
                                     for s, e in row_spans], skip_special_tokens=True)
-    repeats, first = [], 0
-    for row_spans in spans:
-        keys = [" ".join(sentences(t)) for t in texts[first:first + len(row_spans)]]
-        repeats.append(torch.tensor([bool(key) and key in keys[:n] for n, key in enumerate(keys)]))
-        first += len(row_spans)
-    return LabelledSentences(tuple(response_ids.shape), lengths, spans, labeler.label(texts), repeats)
+    counts = [len(row_spans) for row_spans in spans]
+    keys, repeats = iter([" ".join(sentences(t)) for t in texts]), []
+    for n in counts:
+        row_keys = list(islice(keys, n))
+        repeats.append(torch.tensor([bool(key) and key in row_keys[:j] for j, key in enumerate(row_keys)]))
+    labels = list(torch.split(labeler.label(texts), counts))
+    return LabelledSentences(tuple(response_ids.shape), lengths, spans, labels, repeats)
 
 
 def sentence_credit_rewards(
@@ -200,12 +202,10 @@ def sentence_credit_rewards(
         raise ValueError(f"reference_labels must be ({b}, {len(CHEXPERT_14)}), got {tuple(reference_labels.shape)}")
     reference_labels = reference_labels.cpu()
     rewards = torch.zeros(labelled.shape, dtype=torch.float32)
-    first = 0
-    for i, (row_spans, repeats) in enumerate(zip(labelled.spans, labelled.repeats, strict=True)):
-        per_sentence, omission = credit_matrix(labelled.labels[first:first + len(row_spans)], reference_labels[i],
-                                               repeats, negative)
+    rows = zip(labelled.spans, labelled.labels, labelled.repeats, strict=True)
+    for i, (row_spans, sentence_labels, repeats) in enumerate(rows):
+        per_sentence, omission = credit_matrix(sentence_labels, reference_labels[i], repeats, negative)
         for (_, end), credit in zip(row_spans, per_sentence.tolist(), strict=True):
             rewards[i, end] += credit
         rewards[i, labelled.lengths[i] - 1] += float(omission)
-        first += len(row_spans)
     return rewards

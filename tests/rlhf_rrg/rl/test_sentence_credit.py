@@ -118,8 +118,8 @@ def test_credit_matrix_shape_errors():
         credit_matrix(torch.zeros(2, 5, dtype=torch.long), _codes())
     with pytest.raises(ValueError, match="reference"):
         credit_matrix(torch.zeros(1, 14, dtype=torch.long), torch.zeros(3, dtype=torch.long))
-    one_sentence_each = LabelledSentences((2, 3), [3, 3], [[(0, 2)], [(0, 2)]], torch.zeros(2, 14, dtype=torch.long),
-                                          [torch.tensor([False])] * 2)
+    one_sentence_each = LabelledSentences((2, 3), [3, 3], [[(0, 2)], [(0, 2)]],
+                                          [torch.zeros(1, 14, dtype=torch.long)] * 2, [torch.tensor([False])] * 2)
     with pytest.raises(ValueError, match=r"reference_labels must be \(2, 14\)"):
         sentence_credit_rewards(one_sentence_each, torch.zeros(3, 14, dtype=torch.long))
 
