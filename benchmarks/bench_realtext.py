@@ -50,7 +50,7 @@ from rlhf_rrg.logging import read_jsonl
 from rlhf_rrg.probe import probe_export
 from rlhf_rrg.prompting.generator import ReportGenerator
 from rlhf_rrg.retrieval.alignment_eval import embed_pairs
-from rlhf_rrg.retrieval.metrics import finding_precision_at_k, label_match_at_k, label_match_hits, ratio_interval
+from rlhf_rrg.retrieval.metrics import finding_precision_at_k, label_match_hits, ratio_interval
 from rlhf_rrg.rl.monitors import text_statistics
 from rlhf_rrg.runroot import EXPORT_MARKER, StageDirs
 from rlhf_rrg.testing.stage_scripts import stage_config_class
@@ -102,18 +102,21 @@ def align_retrieval(run_root: Path) -> tuple[dict[str, float], str]:
             image_emb, text_emb, order = embed_pairs(model.eval(), loader)
         return image_emb @ text_emb.T, torch.stack([labels_tensor(studies.studies[int(i)].labels) for i in order])
 
-    def interval(sims: torch.Tensor, labels: torch.Tensor, name: str) -> dict[str, float]:
+    def hits_and_interval(
+        sims: torch.Tensor, labels: torch.Tensor, name: str,
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """Per-query label-match hits and chance (:func:`label_match_hits`), and the ratio's 95% interval."""
         hits, per_query_chance = label_match_hits(sims, labels, labels, 5)
         low, high = ratio_interval(hits.float().mean(1), per_query_chance)
-        return {f"{name} ratio 95% low": low, f"{name} ratio 95% high": high}
+        return hits, per_query_chance, {f"{name} ratio 95% low": low, f"{name} ratio 95% high": high}
 
+    *_, val_interval = hits_and_interval(*retrieve("val"), "align")
     sims, labels = retrieve("test")
-    exact = label_match_at_k(sims, labels, labels, 5)
-    row = {"align label-match@5": match, "align chance": chance, "align ratio": match / chance,
-           **interval(*retrieve("val"), "align"),
-           "align test label-match@5": exact["label_match@5"], "align test chance": exact["label_match@5_chance"],
-           "align test ratio": exact["label_match@5"] / exact["label_match@5_chance"],
-           **interval(sims, labels, "align test")}
+    hits, per_query_chance, test_interval = hits_and_interval(sims, labels, "align test")
+    test_match, test_chance = hits.float().mean().item(), per_query_chance.mean().item()  # label_match_at_k's
+    row = {"align label-match@5": match, "align chance": chance, "align ratio": match / chance, **val_interval,
+           "align test label-match@5": test_match, "align test chance": test_chance,
+           "align test ratio": test_match / test_chance, **test_interval}
     found = finding_precision_at_k(sims, labels, labels, 5)
     # Pathologies with at least 3 positive test studies: fewer make a share of 0, 1/5 or 2/5 by luck.
     scored = [n for n, v in found.items() if n != "No Finding" and v["queries"] >= 3]
