@@ -8,9 +8,12 @@ tables. ``Bleu2RadCliQ`` instead follows RadCliQ's own BLEU-2 recipe.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import math
 import shutil
+import threading
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
@@ -65,6 +68,51 @@ def java_available() -> bool:
     return shutil.which("java") is not None
 
 
+class _SharedMeteor:
+    """pycocoevalcap's METEOR jar, started once per process and reused.
+
+    Starting its JVM and loading its paraphrase tables takes about 6 s on a CPU core, longer than scoring a test
+    split, and ``evaluate_run`` scores several stages. Each ``compute_score`` call sends its segments and reads their
+    ``EVAL`` line, so calls share no statistics. A call that fails leaves the jar out of step with its pipes (and
+    its lock held), so the jar is then stopped and the next call starts a new one.
+    """
+
+    def __init__(self) -> None:
+        self._meteor = None
+        self._lock = threading.Lock()
+
+    def score(self, gts: dict[int, list[str]], res: dict[int, list[str]]) -> float:
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        with self._lock:
+            if self._meteor is None or self._meteor.meteor_p.poll() is not None:
+                self._meteor = Meteor()
+            try:
+                return float(self._meteor.compute_score(gts, res)[0])
+            except BaseException:
+                self._stop()
+                raise
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop()
+
+    def _stop(self) -> None:
+        meteor, self._meteor = self._meteor, None
+        if meteor is not None:
+            if meteor.lock.locked():  # a failed call never released it, and Meteor.__del__ would wait on it
+                meteor.lock.release()
+            meteor.meteor_p.kill()
+            meteor.meteor_p.wait()
+            # Unsent bytes to a dead jar fail the flush: closed here, Meteor.__del__'s own close is quiet.
+            with contextlib.suppress(OSError):
+                meteor.meteor_p.stdin.close()
+
+
+_METEOR = _SharedMeteor()
+atexit.register(_METEOR.close)
+
+
 def corpus_nlg_scores(
     hyps: Sequence[str],
     refs: Sequence[str],
@@ -102,9 +150,7 @@ def corpus_nlg_scores(
         out["cider"] = float(Cider().compute_score(gts, res)[0])
     if "meteor" in metrics:
         if java_available():
-            from pycocoevalcap.meteor.meteor import Meteor
-
-            out["meteor"] = float(Meteor().compute_score(gts, res)[0])
+            out["meteor"] = _METEOR.score(gts, res)
         else:
             logger.warning("METEOR skipped: pycocoevalcap's METEOR needs `java` on PATH and none was found")
     return out

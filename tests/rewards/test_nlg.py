@@ -1,4 +1,6 @@
 import math
+import subprocess
+import threading
 from collections import Counter
 
 import numpy as np
@@ -13,7 +15,9 @@ from rewards.nlg import (
     BleuReward,
     CiderDReward,
     RougeLReward,
+    _SharedMeteor,
     corpus_nlg_scores,
+    java_available,
     r2gen_tokenize,
 )
 
@@ -151,6 +155,62 @@ def test_meteor_skipped_without_java(monkeypatch, caplog):
         got = corpus_nlg_scores(HYPS, REFS, metrics=("meteor",))
     assert got == {}
     assert "java" in caplog.text
+
+
+@pytest.mark.skipif(not java_available(), reason="pycocoevalcap's METEOR needs java")
+def test_meteor_starts_one_jar_per_process_and_calls_share_no_statistics(monkeypatch):
+    from pycocoevalcap.meteor import meteor
+
+    started = []
+    monkeypatch.setattr(meteor.Meteor, "__init__", lambda self, init=meteor.Meteor.__init__: (
+        started.append(1), init(self))[1])
+    shared = _SharedMeteor()
+    monkeypatch.setattr("rewards.nlg._METEOR", shared)
+    halves = [(HYPS[:3], REFS[:3]), (HYPS[2:], REFS[2:]), (HYPS[:3], REFS[:3])]
+    got = [corpus_nlg_scores(h, r, metrics=("meteor",))["meteor"] for h, r in halves]
+    assert len(started) == 1
+    # The first call is a fresh jar's score; the third, after another split, is that score again.
+    assert got[0] == got[2] != got[1]
+    shared.close()
+
+
+class _FakeJar:
+    """Stands in for pycocoevalcap's Meteor (the restart logic is ours; starting a JVM takes seconds)."""
+
+    started: list = []
+    fail = False
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.meteor_p = subprocess.Popen(["sleep", "60"], stdin=subprocess.PIPE)
+        self.started.append(self)
+
+    def compute_score(self, gts, res):
+        if self.fail:
+            self.lock.acquire()
+            raise BrokenPipeError("jar gone")
+        return 0.25, []
+
+
+def test_meteor_restarts_its_jar_after_a_failed_or_dead_one(monkeypatch):
+    from pycocoevalcap.meteor import meteor
+
+    monkeypatch.setattr(meteor, "Meteor", _FakeJar)
+    monkeypatch.setattr(_FakeJar, "started", [])
+    shared = _SharedMeteor()
+    assert shared.score({}, {}) == shared.score({}, {}) == 0.25 and len(_FakeJar.started) == 1
+    _FakeJar.started[0].meteor_p.kill()  # a jar that died between calls
+    _FakeJar.started[0].meteor_p.wait()
+    assert shared.score({}, {}) == 0.25 and len(_FakeJar.started) == 2
+    monkeypatch.setattr(_FakeJar, "fail", True)
+    with pytest.raises(BrokenPipeError):
+        shared.score({}, {})
+    failed = _FakeJar.started[1]
+    assert failed.meteor_p.poll() is not None and not failed.lock.locked()  # stopped, and its lock free for __del__
+    monkeypatch.setattr(_FakeJar, "fail", False)
+    assert shared.score({}, {}) == 0.25 and len(_FakeJar.started) == 3
+    shared.close()
+    assert _FakeJar.started[2].meteor_p.poll() is not None
 
 
 def test_bleu_reward_equals_pycoco_per_sample_scores():
