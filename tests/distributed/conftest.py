@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 
 from rlhf_rrg.config import load_config
 from rlhf_rrg.data.synthetic import SyntheticConfig, write_synthetic_dataset
-from rlhf_rrg.distributed import torch_extensions_dir
 from rlhf_rrg.logging import read_jsonl
 from rlhf_rrg.testing.stage_scripts import load_stage
 
@@ -31,11 +30,10 @@ def launch_env() -> dict[str, str]:
     """The environment of launched stages.
 
     ACCELERATE_USE_CPU: without it CPU processes do not join one gloo group (see cpu_ddp.yaml). The repo root on
-    PYTHONPATH: the launched script sees this checkout whatever install the venv holds. TORCH_EXTENSIONS_DIR: see
-    :func:`rlhf_rrg.distributed.torch_extensions_dir`."""
+    PYTHONPATH: the launched script sees this checkout whatever install the venv holds. TORCH_EXTENSIONS_DIR comes
+    from ``tests/conftest.py``."""
     return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "ACCELERATE_USE_CPU": "true",
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-            "TORCH_EXTENSIONS_DIR": torch_extensions_dir()}
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
 
 def accelerate_launch(config: str, stage: str, args: list[str]) -> subprocess.CompletedProcess:

@@ -131,10 +131,12 @@ def test_rl_under_zero_matches_ddp(plain_sft_export, rl_ddp, tmp_path, algo, run
     accelerate_launch(config, "ppo", rl_runs_args(algo, data, export, tmp_path))
     assert (world_size(tmp_path, "ppo"), zero_stage(tmp_path, "ppo")) == (2, stage)
     assert offload(tmp_path, "ppo") == (offloaded, offloaded)
+    assert logged(tmp_path, "ppo", "train/lr") == pytest.approx(logged(ddp, "ppo", "train/lr"), rel=1e-12)
     for key in ("reward/mean", "train/policy_loss"):
         assert len(logged(tmp_path, "ppo", key)) == 2
         close(logged(tmp_path, "ppo", key), logged(ddp, "ppo", key))
     close(logged(tmp_path, "ppo", "eval/reward"), logged(ddp, "ppo", "eval/reward"))
+    assert (tmp_path / "ppo" / "checkpoints" / "step_000002").is_dir()  # the run's last step, saved under ZeRO
     ours, reference = export_weights(tmp_path, "ppo"), export_weights(ddp, "ppo")
     assert ours.keys() == reference.keys()
     for name, tensor in reference.items():
