@@ -1,7 +1,8 @@
 """DeepSpeed ZeRO-2 and ZeRO-3 on 2 CPU processes, launched as a user would (``accelerate launch --config_file
-accelerate_configs/zero{2,3}_cpu.yaml``), for pretraining, SFT and RL (PPO with its value head, SCST), and ZeRO-3 with
-optimizer state and parameters offloaded (``zero3_offload_cpu.yaml``: DeepSpeedCPUAdam) for SFT and PPO: each run
-reports the world size, ZeRO stage and offload it ran with, and trains the same function as DDP on the same global
+accelerate_configs/zero{2,3}_cpu.yaml``): ZeRO-2 for SFT and PPO (with its value head), ZeRO-3 for pretraining, SFT
+(with retrieved context, clues and the refining term) and SCST, and ZeRO-3 with optimizer state and parameters
+offloaded (``zero3_offload_cpu.yaml``: DeepSpeedCPUAdam) for SFT and PPO; alignment is ``test_align_zero.py``'s. Each
+run reports the world size, ZeRO stage and offload it ran with, and trains the same function as DDP on the same global
 batch (fp32: losses, rewards, evaluations and exported weights agree to rounding)."""
 
 import pytest
@@ -34,7 +35,8 @@ def zero_runs(*runs: tuple) -> pytest.MarkDecorator:
     return pytest.mark.parametrize(("config", "stage", "offloaded"), runs, ids=[ZERO_IDS[run] for run in runs])
 
 
-@zero_runs(ZERO2, ZERO3, ZERO3_OFFLOAD)
+# Plain SFT under ZeRO-3 without offload is the context-and-clues test below.
+@zero_runs(ZERO2, ZERO3_OFFLOAD)
 def test_sft_under_zero_matches_ddp(sft_ddp, tmp_path, config, stage, offloaded):
     data, ddp = sft_ddp
     accelerate_launch(config, "sft", plain_sft_args(data, tmp_path, SFT_STEPS))
@@ -63,6 +65,8 @@ def test_sft_with_context_clues_and_refining_under_zero3_matches_ddp(sft_ddp, tm
     accelerate_launch("cpu_ddp.yaml", "sft", [*args, "--run.run_root", str(ddp)])
     accelerate_launch("zero3_cpu.yaml", "sft", [*args, "--run.run_root", str(zero)])
     assert (world_size(zero, "sft"), zero_stage(zero, "sft")) == (2, 3)
+    assert offload(zero, "sft") == (0, 0)
+    assert logged(zero, "sft", "train/lr") == pytest.approx(logged(ddp, "sft", "train/lr"), rel=1e-12)
     for key in ("train/loss", "train/unlikelihood", "train/clue_bce", "train/self_refine"):
         assert len(logged(zero, "sft", key)) == SFT_STEPS
         close(logged(zero, "sft", key), logged(ddp, "sft", key))
@@ -78,7 +82,8 @@ def test_sft_with_context_clues_and_refining_under_zero3_matches_ddp(sft_ddp, tm
             torch.testing.assert_close(ours[name], tensor, rtol=1e-5, atol=2e-5, msg=f"{part}: {name}")
 
 
-@zero_runs(ZERO2, ZERO3)
+# ZeRO-3 only: ZeRO-2's partitioned gradients and optimizer state are the SFT, align and PPO runs'.
+@zero_runs(ZERO3)
 def test_pretrain_under_zero_matches_ddp(sft_ddp, tmp_path, config, stage, offloaded):
     data, _ = sft_ddp
     args = ["--config", "stages/configs/pretrain/debug.yaml", *data_args(data), "--train.max_steps", str(SFT_STEPS),
