@@ -1,4 +1,5 @@
-"""Reward throughput (reports/s) for a batch of 64, with a cold versus a warm reference cache.
+"""Reward throughput (reports/s) for a batch of 64, with a cold versus a warm reference cache; and corpus METEOR
+scored as ``evaluate_run`` does, three stages in one process, with a jar per call versus one shared jar.
 
     python benchmarks/bench_rewards.py               # offline rewards + any model-based ones whose weights resolve
     python benchmarks/bench_rewards.py --rounds 5 --device cuda
@@ -16,6 +17,7 @@ import random
 import time
 
 from rewards.composite import build_reward
+from rewards.nlg import _coco_inputs, corpus_nlg_scores, java_available
 from rewards.weights import WeightsNotFoundError
 
 OFFLINE = ("bleu", "bleu2_radcliq", "rouge_l", "cider_d", "chexpert_f1", "clinical_offline")
@@ -75,6 +77,27 @@ def bench(name: str, rounds: int, device: str) -> tuple[float, float] | str:
     return sum(cold) / rounds, sum(warm) / rounds
 
 
+def meteor_calls(stages: int, reports: int) -> tuple[float, float] | str:
+    """Seconds to score ``stages`` corpora of ``reports`` with a new METEOR jar per call (what scoring did before)
+    and with ``corpus_nlg_scores``' shared jar (started in the timed span), or why METEOR was skipped."""
+    if not java_available():
+        return "METEOR needs java"
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    rng = random.Random(0)
+    corpora = [([synthetic_report(rng) for _ in range(reports)], [synthetic_report(rng) for _ in range(reports)])
+               for _ in range(stages)]
+    start = time.perf_counter()
+    fresh = [Meteor().compute_score(*_coco_inputs(h, r, "mimic_cxr"))[0] for h, r in corpora]
+    per_call = time.perf_counter() - start
+    start = time.perf_counter()
+    shared = [corpus_nlg_scores(h, r, ("meteor",))["meteor"] for h, r in corpora]
+    one_jar = time.perf_counter() - start
+    if shared != fresh:
+        raise AssertionError(f"the shared jar scored {shared}, fresh jars {fresh}")
+    return per_call, one_jar
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="timed batches per reward")
@@ -90,6 +113,13 @@ def main() -> None:
         else:
             cold, warm = result
             print(f"{name:<22}{cold:>12.1f}{warm:>12.1f}{warm / cold:>11.2f}")
+    result = meteor_calls(stages=3, reports=200)
+    if isinstance(result, str):
+        print(f"corpus METEOR  skipped: {result}")
+    else:
+        per_call, one_jar = result
+        print(f"corpus METEOR, 3 corpora of 200 reports: a jar per call {per_call:.1f} s, one jar {one_jar:.1f} s, "
+              f"ratio {per_call / one_jar:.2f}")
 
 
 if __name__ == "__main__":
