@@ -74,7 +74,8 @@ class _SharedMeteor:
     Starting its JVM and loading its paraphrase tables takes about 6 s on a CPU core, longer than scoring a test
     split, and ``evaluate_run`` scores several stages. Each ``compute_score`` call sends its segments and reads their
     ``EVAL`` line, so calls share no statistics. A call that fails leaves the jar out of step with its pipes (and
-    its lock held), so the jar is then stopped and the next call starts a new one.
+    its lock held), so the jar is then stopped and the next call starts a new one. Otherwise it runs until the
+    process exits (one JVM, heap up to 2 GB), also in a training run whose evaluations list METEOR.
     """
 
     def __init__(self) -> None:

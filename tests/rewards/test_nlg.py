@@ -161,9 +161,13 @@ def test_meteor_skipped_without_java(monkeypatch, caplog):
 def test_meteor_starts_one_jar_per_process_and_calls_share_no_statistics(monkeypatch):
     from pycocoevalcap.meteor import meteor
 
-    started = []
-    monkeypatch.setattr(meteor.Meteor, "__init__", lambda self, init=meteor.Meteor.__init__: (
-        started.append(1), init(self))[1])
+    started, start = [], meteor.Meteor.__init__
+
+    def counted_start(self):
+        started.append(self)
+        start(self)
+
+    monkeypatch.setattr(meteor.Meteor, "__init__", counted_start)
     shared = _SharedMeteor()
     monkeypatch.setattr("rewards.nlg._METEOR", shared)
     halves = [(HYPS[:3], REFS[:3]), (HYPS[2:], REFS[2:]), (HYPS[:3], REFS[:3])]
