@@ -11,6 +11,8 @@ import os
 
 import torch
 
+from rlhf_rrg.numerics import numerics_line
+
 
 def pin_threads(threads: int) -> None:
     """Use exactly ``threads`` intra-op threads and one inter-op thread."""
@@ -24,7 +26,7 @@ def pin_threads(threads: int) -> None:
 
 
 def machine_line() -> str:
-    """torch version, torch threads, CPU count and 1/5/15-minute load averages."""
+    """What decides the floating-point results here (torch, its CPU kernels and BLAS, the CPU, torch threads:
+    :func:`rlhf_rrg.numerics.numerics_line`), the CPU count and the 1/5/15-minute load averages."""
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"torch {torch.__version__}, {torch.get_num_threads()} torch thread(s), {os.cpu_count()} CPUs, "
-            f"load average {load}")
+    return f"{numerics_line()}, {os.cpu_count()} CPUs, load average {load}"

@@ -32,6 +32,7 @@ from rlhf_rrg.config import ConfigError, parse_stage_args, save_config, to_dict
 from rlhf_rrg.data.annotation import DataError
 from rlhf_rrg.distributed import build_accelerator, check_world_size, seed_everything, zero_offload, zero_stage
 from rlhf_rrg.logging import BACKEND_PACKAGES, BACKENDS, TRACKING_EXTRA, MetricLogger, build_loggers
+from rlhf_rrg.numerics import numerics_line
 from rlhf_rrg.runlock import LOCK_NAME, RunLock, RunLockedError, exit_with_parent
 from rlhf_rrg.runroot import MissingStageOutputError, StageDirs, WrongStageOutputError
 
@@ -158,8 +159,9 @@ def prepare_stage_folder(dirs: StageDirs, cfg: Any, run: RunConfig, resume: bool
 def setup_stage(stage: str, cfg: Any, run: RunConfig, grad_accum: int = 1, resume: bool = True) -> StageContext:
     """Creates the accelerator (launch settings come from ``accelerate launch``), seeds every RNG, prepares the
     stage folder (:func:`prepare_stage_folder`), opens the metric loggers on the main process and logs
-    ``run/num_processes``, ``run/zero_stage`` (0 without DeepSpeed) and whether ZeRO offloads optimizer state and
-    parameters (``run/offload_optimizer``, ``run/offload_param``: 0 or 1).
+    ``run/num_processes``, ``run/zero_stage`` (0 without DeepSpeed), whether ZeRO offloads optimizer state and
+    parameters (``run/offload_optimizer``, ``run/offload_param``: 0 or 1) and what decides its floating-point results
+    on this machine (``run/numerics``, :func:`rlhf_rrg.numerics.numerics_line`).
 
     When resuming, metric records logged after the checkpoint being resumed are dropped, so ``metrics.jsonl``
     reads as one uninterrupted run."""
@@ -193,6 +195,7 @@ def setup_stage(stage: str, cfg: Any, run: RunConfig, grad_accum: int = 1, resum
     # must fail.
     offload_optimizer, offload_param = zero_offload(accelerator)
     metric_logger.log_dict({"run/num_processes": accelerator.num_processes, "run/zero_stage": zero_stage(accelerator),
-                            "run/offload_optimizer": int(offload_optimizer), "run/offload_param": int(offload_param)},
+                            "run/offload_optimizer": int(offload_optimizer), "run/offload_param": int(offload_param),
+                            "run/numerics": numerics_line()},
                            drop_after or 0)
     return StageContext(accelerator=accelerator, dirs=dirs, metric_logger=metric_logger)

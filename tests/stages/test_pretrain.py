@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from rlhf_rrg.checkpoint import latest_step
 from rlhf_rrg.logging import read_jsonl
+from rlhf_rrg.numerics import numerics_line
 from rlhf_rrg.runlock import RunLockedError
 from rlhf_rrg.runroot import MissingStageOutputError
 from rlhf_rrg.stage_setup import StageFolderError
@@ -41,6 +42,9 @@ def test_loss_falls_and_encoder_is_exported(synthetic_data, tmp_path):
     # The exported encoder is the trained one, not its initialisation.
     for name, value in exported.items():
         torch.testing.assert_close(value, checkpoint[f"vision_model.{name}"])
+    # What decided its floating-point results is on record (this process ran it, so the same line).
+    logged = [r["run/numerics"] for r in read_jsonl(tmp_path / "pretrain" / "metrics.jsonl") if "run/numerics" in r]
+    assert logged == [numerics_line()]
 
 
 def test_resume_continues_exactly(synthetic_data, tmp_path):
