@@ -39,9 +39,10 @@ def cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
 
 
 def numerics_line() -> str:
-    """torch version, the CPU kernels torch dispatches to, its BLAS, the CPU, torch threads and any kernel-choosing
-    environment variable that is set."""
+    """torch version, the CPU kernels torch dispatches to, its BLAS, the CPU, torch threads, the GPU and CUDA version
+    where there is one, and any kernel-choosing environment variable that is set."""
     blas = "MKL" if torch.backends.mkl.is_available() else "no MKL"
+    gpu = [f"GPU {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"] if torch.cuda.is_available() else []
     chosen = [f"{name}={os.environ[name]}" for name in KERNEL_VARIABLES if os.environ.get(name)]
     return ", ".join([f"torch {torch.__version__}", f"CPU kernels {torch.backends.cpu.get_cpu_capability()}", blas,
-                      cpu_name(), f"{torch.get_num_threads()} torch thread(s)", *chosen])
+                      cpu_name(), f"{torch.get_num_threads()} torch thread(s)", *gpu, *chosen])

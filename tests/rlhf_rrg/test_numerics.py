@@ -36,3 +36,10 @@ def test_numerics_line_names_the_kernels_torch_uses_and_the_variables_that_chose
     monkeypatch.setenv("MKL_CBWR", "AVX2")
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     assert numerics_line() == f"{line}, MKL_CBWR=AVX2, ONEDNN_MAX_CPU_ISA=AVX2"
+
+
+def test_numerics_line_names_the_gpu_where_there_is_one(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    assert "GPU NVIDIA H100 80GB HBM3 (CUDA 12.8)" in numerics_line()
