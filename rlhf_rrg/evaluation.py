@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from rewards.evaluate import METRICS, evaluate_reports
+from rewards.observations import CHEXPERT_14
 from rlhf_rrg.prompting.generator import ReportGenerator
 from rlhf_rrg.retrieval.context_dataset import ContextDataset, collate_context
 from rlhf_rrg.retrieval.retriever import dataset_neighbours
@@ -49,18 +50,23 @@ def eval_subset(dataset: Dataset, cfg: EvalConfig) -> Dataset:
 
 @torch.no_grad()
 def generate_and_score(
-    generator: ReportGenerator, dataset: Dataset, cfg: EvalConfig
+    generator: ReportGenerator, dataset: Dataset, cfg: EvalConfig, clues: torch.Tensor | None = None
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Greedy/beam reports for every study of ``dataset`` (a ``ContextDataset``), scored against the references.
+
+    ``clues``: ``(n, 14)`` bool, in ``dataset`` order, that the clue sentences state instead of the clue head's.
 
     Returns:
         (flat scores such as ``bleu_4``, ``ce/micro_f1_14``; rows ``{id, reference, prediction}``).
     """
+    if clues is not None and clues.shape != (len(dataset), len(CHEXPERT_14)):
+        raise ValueError(f"clues must have shape ({len(dataset)}, {len(CHEXPERT_14)}), got {tuple(clues.shape)}")
     was_training = generator.training
     generator.eval()
     rows: list[dict[str, Any]] = []
     for batch in DataLoader(dataset, batch_size=cfg.batch_size, collate_fn=collate_context):
-        predictions = generator.generate_batch(batch, cfg.max_new_tokens, cfg.num_beams)
+        told = None if clues is None else clues[len(rows):len(rows) + len(batch["ids"])]
+        predictions = generator.generate_batch(batch, cfg.max_new_tokens, cfg.num_beams, clues=told)
         rows += [{"id": i, "reference": r, "prediction": p}
                  for i, r, p in zip(batch["ids"], batch["reports"], predictions, strict=True)]
     generator.train(was_training)

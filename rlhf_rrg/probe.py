@@ -11,7 +11,9 @@ so val stays out of sample (the clue head's thresholds may have been tuned on va
 it: the export's TRRG clue head (at its own prompt threshold) and the export's greedy reports (or those its
 ``prompting.rerank`` chooses), labelled by the rule labeler. All three are scored as CE is (positive = code 1)
 against the same targets, so the table reads as "the features carry X, the prompt states Y, the report writes Z".
-The probe is the ceiling RL is measured against.
+The probe is the ceiling RL is measured against. ``--gold-clues`` adds the reports written when the clue sentence
+states the targets themselves: "told the truth, the report writes W", so where the reports trail the clue head
+the table says whether the head misreads the image or the LLM does not write what its prompt states.
 """
 
 from __future__ import annotations
@@ -200,15 +202,20 @@ def fit_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor 
 
 def probe_export(generator: ReportGenerator, train: Dataset, val: Dataset | None, split: Dataset,
                  eval_cfg: EvalConfig, l2: float = 1e-3, other_reports: Mapping[str, Sequence[str]] | None = None,
-                 ) -> tuple[ProbeReport, dict[str, float], list[dict]]:
+                 gold_clues: bool = False) -> tuple[ProbeReport, dict[str, float], list[dict]]:
     """Probe (fit on ``train``, thresholds from ``val``, or from a held-out part of train when ``val`` is None),
     clue head and greedy reports, scored on ``split``.
 
     ``other_reports``: name -> reports of ``split`` in its order (e.g. the RL export's), compared in the same table.
+    ``gold_clues``: also the reports written when the clue sentence states the targets themselves (TRRG's gold
+    clues; needs a clue head): what the LLM writes when told the truth, so a gap between the clue head and the
+    reports splits into what the head misreads and what the LLM does not transcribe.
 
     Returns:
         The report, the greedy reports' ``eval_cfg.metrics`` scores and their rows ``{id, reference, prediction}``.
     """
+    if gold_clues and generator.clue_head is None:
+        raise ValueError("gold clues need an export with a clue head (prompting.clues.enabled)")
     x_train, y_train = study_features(generator, train)
     x_val, y_val = study_features(generator, val) if val is not None else (None, None)
     x_split, y_split = study_features(generator, split)
@@ -220,6 +227,9 @@ def probe_export(generator: ReportGenerator, train: Dataset, val: Dataset | None
     scores, rows = generate_and_score(generator, with_context(generator, split, exclude_self=False), eval_cfg)
     labeler = RuleLabeler()
     predictions["reports"] = labeler.label([r["prediction"] for r in rows]) == POSITIVE
+    if gold_clues:
+        told = generate_and_score(generator, with_context(generator, split, exclude_self=False), eval_cfg, y_split)
+        predictions["gold clues"] = labeler.label([r["prediction"] for r in told[1]]) == POSITIVE
     for name, reports in (other_reports or {}).items():
         if len(reports) != len(rows):
             raise ValueError(f"other_reports[{name!r}] has {len(reports)} reports for {len(rows)} studies")
@@ -238,6 +248,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--l2", type=float, default=1e-3, help="probe weight decay")
     parser.add_argument("--out", default=None, help="also write the result as JSON here")
+    parser.add_argument("--gold-clues", action="store_true",
+                        help="also the reports written when the clue sentence states the true findings")
     return parser
 
 
@@ -259,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> ProbeReport:
         # Scoring val itself, its thresholds come from a held-out part of train (val stays out of sample).
         val = None if args.split == "val" else build_dataset(data, "val", train=False)
         report, _, _ = probe_export(generator, build_dataset(data, "train", train=False), val, split, eval_cfg,
-                                    args.l2)
+                                    args.l2, gold_clues=args.gold_clues)
     except (ConfigError, DataError, CheckpointError, ValueError, FileNotFoundError) as err:
         sys.exit(f"rlhf_rrg.probe: error: {err}")
     sys.stdout.write(f"{export} on {args.split} ({report.n} studies): what it sees vs what it writes\n")

@@ -278,10 +278,15 @@ class ReportGenerator(nn.Module):
     # ----------------------------------------------------------------------------------------------- generation
     @torch.no_grad()
     def generate_batch(self, batch: dict[str, Any], max_new_tokens: int = 100, num_beams: int = 1,
-                       do_sample: bool = False) -> list[str]:
+                       do_sample: bool = False, clues: torch.Tensor | None = None) -> list[str]:
         """Reports for a batch from ``collate_context`` (or one passed through :meth:`attach_context`); with
-        ``prompting.rerank.candidates``, greedy/beam reports are chosen by :mod:`rlhf_rrg.prompting.rerank`."""
-        clues = self.clue_presence(self.clue_logits(batch["pixel_values"]))
+        ``prompting.rerank.candidates``, greedy/beam reports are chosen by :mod:`rlhf_rrg.prompting.rerank`.
+
+        ``clues`` ``(b, 14)`` bool replaces what the clue sentences state (and what reranking agrees with), e.g. the
+        true findings to see whether the LLM writes what it is told; default: the clue head's statements.
+        """
+        if clues is None:
+            clues = self.clue_presence(self.clue_logits(batch["pixel_values"]))
         inputs = self.generation_inputs(batch, clues)
         with self.prompt_hooks():
             ids = generate_response_ids(self.model, self.processor, inputs, max_new_tokens=max_new_tokens,

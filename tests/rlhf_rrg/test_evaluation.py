@@ -3,6 +3,7 @@ import torch
 from torch.utils.data import Subset
 
 from rewards.evaluate import evaluate_reports
+from rewards.observations import CHEXPERT_14
 from rlhf_rrg.data.dataset import DataConfig, build_dataset
 from rlhf_rrg.data.synthetic import SyntheticConfig, write_synthetic_dataset
 from rlhf_rrg.evaluation import EvalConfig, eval_subset, generate_and_score, majority_report_scores
@@ -42,6 +43,20 @@ def test_generate_and_score_scores_what_it_generated(generator, val_set):
     expected = evaluate_reports(whole, [r["reference"] for r in rows], METRICS)["scores"]
     assert scores == expected
     assert {"bleu_4", "rouge_l", "ce/micro_f1_14"} <= set(scores)
+
+
+def test_generate_and_score_states_each_studys_told_clues(generator, val_set, monkeypatch):
+    told = torch.rand(len(val_set), len(CHEXPERT_14)) < 0.5
+    stated, generate = [], generator.generate_batch
+    monkeypatch.setattr(generator, "generate_batch",
+                        lambda batch, *args, clues=None: stated.append(clues) or generate(batch, *args, clues=clues))
+    cfg = EvalConfig(batch_size=2, max_new_tokens=8, metrics=METRICS)
+    _, rows = generate_and_score(generator, val_set, cfg, told)
+    assert len(stated) == 3 and torch.equal(torch.cat(stated), told)  # batches of 2, 2, 1 in dataset order
+    told_reports = generator.generate_batch(collate_context([val_set[i] for i in range(len(val_set))]), 8, clues=told)
+    assert [r["prediction"] for r in rows] == told_reports
+    with pytest.raises(ValueError, match=r"clues must have shape \(5, 14\)"):
+        generate_and_score(generator, val_set, cfg, told[:4])
 
 
 def test_eval_subset_keeps_the_first_studies(val_set):

@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from rewards.observations import CHEXPERT_14
 from rlhf_rrg.checkpoint import checkpoint_problem
 from rlhf_rrg.config import load_config
 from rlhf_rrg.logging import read_jsonl
@@ -264,6 +265,8 @@ def test_probe_cli_prints_what_it_sees_vs_what_it_writes(sft_export, tmp_path, c
     probe.main(["--run-root", str(sft_export.parent.parent), "--split", "val", "--max-samples", "8",
                 "--max-new-tokens", "8"])
     assert sorted(built) == ["train", "val"] and "held-out fifth of train" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="gold clues need an export with a clue head"):
+        probe.main(["--run-root", str(sft_export.parent.parent), "--max-samples", "8", "--gold-clues"])
 
 
 @pytest.fixture(scope="module")
@@ -274,6 +277,22 @@ def sft_clue_export(synthetic_data, tmp_path_factory):
               "--self_refine.weight", "0", "--train.max_steps", "20", "--train.eval_every", "0",
               "--checkpoint.save_every", "0", "--eval.max_samples", "4", "--eval.max_new_tokens", "8")
     return root / "sft" / "export"
+
+
+def test_probe_cli_adds_the_reports_written_when_told_the_true_findings(sft_clue_export, capsys, monkeypatch):
+    from rlhf_rrg import probe
+
+    told, real = [], probe.generate_and_score
+    monkeypatch.setattr(probe, "generate_and_score",
+                        lambda gen, data, cfg, clues=None: told.append(clues) or real(gen, data, cfg, clues))
+    report = probe.main(["--run-root", str(sft_clue_export.parent.parent), "--split", "test", "--max-samples", "6",
+                         "--max-new-tokens", "8", "--gold-clues"])
+    assert "gold clues F1" in capsys.readouterr().out
+    assert list(report.micro) == ["probe", "clue head", "reports", "gold clues"]
+    # The head's reports, then the reports prompted with the scored split's own targets.
+    assert told[0] is None and told[1].dtype == torch.bool and told[1].shape == (6, 14)
+    support = torch.tensor([report.rows[obs]["support"] for obs in CHEXPERT_14])
+    assert torch.equal(told[1].sum(0).float(), support)
 
 
 @pytest.mark.parametrize(("algo", "credit"), [("rloo", "observation"), ("scst", "f1")])

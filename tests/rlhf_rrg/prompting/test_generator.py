@@ -577,3 +577,35 @@ def test_a_study_draws_the_same_rerank_candidates_alone_and_in_any_batch(data_ro
     assert [gen.generate_batch(collate_context([study]), max_new_tokens=12)[0] for study in studies] == chosen
     gen.prompting.rerank = ClueRerankConfig(candidates=4, temperature=1.5, seed=1)
     assert gen.rerank_candidates(collate_context(studies), max_new_tokens=12) != together
+
+
+def test_told_clues_replace_the_heads_in_the_prompt_and_in_the_rerank(data_root, tmp_path):
+    built = build(data_root, tmp_path)
+    gen, batch = built.generator, first_batch(built)
+    head = gen.clue_presence(gen.clue_logits(batch["pixel_values"]))
+    told = torch.zeros_like(head)
+    told[:, CHEXPERT_14.index("Cardiomegaly")] = True
+    told[1:, CHEXPERT_14.index("Pleural Effusion")] = True
+    assert not torch.equal(told, head)
+    stated, prompts = [], gen.prompts
+    gen.prompts = lambda b, clues: stated.append(clues) or prompts(b, clues)
+    try:
+        reports = gen.generate_batch(batch, max_new_tokens=12, clues=told)
+        assert len(stated) == 1 and torch.equal(stated[0], told)
+        assert gen.generate_batch(batch, max_new_tokens=12) != reports  # the prompt, hence the report, changed
+        assert torch.equal(stated[1], head)
+        # Reranking agrees with the told findings, not with the head's.
+        gen.prompting.rerank = ClueRerankConfig(candidates=6, temperature=1.5, seed=5)
+        greedy = reports
+        chosen = gen.generate_batch(batch, max_new_tokens=12, clues=told)
+        inputs = gen.generation_inputs(batch, told)
+        with gen.prompt_hooks():
+            sampled = gen._sampled_candidates(batch, inputs, 12)
+    finally:
+        del gen.prompts
+        gen.prompting.rerank = ClueRerankConfig()
+    labeler = RuleLabeler()
+    for i, report in enumerate(chosen):
+        candidates = [greedy[i], *sampled[i]]
+        misses = clue_misses(labeler, candidates, told[i])
+        assert report == candidates[misses.index(min(misses))]
