@@ -180,6 +180,24 @@ def tune_clue_thresholds(generator: ReportGenerator, dataset: Dataset) -> list[f
     return thresholds
 
 
+def refit_clue_head(generator: ReportGenerator, dataset: Dataset, l2: float = 1e-3) -> None:
+    """Refits the clue head's output layer as the probe is fit (:func:`fit_logistic_probe`, L2 ``l2``) on the
+    encoder's features of ``dataset`` (its targets as :func:`study_features` reads them), standardisation folded
+    into the layer.
+
+    SFT trains the head jointly with a moving encoder for a few hundred steps; on the demo it then read less than a
+    linear probe on the same final features (support devices F1 0.46-0.59 against 0.77-0.80, test, SFT seeds 1-2).
+    """
+    features, targets = study_features(generator, dataset)
+    head = generator.clue_head
+    param = next(head.parameters())
+    with torch.no_grad():
+        inputs = head.readout_inputs(features.to(param.device, param.dtype)).double().cpu()
+    mean, std, weight, bias = fit_logistic_probe(inputs, targets, l2)
+    head.set_readout((weight / std[:, None]).T.to(param.device, param.dtype),
+                     (bias - (mean / std) @ weight).to(param.device, param.dtype))
+
+
 def heldout_fold(n: int, fraction: float = 0.2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(fit, held)`` index tensors: a fixed random ``fraction`` of ``n`` rows held out (at least one each)."""
     if n < 2:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from accelerate.utils import DistributedType, broadcast
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
@@ -37,7 +38,7 @@ from rlhf_rrg.models.rrg import RRGModelConfig, apply_lora, build_processor, bui
 from rlhf_rrg.models.tokenizer import build_word_tokenizer
 from rlhf_rrg.models.vision_features import freeze_unread_vision
 from rlhf_rrg.optim import OptimConfig, build_optimizer, build_scheduler, module_prefix
-from rlhf_rrg.probe import tune_clue_thresholds
+from rlhf_rrg.probe import refit_clue_head, tune_clue_thresholds
 from rlhf_rrg.prompting.generator import PromptingConfig, ReportGenerator
 from rlhf_rrg.retrieval.context import check_report_sharing
 from rlhf_rrg.retrieval.context_dataset import ContextDataset, collate_context
@@ -128,6 +129,10 @@ def main(cfg: SFTStageConfig) -> None:
     ctx = setup_stage("sft", cfg, cfg.run, cfg.train.grad_accum, cfg.checkpoint.resume)
     accelerator, dirs = ctx.accelerator, ctx.dirs
     earlier = logged_at_start(dirs) if accelerator.is_main_process else {}
+    clues = cfg.prompting.clues
+    if clues.enabled and clues.refit and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise ValueError("prompting.clues.refit writes the clue head outside the optimizer, and DeepSpeed's master "
+                         "weights would overwrite it at the next step: set it false under DeepSpeed")
 
     # 1. data
     train_set = build_dataset(cfg.data, "train", train=True)
@@ -197,6 +202,11 @@ def main(cfg: SFTStageConfig) -> None:
         unwrapped = accelerator.unwrap_model(model)
         # Every process evaluates the same studies (ZeRO-3: with the whole model, gathered once).
         with gathered_weights(accelerator, model):
+            if cfg.prompting.clues.enabled and cfg.prompting.clues.refit:
+                # Every process refits alike; rank 0's head is broadcast so DDP replicas cannot drift apart.
+                refit_clue_head(unwrapped, bank_set)
+                for param in unwrapped.clue_head.parameters():
+                    broadcast(param.data, from_process=0)
             if cfg.prompting.clues.enabled and cfg.prompting.clues.tune_thresholds:
                 # Chosen on the evaluation split and then kept by the export; the test split is never seen. Without
                 # a clue head there is nothing to tune (a config that turns clues off keeps this setting inert).

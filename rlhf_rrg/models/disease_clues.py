@@ -45,6 +45,11 @@ class DiseaseClueConfig:
         default="positive", metadata={"help": "Uncertain labels count as 'positive', 'negative', or are 'ignore'd."}
     )
     loss_weight: float = field(default=1.0, metadata={"help": "Weight of the clue BCE in the SFT loss."})
+    refit: bool = field(default=False, metadata={
+        "help": "SFT with clues enabled: before each evaluation (and before tune_thresholds), refit the head's output "
+                "layer as an L2 logistic regression on the current encoder's features of the training studies "
+                "(CheXpert positives; rlhf_rrg.probe's fit), so the head reads what a linear probe reads; the "
+                "training that follows starts from it and the export keeps it. Not under ZeRO-3."})
     gold_prompt_prob: float = field(default=0.0, metadata={
         "help": "SFT only: share of training prompts that state the study's labels instead of the head's "
                 "predictions. The head is noise early in training, so an LLM trained only on its clues learns "
@@ -91,6 +96,21 @@ class DiseaseClueHead(nn.Module):
             layers += [nn.Linear(in_dim, hidden_dim), nn.GELU()]
         layers += [nn.Dropout(dropout), nn.Linear(hidden_dim or in_dim, num_labels)]
         self.net = nn.Sequential(*layers)
+
+    def readout_inputs(self, pooled: torch.Tensor) -> torch.Tensor:
+        """``(b, in_dim or hidden_dim)``: what the output layer reads in eval mode (normalised features, through the
+        hidden layer if any)."""
+        return self.net[:-2](pooled)
+
+    @torch.no_grad()
+    def set_readout(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Replaces the output layer's ``(num_labels, k)`` weight and ``(num_labels,)`` bias."""
+        out = self.net[-1]
+        if weight.shape != out.weight.shape or bias.shape != out.bias.shape:
+            raise ValueError(f"readout must be weight {tuple(out.weight.shape)} and bias {tuple(out.bias.shape)}, got "
+                             f"{tuple(weight.shape)} and {tuple(bias.shape)}")
+        out.weight.copy_(weight)
+        out.bias.copy_(bias)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         """Scores each observation.

@@ -14,7 +14,7 @@ from rlhf_rrg.data.dataset import build_dataset
 from rlhf_rrg.evaluation import with_context
 from rlhf_rrg.logging import read_jsonl
 from rlhf_rrg.models.rrg import build_vision_model
-from rlhf_rrg.probe import tune_clue_thresholds
+from rlhf_rrg.probe import refit_clue_head, tune_clue_thresholds
 from rlhf_rrg.prompting.generator import ReportGenerator
 from rlhf_rrg.retrieval.context_dataset import ContextDataset
 from rlhf_rrg.rl.monitors import text_statistics
@@ -132,6 +132,22 @@ def test_export_reproduces_the_logged_evaluation(trained):
     kept = generator.prompting.clues.thresholds
     assert kept is not None and kept == tune_clue_thresholds(generator, build_dataset(cfg.data, "val", train=False))
     assert_reproduces_the_logged_evaluation(generator, cfg, run_root)
+
+
+def test_the_export_keeps_the_clue_head_refit_before_its_evaluation(trained, synthetic_data, tmp_path):
+    cfg = run_stage("sft", synthetic_data, tmp_path, *FAST, "--prompting.clues.refit", "true",
+                    "--train.max_steps", "2")
+    train = build_dataset(cfg.data, "train", train=False)
+
+    def refit_changes_the_head(export) -> bool:
+        generator = ReportGenerator.from_export(export).eval()
+        before = {k: v.clone() for k, v in generator.clue_head.state_dict().items()}
+        refit_clue_head(generator, train)
+        return any(not torch.allclose(before[k], v, atol=1e-5) for k, v in generator.clue_head.state_dict().items())
+
+    # Refit at the only evaluation, then exported: refitting the export's head again finds it already fit.
+    assert not refit_changes_the_head(tmp_path / "sft" / "export")
+    assert refit_changes_the_head(trained[0] / "sft" / "export")  # without the setting the head is SFT's own
 
 
 def test_tuned_thresholds_are_inert_without_clues(synthetic_data, tmp_path):

@@ -31,7 +31,15 @@ from rlhf_rrg.models.rrg import (
     build_vision_model,
 )
 from rlhf_rrg.models.tokenizer import build_word_tokenizer
-from rlhf_rrg.probe import clue_predictions, clue_probabilities, study_features, tune_clue_thresholds
+from rlhf_rrg.probe import (
+    clue_predictions,
+    clue_probabilities,
+    fit_logistic_probe,
+    probe_probabilities,
+    refit_clue_head,
+    study_features,
+    tune_clue_thresholds,
+)
 from rlhf_rrg.prompting.generator import PromptingConfig, ReportGenerator
 from rlhf_rrg.prompting.rerank import ClueRerankConfig, rouge_l
 from rlhf_rrg.retrieval.context import ContextConfig, PromptTemplate
@@ -441,6 +449,26 @@ def test_tuned_clue_thresholds_maximise_the_heads_micro_f1(data_root, tmp_path):
     assert tuned >= fixed and torch.equal(clue_predictions(gen, features), probs >= torch.tensor(thresholds))
     # The probe's rule on the head's own probabilities and the split's gold positives.
     assert thresholds == best_thresholds(probs.double(), targets).tolist()
+
+
+def test_a_refit_clue_head_reads_what_a_probe_on_its_readout_inputs_reads(data_root, tmp_path):
+    built = build(data_root, tmp_path)
+    gen = built.generator.eval()
+    train = built.train.base
+    features, targets = study_features(gen, train)
+    before = clue_probabilities(gen, features)
+    refit_clue_head(gen, train, l2=1e-2)
+    with torch.no_grad():
+        inputs = gen.clue_head.readout_inputs(features).double()
+    expected = probe_probabilities(inputs, fit_logistic_probe(inputs, targets, l2=1e-2))
+    after = clue_probabilities(gen, features)
+    torch.testing.assert_close(after.double(), expected, atol=1e-5, rtol=0)  # the standardisation folds in exactly
+    assert not torch.allclose(after, before, atol=1e-3)
+
+    def log_loss(probs: torch.Tensor) -> float:
+        return float(torch.nn.functional.binary_cross_entropy(probs.double().clamp(1e-6, 1 - 1e-6), targets.double()))
+
+    assert log_loss(after) < log_loss(before)
 
 
 def test_finding_weight_reaches_the_lm_loss(data_root, tmp_path):
