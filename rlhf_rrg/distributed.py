@@ -103,6 +103,27 @@ def clamp_parameter_(param: torch.nn.Parameter, low: float, high: float) -> None
         param._hp_mapping.get_hp_fragment().clamp_(low, high)
 
 
+@torch.no_grad()
+def set_parameter_(param: torch.nn.Parameter, value: torch.Tensor) -> None:
+    """Sets ``param`` to ``value`` together with the copies DeepSpeed ZeRO keeps of it, so the next optimizer step
+    does not undo it: the part this process holds under ZeRO-3 and the fp32 master copy the optimizer steps (see
+    :func:`clamp_parameter_`). Every process must call it with the same ``value`` (the parameter's full shape); under
+    ZeRO-3 inside :func:`gathered_weights` the whole parameter reads ``value`` until the block ends.
+    """
+    value = value.to(param.device, param.dtype)
+    if param.numel() == value.numel():  # whole here: not partitioned, or gathered
+        param.data.copy_(value.view_as(param))
+    if hasattr(param, "ds_tensor"):
+        shard = param.ds_tensor
+        rank = torch.distributed.get_rank(group=getattr(param, "ds_process_group", None))
+        part = value.flatten()[shard.ds_numel * rank:shard.ds_numel * (rank + 1)]
+        shard.data.view(-1)[:part.numel()].copy_(part)  # the last part may carry padding
+    if param.requires_grad and (hasattr(param, "ds_id") or getattr(param, "_hp_mapping", None) is not None):
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        safe_set_full_fp32_param(param, value.float())
+
+
 def deepspeed_on_cpu() -> bool:
     """Whether ``accelerate launch`` started this process for DeepSpeed on a machine without an accelerator."""
     launched = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate.utils import broadcast
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from rewards.clinical import ce_metrics
@@ -35,6 +36,7 @@ from rewards.observations import BLANK, CHEXPERT_14, POSITIVE
 from rlhf_rrg.config import ConfigError
 from rlhf_rrg.data.annotation import DataError
 from rlhf_rrg.data.dataset import build_dataset
+from rlhf_rrg.distributed import set_parameter_
 from rlhf_rrg.evaluate_run import resolve_data_config
 from rlhf_rrg.evaluation import EvalConfig, generate_and_score, with_context
 from rlhf_rrg.generate import CheckpointError, check_export
@@ -187,6 +189,7 @@ def refit_clue_head(generator: ReportGenerator, dataset: Dataset, l2: float = 1e
 
     SFT trains the head jointly with a moving encoder for a few hundred steps; on the demo it then read less than a
     linear probe on the same final features (support devices F1 0.46-0.59 against 0.77-0.80, test, SFT seeds 1-2).
+    Every process must call it (the main process's fit is broadcast; DeepSpeed's copies are written too).
     """
     features, targets = study_features(generator, dataset)
     head = generator.clue_head
@@ -194,8 +197,10 @@ def refit_clue_head(generator: ReportGenerator, dataset: Dataset, l2: float = 1e
     with torch.no_grad():
         inputs = head.readout_inputs(features.to(param.device, param.dtype)).double().cpu()
     mean, std, weight, bias = fit_logistic_probe(inputs, targets, l2)
-    head.set_readout((weight / std[:, None]).T.to(param.device, param.dtype),
-                     (bias - (mean / std) @ weight).to(param.device, param.dtype))
+    # Each process fits on the same studies; the main process's fit is the one every replica keeps.
+    values = ((weight / std[:, None]).T, bias - (mean / std) @ weight)
+    for target, value in zip((head.readout.weight, head.readout.bias), values, strict=True):
+        set_parameter_(target, broadcast(value.to(param.device, param.dtype).contiguous(), from_process=0))
 
 
 def heldout_fold(n: int, fraction: float = 0.2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from accelerate.utils import DistributedType, broadcast
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
@@ -129,10 +128,6 @@ def main(cfg: SFTStageConfig) -> None:
     ctx = setup_stage("sft", cfg, cfg.run, cfg.train.grad_accum, cfg.checkpoint.resume)
     accelerator, dirs = ctx.accelerator, ctx.dirs
     earlier = logged_at_start(dirs) if accelerator.is_main_process else {}
-    clues = cfg.prompting.clues
-    if clues.enabled and clues.refit and accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise ValueError("prompting.clues.refit writes the clue head outside the optimizer, and DeepSpeed's master "
-                         "weights would overwrite it at the next step: set it false under DeepSpeed")
 
     # 1. data
     train_set = build_dataset(cfg.data, "train", train=True)
@@ -203,10 +198,7 @@ def main(cfg: SFTStageConfig) -> None:
         # Every process evaluates the same studies (ZeRO-3: with the whole model, gathered once).
         with gathered_weights(accelerator, model):
             if cfg.prompting.clues.enabled and cfg.prompting.clues.refit:
-                # Every process refits alike; rank 0's head is broadcast so DDP replicas cannot drift apart.
                 refit_clue_head(unwrapped, bank_set)
-                for param in unwrapped.clue_head.parameters():
-                    broadcast(param.data, from_process=0)
             if cfg.prompting.clues.enabled and cfg.prompting.clues.tune_thresholds:
                 # Chosen on the evaluation split and then kept by the export; the test split is never seen. Without
                 # a clue head there is nothing to tune (a config that turns clues off keeps this setting inert).

@@ -49,7 +49,7 @@ class DiseaseClueConfig:
         "help": "SFT with clues enabled: before each evaluation (and before tune_thresholds), refit the head's output "
                 "layer as an L2 logistic regression on the current encoder's features of the training studies "
                 "(CheXpert positives; rlhf_rrg.probe's fit), so the head reads what a linear probe reads; the "
-                "training that follows starts from it and the export keeps it. Not under ZeRO-3."})
+                "training that follows starts from it and the export keeps it."})
     gold_prompt_prob: float = field(default=0.0, metadata={
         "help": "SFT only: share of training prompts that state the study's labels instead of the head's "
                 "predictions. The head is noise early in training, so an LLM trained only on its clues learns "
@@ -102,15 +102,10 @@ class DiseaseClueHead(nn.Module):
         hidden layer if any)."""
         return self.net[:-2](pooled)
 
-    @torch.no_grad()
-    def set_readout(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
-        """Replaces the output layer's ``(num_labels, k)`` weight and ``(num_labels,)`` bias."""
-        out = self.net[-1]
-        if weight.shape != out.weight.shape or bias.shape != out.bias.shape:
-            raise ValueError(f"readout must be weight {tuple(out.weight.shape)} and bias {tuple(out.bias.shape)}, got "
-                             f"{tuple(weight.shape)} and {tuple(bias.shape)}")
-        out.weight.copy_(weight)
-        out.bias.copy_(bias)
+    @property
+    def readout(self) -> nn.Linear:
+        """The output layer, which reads :meth:`readout_inputs`."""
+        return self.net[-1]
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         """Scores each observation.

@@ -112,9 +112,9 @@ def small_sft_data(root: Path) -> Path:
     return data
 
 
-def close(actual: list[float], expected: list[float]) -> None:
-    """Logged series equal within fp32 rounding."""
-    torch.testing.assert_close(torch.tensor(actual), torch.tensor(expected), rtol=1e-5, atol=1e-6)
+def close(actual: list[float], expected: list[float], rtol: float = 1e-5) -> None:
+    """Logged series equal within fp32 rounding (``rtol`` looser where a fit amplifies it)."""
+    torch.testing.assert_close(torch.tensor(actual), torch.tensor(expected), rtol=rtol, atol=1e-6)
 
 
 @pytest.fixture(scope="session")

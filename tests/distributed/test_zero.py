@@ -55,12 +55,13 @@ def test_sft_under_zero_matches_ddp(sft_ddp, tmp_path, config, stage, offloaded)
 
 def test_sft_with_context_clues_and_refining_under_zero3_matches_ddp(sft_ddp, tmp_path):
     # The debug config whole: retrieved context (memory bank of the trainable Vim, rebuilt for the export from the
-    # gathered encoder), the clue head, SERPENT-VLM's term and unlikelihood.
+    # gathered encoder), the clue head refit before each evaluation (written into ZeRO-3's parts and fp32 master, so
+    # the steps after the first evaluation train on from it as DDP does), SERPENT-VLM's term and unlikelihood.
     data, _ = sft_ddp
     args = ["--config", "stages/configs/sft/debug.yaml", "--run.init_from", "null", *data_args(data),
             "--train.max_steps", str(SFT_STEPS), "--train.batch_size", "4", "--train.log_every", "1",
-            "--train.eval_every", "0", "--checkpoint.save_every", "0", "--eval.max_samples", "4",
-            "--eval.max_new_tokens", "4"]
+            "--train.eval_every", "1", "--checkpoint.save_every", "0", "--eval.max_samples", "4",
+            "--eval.max_new_tokens", "4", "--train.select_metric", "null"]
     ddp, zero = tmp_path / "ddp", tmp_path / "zero3"
     accelerate_launch("cpu_ddp.yaml", "sft", [*args, "--run.run_root", str(ddp)])
     accelerate_launch("zero3_cpu.yaml", "sft", [*args, "--run.run_root", str(zero)])
@@ -69,17 +70,22 @@ def test_sft_with_context_clues_and_refining_under_zero3_matches_ddp(sft_ddp, tm
     assert logged(zero, "sft", "train/lr") == pytest.approx(logged(ddp, "sft", "train/lr"), rel=1e-12)
     for key in ("train/loss", "train/unlikelihood", "train/clue_bce", "train/self_refine"):
         assert len(logged(zero, "sft", key)) == SFT_STEPS
-        close(logged(zero, "sft", key), logged(ddp, "sft", key))
+        # The refit (L-BFGS; a column without positives drives its bias to -45) turns 1e-7 feature differences into
+        # 1e-4 of the head, which the clue BCE and, through it, the encoder's next Adam steps read. A ZeRO-3 part the
+        # refit did not reach moves the loss by 9% (tried), so the looser tolerances still tell the two apart.
+        close(logged(zero, "sft", key), logged(ddp, "sft", key), rtol=1e-4 if key == "train/clue_bce" else 1e-5)
+    assert len(logged(zero, "sft", "eval/ce/micro_f1_14")) == SFT_STEPS
     close(logged(zero, "sft", "eval/ce/micro_f1_14"), logged(ddp, "sft", "eval/ce/micro_f1_14"))
     ours, reference = export_weights(zero, "sft"), export_weights(ddp, "sft")
     assert ours.keys() == reference.keys()
     for name, tensor in reference.items():
-        torch.testing.assert_close(ours[name], tensor, rtol=1e-5, atol=2e-5, msg=name)
+        torch.testing.assert_close(ours[name], tensor, rtol=1e-5, atol=5e-4, msg=name)
     for part in ("memory_bank", "clue_head"):  # the export's bank embeddings and clue head, beside the model
         ours, reference = (load_file(run / "sft/export/prompting" / f"{part}.safetensors") for run in (zero, ddp))
         assert ours.keys() == reference.keys()
         for name, tensor in reference.items():
-            torch.testing.assert_close(ours[name], tensor, rtol=1e-5, atol=2e-5, msg=f"{part}: {name}")
+            # The refit head itself: its near-separable 32-study fit is ill-conditioned (2.7e-3 relative, tried).
+            torch.testing.assert_close(ours[name], tensor, rtol=1e-2, atol=5e-4, msg=f"{part}: {name}")
 
 
 # ZeRO-3 only: ZeRO-2's partitioned gradients and optimizer state are the SFT, align and PPO runs'.
