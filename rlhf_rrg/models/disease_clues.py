@@ -49,7 +49,8 @@ class DiseaseClueConfig:
         "help": "SFT with clues enabled: before each evaluation (and before tune_thresholds), refit the head's output "
                 "layer as an L2 logistic regression on the current encoder's features of the training studies "
                 "(CheXpert positives; rlhf_rrg.probe's fit), so the head reads what a linear probe reads; the "
-                "training that follows starts from it and the export keeps it."})
+                "training that follows starts from it and the export keeps it. Costs one encoder pass over the "
+                "training studies per evaluation."})
     gold_prompt_prob: float = field(default=0.0, metadata={
         "help": "SFT only: share of training prompts that state the study's labels instead of the head's "
                 "predictions. The head is noise early in training, so an LLM trained only on its clues learns "
