@@ -247,12 +247,13 @@ def probe_export(generator: ReportGenerator, train: Dataset, val: Dataset | None
     clues = clue_predictions(generator, x_split)
     if clues is not None:
         predictions["clue head"] = clues
-    scores, rows = generate_and_score(generator, with_context(generator, split, exclude_self=False), eval_cfg)
+    split_with_context = with_context(generator, split, exclude_self=False)
+    scores, rows = generate_and_score(generator, split_with_context, eval_cfg)
     labeler = RuleLabeler()
     predictions["reports"] = labeler.label([r["prediction"] for r in rows]) == POSITIVE
     if gold_clues:
-        told = generate_and_score(generator, with_context(generator, split, exclude_self=False), eval_cfg, y_split)
-        predictions["gold clues"] = labeler.label([r["prediction"] for r in told[1]]) == POSITIVE
+        _, told = generate_and_score(generator, split_with_context, eval_cfg, y_split)
+        predictions["gold clues"] = labeler.label([r["prediction"] for r in told]) == POSITIVE
     for name, reports in (other_reports or {}).items():
         if len(reports) != len(rows):
             raise ValueError(f"other_reports[{name!r}] has {len(reports)} reports for {len(rows)} studies")
