@@ -1,9 +1,10 @@
 """DeepSpeed ZeRO-2 and ZeRO-3 on 2 CPU processes, launched as a user would (``accelerate launch --config_file
-accelerate_configs/zero{2,3}_cpu.yaml``): ZeRO-2 for SFT and PPO (with its value head), ZeRO-3 for pretraining, SFT
-(with retrieved context, clues and the refining term) and SCST, and ZeRO-3 with optimizer state and parameters
-offloaded (``zero3_offload_cpu.yaml``: DeepSpeedCPUAdam) for SFT and PPO; alignment is ``test_align_zero.py``'s. Each
-run reports the world size, ZeRO stage and offload it ran with, and trains the same function as DDP on the same global
-batch (fp32: losses, rewards, evaluations and exported weights agree to rounding)."""
+accelerate_configs/zero{2,3}_cpu.yaml``): ZeRO-2 for SFT (plain, and with retrieved context, clues and the refining
+term) and PPO (with its value head), ZeRO-3 for pretraining, SFT (both) and SCST, and ZeRO-3 with optimizer state and
+parameters offloaded (``zero3_offload_cpu.yaml``: DeepSpeedCPUAdam) for SFT and PPO; alignment is
+``test_align_zero.py``'s. Each run reports the world size, ZeRO stage and offload it ran with, and trains the same
+function as DDP on the same global batch (fp32: losses, rewards, evaluations and exported weights agree to
+rounding)."""
 
 import pytest
 import torch
@@ -53,20 +54,34 @@ def test_sft_under_zero_matches_ddp(sft_ddp, tmp_path, config, stage, offloaded)
         torch.testing.assert_close(ours[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_sft_with_context_clues_and_refining_under_zero3_matches_ddp(sft_ddp, tmp_path):
-    # The debug config whole: retrieved context (memory bank of the trainable Vim, rebuilt for the export from the
-    # gathered encoder), the clue head refit before each evaluation (written into ZeRO-3's parts and fp32 master, so
-    # the steps after the first evaluation train on from it as DDP does), SERPENT-VLM's term and unlikelihood.
-    data, _ = sft_ddp
-    args = ["--config", "stages/configs/sft/debug.yaml", "--run.init_from", "null", *data_args(data),
+def clue_sft_args(data, run_root) -> list[str]:
+    """The debug SFT config whole: retrieved context (memory bank of the trainable Vim, rebuilt for the export from the
+    gathered encoder), the clue head refit before every step's evaluation, SERPENT-VLM's term and unlikelihood."""
+    return ["--config", "stages/configs/sft/debug.yaml", "--run.init_from", "null", *data_args(data),
             "--train.max_steps", str(SFT_STEPS), "--train.batch_size", "4", "--train.log_every", "1",
             "--train.eval_every", "1", "--checkpoint.save_every", "0", "--eval.max_samples", "4",
-            "--eval.max_new_tokens", "4", "--train.select_metric", "null"]
-    ddp, zero = tmp_path / "ddp", tmp_path / "zero3"
-    accelerate_launch("cpu_ddp.yaml", "sft", [*args, "--run.run_root", str(ddp)])
-    accelerate_launch("zero3_cpu.yaml", "sft", [*args, "--run.run_root", str(zero)])
-    assert (world_size(zero, "sft"), zero_stage(zero, "sft")) == (2, 3)
-    assert offload(zero, "sft") == (0, 0)
+            "--eval.max_new_tokens", "4", "--train.select_metric", "null", "--run.run_root", str(run_root)]
+
+
+@pytest.fixture(scope="module")
+def clue_sft_ddp(sft_ddp, tmp_path_factory):
+    """(data, the root of a DDP(2) run of :func:`clue_sft_args`)."""
+    data, _ = sft_ddp
+    ddp = tmp_path_factory.mktemp("clue_sft_ddp")
+    accelerate_launch("cpu_ddp.yaml", "sft", clue_sft_args(data, ddp))
+    return data, ddp
+
+
+# The refit writes the head outside the optimizer (rlhf_rrg.distributed.set_parameter_): the steps after the first
+# evaluation must train on from it as DDP does. In these fp32 runs ZeRO's master copy shares the parameters' storage,
+# so only ZeRO-3's parts are tried here (without them the loss moves by 9%); the master write matters in bf16/fp16.
+@zero_runs(ZERO2, ZERO3)
+def test_sft_with_context_clues_and_refining_under_zero_matches_ddp(clue_sft_ddp, tmp_path, config, stage, offloaded):
+    data, ddp = clue_sft_ddp
+    zero = tmp_path / "zero"
+    accelerate_launch(config, "sft", clue_sft_args(data, zero))
+    assert (world_size(zero, "sft"), zero_stage(zero, "sft")) == (2, stage)
+    assert offload(zero, "sft") == (offloaded, offloaded)
     assert logged(zero, "sft", "train/lr") == pytest.approx(logged(ddp, "sft", "train/lr"), rel=1e-12)
     for key in ("train/loss", "train/unlikelihood", "train/clue_bce", "train/self_refine"):
         assert len(logged(zero, "sft", key)) == SFT_STEPS
@@ -80,12 +95,25 @@ def test_sft_with_context_clues_and_refining_under_zero3_matches_ddp(sft_ddp, tm
     assert ours.keys() == reference.keys()
     for name, tensor in reference.items():
         torch.testing.assert_close(ours[name], tensor, rtol=1e-5, atol=5e-4, msg=name)
-    for part in ("memory_bank", "clue_head"):  # the export's bank embeddings and clue head, beside the model
-        ours, reference = (load_file(run / "sft/export/prompting" / f"{part}.safetensors") for run in (zero, ddp))
-        assert ours.keys() == reference.keys()
-        for name, tensor in reference.items():
-            # The refit head itself: its near-separable 32-study fit is ill-conditioned (2.7e-3 relative, tried).
-            torch.testing.assert_close(ours[name], tensor, rtol=1e-2, atol=5e-4, msg=f"{part}: {name}")
+    # The export's bank embeddings and clue head, beside the model.
+    ours, reference = (load_file(run / "sft/export/prompting/memory_bank.safetensors") for run in (zero, ddp))
+    assert ours.keys() == reference.keys()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(ours[name], tensor, rtol=1e-5, atol=5e-4, msg=f"memory_bank: {name}")
+    ours, reference = (load_file(run / "sft/export/prompting/clue_head.safetensors") for run in (zero, ddp))
+    assert ours.keys() == reference.keys()
+    # The output layer's bias (net.<last>.bias), which the refit sets.
+    readout = max((k for k in reference if k.endswith(".bias")), key=lambda k: int(k.split(".")[1]))
+    for name, tensor in reference.items():
+        if name == readout:
+            # A column without training positives has no maximum-likelihood bias: L-BFGS stops anywhere below -18
+            # (tried: -20.0 here, -18.5 there). The probability it sets is what must agree, as closely as the rest.
+            torch.testing.assert_close(torch.sigmoid(ours[name]), torch.sigmoid(tensor), rtol=1e-2, atol=5e-4,
+                                       msg=name)
+        else:
+            # The refit's near-separable 32-study fit is ill-conditioned: up to 2.5e-3 apart in weights as large as
+            # 6.9 (ZeRO-2, tried). The evaluations and the clue BCE after each refit above are the tight checks.
+            torch.testing.assert_close(ours[name], tensor, rtol=1e-2, atol=5e-3, msg=f"clue_head: {name}")
 
 
 # ZeRO-3 only: ZeRO-2's partitioned gradients and optimizer state are the SFT, align and PPO runs'.
